@@ -1,0 +1,1 @@
+"""ralu.calibrate: offline NT-DM calibration of RALU schedules (scipy, Optuna, matplotlib)."""
