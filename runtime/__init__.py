@@ -19,7 +19,23 @@ from .schedule import (
     transition,
 )
 
+_LAZY = {
+    "RALUFluxPipeline": ".flux",
+    "RALUStableDiffusion3Pipeline": ".sd3",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "RALUFluxPipeline",
+    "RALUStableDiffusion3Pipeline",
     "MODEL_FAMILIES",
     "SCHEDULE_VERSION",
     "Schedule",
