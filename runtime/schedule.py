@@ -82,6 +82,13 @@ class TransitionCoefficients(BaseModel):
     overlap: float = Field(description="e_k - s_{k+1}: the span of progress time that is denoised twice.")
 
 
+def restart_time(end, c):
+    """``s = e / (delta + e)`` with ``delta = (1 - e) / sqrt(c)``: where the next stage
+    restarts after a transition at ``end``.  Works on floats and numpy arrays alike."""
+    delta = (1.0 - end) / np.sqrt(c)
+    return end / (delta + end)
+
+
 def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoefficients:
     """NT-DM noise matching at a resolution change (METHOD.md section 3).
 
@@ -91,13 +98,14 @@ def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoeffici
     if not 0.0 < c <= 0.25:
         raise ScheduleError(f"noise strength c={c} is outside (0, 1/4]; the correlated noise covariance I - cJ is only PSD there")
     delta = (1.0 - end) / math.sqrt(c)
+    start = float(restart_time(end, c))
     return TransitionCoefficients(
         after_stage=after_stage,
         end=end,
-        start=end / (delta + end),
+        start=start,
         signal_scale=1.0 / (delta + end),
-        noise_scale=delta / (delta + end),
-        overlap=end - end / (delta + end),
+        noise_scale=1.0 - start,
+        overlap=end - start,
     )
 
 
@@ -243,8 +251,9 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        fix = fixes.get(item["type"])
-        lines.append(f"  field '{where}': {message}" + (f". Fix: {fix}" if fix else ""))
+        if "Fix:" not in message:
+            message += ". Fix: " + fixes.get(item["type"], "correct the value (see schedules/schema.json) or regenerate the file with ralu-calibrate")
+        lines.append(f"  field '{where}': {message}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,117 @@
+"""``ralu-calibrate``: calibrate a RALU schedule and write it as a versioned JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ralu.runtime.schedule import Schedule, save_schedule
+
+from .models import ALIASES, MODELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ralu-calibrate",
+        description="Calibrate a RALU schedule (NT-DM: per-stage shifts and noise strength minimising the "
+        "Jensen-Shannon divergence to the base model's timestep distribution) and write it as JSON.",
+        epilog="examples:\n  ralu-calibrate --model flux --speedup 7\n"
+        "  ralu-calibrate --model flux --steps 2 3 5 --ends 0.2 0.3 1.0 --up-ratio 0.1 --optimizer paper --h0 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, choices=sorted(set(MODELS) | set(ALIASES)), help="model family and size")
+    parser.add_argument("--speedup", type=float, help="FLOPs speed-up target; without --steps an Optuna search picks the layout")
+    parser.add_argument("--steps", type=int, nargs="+", metavar="N", help="steps per stage, e.g. 2 3 5")
+    parser.add_argument("--ends", type=float, nargs="+", metavar="E", help="progress time where each stage ends, e.g. 0.2 0.3 1.0")
+    parser.add_argument("--up-ratio", type=float, help="fraction of low-res tokens upsampled in the mixed stage (default: the largest of 0.3..0.1 meeting --speedup)")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--h0", type=float, help="base schedule shift (default: the model's own at this resolution; FLUX.1-dev 3.158 at 1024 px)")
+    parser.add_argument("--base-steps", type=int, help="baseline steps the speed-up is measured against (default: FLUX 50, SD3 28)")
+    parser.add_argument("--optimizer", choices=("global", "paper"), default="global", help="inner search of shifts and c (default: global)")
+    parser.add_argument("--objective", choices=("continuous", "discrete"), default="continuous", help="form of the realised distribution (default: continuous, the paper's)")
+    parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
+    parser.add_argument("--trials", type=int, default=80, help="outer search trials (default 80)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage", help="Optuna storage shared by several processes: sqlite:///FILE.db or a journal FILE.log")
+    parser.add_argument("--study-name", help="Optuna study name (with --storage)")
+    parser.add_argument("--out", type=Path, help="schedule file to write (default: MODEL-SPEEDUPx.json in the current folder)")
+    parser.add_argument("--plot", type=Path, help="also write a PNG of the timestep distributions")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def default_out(schedule: Schedule, target: float | None) -> Path:
+    if target is not None:
+        return Path(f"{schedule.model}-{target:g}x.json")
+    steps = "-".join(str(stage.steps) for stage in schedule.stages)
+    return Path(f"{schedule.model}-steps{steps}.json")
+
+
+def summary(schedule: Schedule, seconds: float) -> str:
+    tokens_full = (schedule.height // 16) * (schedule.width // 16)
+    from .models import stage_image_tokens
+
+    tokens = stage_image_tokens(tokens_full, schedule.up_ratio, len(schedule.stages))
+    names = {1: ["full"], 2: ["low", "full"], 3: ["low", "mixed", "full"]}.get(len(schedule.stages), ["?"] * len(schedule.stages))
+    cal = schedule.calibration
+    lines = [
+        f"RALU schedule for {schedule.model} at {schedule.width}x{schedule.height} "
+        f"(h0 = {cal.h0:.4f}, baseline {schedule.base_steps} steps, layout {cal.layout}, optimizer {cal.optimizer})",
+        f"  {'stage':<6}{'tokens':>8}{'steps':>7}{'start':>9}{'end':>8}{'shift':>9}",
+    ]
+    for k, (stage, name, n_tokens) in enumerate(zip(schedule.stages, names, tokens)):
+        lines.append(f"  {k + 1} {name:<4}{n_tokens:>8}{stage.steps:>7}{stage.start:>9.4f}{stage.end:>8.3f}{stage.shift:>9.4f}")
+    lines += [
+        f"  noise strength c = {schedule.c:.5f} (Z = 1/sqrt(c) = {schedule.z:.3f}); re-noised starts "
+        + ", ".join(f"s{t.after_stage + 1} = {t.start:.4f} (a = {t.signal_scale:.3f}, b = {t.noise_scale:.3f})" for t in schedule.transitions),
+        f"  up_ratio r = {schedule.up_ratio:g}" + (" (largest of 0.3..0.1 meeting the target)" if cal.target_speedup else ""),
+        f"  JS distance {schedule.divergence.js_distance:.6f} (divergence {schedule.divergence.js_divergence:.3e}), {schedule.divergence.objective} objective",
+        f"  FLOPs speed-up vs {schedule.base_steps} steps: {schedule.flops_speedup.linear:.2f}x linear (paper's convention), {schedule.flops_speedup.total:.2f}x total",
+        f"  took {seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.storage is None) != (args.study_name is None):
+        parser.error("--storage and --study-name go together")
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
+    if args.steps is not None and args.ends is not None and len(args.steps) != len(args.ends):
+        parser.error(f"--steps has {len(args.steps)} values and --ends {len(args.ends)}: give one of each per stage")
+    if args.optimizer == "paper" and args.objective == "discrete":
+        print("ralu-calibrate: note: the discrete objective is piecewise constant; the paper's gradient method stays at its start. Use --optimizer global.", file=sys.stderr)
+
+    from .calibration import calibrate
+
+    started = time.perf_counter()
+    try:
+        schedule = calibrate(
+            args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
+            height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
+            optimizer=args.optimizer, objective=args.objective, flops_convention=args.flops,
+            trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
+            show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
+        )
+    except ValueError as error:
+        print(f"ralu-calibrate: error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or default_out(schedule, args.speedup)
+    save_schedule(schedule, out)
+    print(summary(schedule, time.perf_counter() - started))
+    print(f"wrote {out}")
+    if args.plot:
+        from .plot import plot_schedule
+
+        plot_schedule(schedule, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The outer search: which stage layout (steps per stage, stage ends) meets a FLOPs
+speed-up target with the lowest NT-DM divergence.  Optuna (TPE, seeded) over a small
+discrete space; each trial runs a quick inner search, the winner a full one.
+
+The up-sampling ratio r does not enter the divergence, only the cost.  Rule: r is the
+largest of 0.30, 0.25, ..., 0.10 whose layout still meets the target (more tokens
+upsampled early is closer to full-resolution quality); without a target r = 0.30.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import optuna
+
+from . import flops
+from .models import ModelSpec
+from .search import InnerResult, Layout, NTDMObjective, Objective, optimise
+
+#: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
+UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
+#: Ends are searched on this grid: e1 in [0.10, 0.50], e2 - e1 in [0.05, 0.30].
+END_STEP = 0.05
+FIRST_END_RANGE = (0.10, 0.50)
+SECOND_GAP_RANGE = (0.05, 0.30)
+
+Convention = Literal["total", "linear"]
+
+
+def speedup_of(spec: ModelSpec, height: int, width: int, steps, up_ratio: float, base_steps: int) -> flops.Flops:
+    return flops.flops_speedup(spec.name, height, width, list(steps), up_ratio, base_steps=base_steps)
+
+
+def choose_up_ratio(spec: ModelSpec, height: int, width: int, steps, base_steps: int, target: float | None, convention: Convention, fixed: float | None = None) -> float | None:
+    """The documented rule: the largest r in UP_RATIO_CHOICES meeting the target, or None.
+
+    A ``fixed`` ratio (``--up-ratio``) is the only candidate when given."""
+    candidates = UP_RATIO_CHOICES if fixed is None else (fixed,)
+    if target is None or len(steps) != 3:
+        return candidates[0]
+    for ratio in candidates:
+        if getattr(speedup_of(spec, height, width, steps, ratio, base_steps), convention) >= target:
+            return ratio
+    return None
+
+
+def largest_speedup(spec: ModelSpec, height: int, width: int, base_steps: int, convention: Convention, n_stages: int = 3) -> float:
+    """The best any layout can do: one step per stage at the smallest allowed ratio."""
+    return getattr(flops.max_speedup(spec.name, height, width, min(UP_RATIO_CHOICES), n_stages=n_stages, base_steps=base_steps), convention)
+
+
+@dataclass
+class LayoutSearchResult:
+    layout: Layout
+    up_ratio: float
+    inner: InnerResult
+    speedup: flops.Flops
+    trials: int
+    feasible_trials: int
+    history: list[dict] = field(default_factory=list)
+
+
+def open_study(storage: str | None, study_name: str | None, seed: int) -> optuna.Study:
+    """A minimising study; ``storage`` is an RDB URL (``sqlite:///x.db``) or a journal
+    file path (``journal:x.log`` or any path ending in ``.log``/``.jsonl``)."""
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=16)
+    if storage is None:
+        return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name)
+    if study_name is None:
+        raise ValueError("--storage needs --study-name, so that several processes (or a resumed run) find the same study")
+    if storage.startswith("journal:") or storage.endswith((".log", ".jsonl")):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        backend = JournalFileBackend(storage.removeprefix("journal:"))
+        storage_object = JournalStorage(backend)
+    else:
+        storage_object = storage
+    return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name, storage=storage_object, load_if_exists=True)
+
+
+def search_layout(
+    spec: ModelSpec,
+    height: int,
+    width: int,
+    target: float,
+    *,
+    h0: float,
+    base_steps: int,
+    convention: Convention = "linear",
+    objective: Objective = "continuous",
+    grid: int | None = None,
+    optimizer: Literal["global", "paper"] = "global",
+    up_ratio: float | None = None,
+    trials: int = 80,
+    seed: int = 0,
+    storage: str | None = None,
+    study_name: str | None = None,
+    show_progress: bool = True,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> LayoutSearchResult:
+    """Minimise the divergence over three-stage layouts subject to speed-up >= target."""
+    # No stage can usefully take more steps than the whole budget allows at full cost.
+    max_steps = max(1, math.ceil(base_steps / target) + 1)
+    inner_cache: dict[tuple, tuple[InnerResult, float, flops.Flops] | None] = {}
+
+    def evaluate(steps: tuple[int, ...], ends: tuple[float, ...]):
+        key = (steps, ends)
+        if key not in inner_cache:
+            ratio = choose_up_ratio(spec, height, width, steps, base_steps, target, convention, fixed=up_ratio)
+            if ratio is None:
+                inner_cache[key] = None
+            else:
+                problem = NTDMObjective(Layout(steps, ends), h0, objective, grid)
+                inner = optimise(problem, optimizer, seed=seed, effort="quick")
+                inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
+        return inner_cache[key]
+
+    def run_trial(trial: optuna.Trial) -> float:
+        steps = tuple(trial.suggest_int(f"steps_{k + 1}", 1, max_steps) for k in range(3))
+        first = round(trial.suggest_float("end_1", *FIRST_END_RANGE, step=END_STEP), 2)
+        gap = round(trial.suggest_float("gap_2", *SECOND_GAP_RANGE, step=END_STEP), 2)
+        ends = (first, round(first + gap, 2), 1.0)
+        found = evaluate(steps, ends)
+        if found is None:
+            # Infeasible: rank by how far the cheapest ratio falls short, always above any
+            # feasible divergence (a JS distance is at most sqrt(ln 2) < 1).
+            short = getattr(speedup_of(spec, height, width, steps, up_ratio or min(UP_RATIO_CHOICES), base_steps), convention)
+            trial.set_user_attr("feasible", False)
+            return 1.0 + max(0.0, target - short) / target
+        inner, ratio, speed = found
+        trial.set_user_attr("feasible", True)
+        trial.set_user_attr("up_ratio", ratio)
+        trial.set_user_attr("speedup_total", speed.total)
+        trial.set_user_attr("speedup_linear", speed.linear)
+        return inner.js_distance
+
+    study = open_study(storage, study_name, seed)
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    callbacks = [lambda _study, trial: on_trial(trial)] if on_trial else None
+    if trials > done:
+        study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
+
+    feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    if not feasible:
+        raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs). Fix: raise --trials or lower --speedup")
+    best = min(feasible, key=lambda t: (t.value, t.number))
+    steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
+    first = round(best.params["end_1"], 2)
+    layout = Layout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
+    inner = optimise(NTDMObjective(layout, h0, objective, grid), optimizer, seed=seed, effort="full")
+    ratio = best.user_attrs["up_ratio"]
+    history = [
+        {"number": t.number, "value": t.value, **t.params, **t.user_attrs}
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    return LayoutSearchResult(layout, ratio, inner, speedup_of(spec, height, width, steps, ratio, base_steps), len(study.trials), len(feasible), history)

@@ -1,0 +1,176 @@
+"""The inner NT-DM search: per-stage shifts h_k and noise strength c for a fixed layout.
+
+Parameters are searched as ``[h_1, ..., h_K, Z]`` with ``Z = 1/sqrt(c)`` (the published
+parametrisation), bounds ``h in [0.5, 10]`` and ``Z in [2, 100]``.
+
+* ``paper``: the published local method, L-BFGS-B from ``[3, ..., 3, 2]``.
+* ``global``: differential evolution over the whole box, polished by L-BFGS-B, and never
+  worse than ``paper`` (both run; the better is kept).  The landscape is multimodal, flat
+  in Z and has optima on the bounds, so a local start is not enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import differential_evolution, minimize
+
+from ralu.runtime.schedule import restart_time
+
+from .densities import (
+    equal_mass_bin_masses,
+    js_distance,
+    realised_density,
+    target_density,
+    visited_timesteps,
+)
+
+SHIFT_BOUNDS = (0.5, 10.0)
+Z_BOUNDS = (2.0, 100.0)
+PAPER_START_SHIFT = 3.0
+PAPER_START_Z = 2.0
+CONTINUOUS_GRID = 1000
+
+Objective = Literal["continuous", "discrete"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the stages are: steps per stage and the progress time each ends at."""
+
+    steps: tuple[int, ...]
+    ends: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != len(self.ends) or not self.steps:
+            raise ValueError(f"steps {list(self.steps)} and ends {list(self.ends)} must have the same, non-zero length (one of each per stage)")
+        if any(n < 1 for n in self.steps):
+            raise ValueError(f"steps {list(self.steps)}: every stage needs at least 1 step")
+        if any(not 0.0 < e <= 1.0 for e in self.ends) or any(b <= a for a, b in zip(self.ends, self.ends[1:])):
+            raise ValueError(f"ends {list(self.ends)} must increase strictly within (0, 1]")
+        if abs(self.ends[-1] - 1.0) > 1e-9:
+            raise ValueError(f"ends {list(self.ends)}: the last stage must end at 1.0 (the data)")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.steps)
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    """Best shifts and noise strength found for one layout."""
+
+    shifts: tuple[float, ...]
+    z: float
+    js_distance: float
+    optimizer: str
+
+    @property
+    def c(self) -> float:
+        return 1.0 / self.z**2
+
+    @property
+    def js_divergence(self) -> float:
+        return self.js_distance**2
+
+
+class NTDMObjective:
+    """JS distance between P_target and P for a layout, as a function of ``[h..., Z]``.
+
+    ``distance`` takes a population ``(P, K + 1)`` and returns ``(P,)``: vectorised so a
+    population search costs one numpy pass per generation.
+    """
+
+    def __init__(self, layout: Layout, h0: float, objective: Objective = "continuous", grid: int | None = None):
+        if objective not in ("continuous", "discrete"):
+            raise ValueError(f"objective {objective!r}: use 'continuous' or 'discrete'")
+        self.layout = layout
+        self.h0 = float(h0)
+        self.objective = objective
+        self.grid = int(grid) if grid else (CONTINUOUS_GRID if objective == "continuous" else sum(layout.steps))
+        self._steps = np.asarray(layout.steps, dtype=float)
+        self._ends = np.asarray(layout.ends, dtype=float)
+        self._t = np.linspace(0.0, 1.0, self.grid)
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n_stages + 1
+
+    def bounds(self) -> list[tuple[float, float]]:
+        return [SHIFT_BOUNDS] * self.layout.n_stages + [Z_BOUNDS]
+
+    def starts(self, z: np.ndarray) -> np.ndarray:
+        """Stage starts ``(P, K)`` for noise strengths ``c = 1/Z^2``."""
+        z = np.atleast_1d(np.asarray(z, dtype=float))
+        restarts = restart_time(self._ends[None, :-1], 1.0 / z[:, None] ** 2)
+        return np.concatenate([np.zeros((z.shape[0], 1)), restarts], axis=1)
+
+    def distributions(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P_target, P) on the objective's grid or bins, one row per parameter vector."""
+        params = np.atleast_2d(np.asarray(params, dtype=float))
+        shifts, z = params[:, :-1], params[:, -1]
+        starts = self.starts(z)
+        ends = np.broadcast_to(self._ends, starts.shape)
+        if self.objective == "continuous":
+            return target_density(self._t, self.h0, ends, starts), realised_density(self._t, self._steps, starts, ends, shifts)
+        visited = visited_timesteps(self.layout.steps, starts, ends, shifts)
+        return np.full(visited.shape[:-1] + (self.grid,), 1.0 / self.grid), equal_mass_bin_masses(visited, self.h0, ends, starts, self.grid)
+
+    def distance(self, params: np.ndarray) -> np.ndarray:
+        target, realised = self.distributions(params)
+        return js_distance(target, realised)
+
+    def __call__(self, params: np.ndarray) -> float:
+        return float(self.distance(params)[0])
+
+
+def _clip_to_bounds(x: np.ndarray, bounds: list[tuple[float, float]]) -> np.ndarray:
+    low, high = np.array(bounds).T
+    return np.clip(x, low, high)
+
+
+def optimise_paper(problem: NTDMObjective) -> InnerResult:
+    """The published local method: L-BFGS-B from ``[3, ..., 3, 2]`` within the bounds."""
+    start = np.array([PAPER_START_SHIFT] * problem.layout.n_stages + [PAPER_START_Z])
+    found = minimize(problem, start, method="L-BFGS-B", bounds=problem.bounds())
+    x = _clip_to_bounds(found.x, problem.bounds())
+    return InnerResult(tuple(float(h) for h in x[:-1]), float(x[-1]), problem(x), "paper")
+
+
+def optimise_global(problem: NTDMObjective, seed: int = 0, effort: Literal["full", "quick"] = "full") -> InnerResult:
+    """Differential evolution over the box, L-BFGS-B polish, and the paper's local run;
+    the best of them.  Deterministic for a given seed."""
+    popsize, maxiter = (20, 400) if effort == "full" else (8, 60)
+    evolved = differential_evolution(
+        lambda population: problem.distance(population.T),
+        problem.bounds(),
+        seed=seed,
+        popsize=popsize,
+        maxiter=maxiter,
+        tol=1e-10,
+        init="latinhypercube",
+        polish=False,
+        vectorized=True,
+        updating="deferred",
+    )
+    candidates = [evolved.x]
+    if problem.objective == "continuous":
+        polished = minimize(problem, evolved.x, method="L-BFGS-B", bounds=problem.bounds())
+        candidates.append(_clip_to_bounds(polished.x, problem.bounds()))
+    scores = problem.distance(np.stack(candidates))
+    best = candidates[int(np.argmin(scores))]
+    result = InnerResult(tuple(float(h) for h in best[:-1]), float(best[-1]), float(scores.min()), "global")
+    paper = optimise_paper(problem)
+    if paper.js_distance < result.js_distance:
+        return InnerResult(paper.shifts, paper.z, paper.js_distance, "global")
+    return result
+
+
+def optimise(problem: NTDMObjective, optimizer: Literal["global", "paper"], seed: int = 0, effort: Literal["full", "quick"] = "full") -> InnerResult:
+    if optimizer == "paper":
+        return optimise_paper(problem)
+    if optimizer == "global":
+        return optimise_global(problem, seed=seed, effort=effort)
+    raise ValueError(f"optimizer {optimizer!r}: use 'global' or 'paper'")
