@@ -11,6 +11,10 @@ from ralu.runtime.schedule import Schedule, save_schedule
 
 from .models import ALIASES, MODELS
 
+#: A restart below this fraction of the previous end keeps little of the earlier stages
+#: (the published presets restart at about 0.2 e_k; Z = 100 restarts at about 0.02 e_k).
+RESTART_WARNING = 0.1
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -72,6 +76,12 @@ def summary(schedule: Schedule, seconds: float) -> str:
         f"  FLOPs speed-up vs {schedule.base_steps} steps: {schedule.flops_speedup.linear:.2f}x linear (paper's convention), {schedule.flops_speedup.total:.2f}x total",
         f"  took {seconds:.1f} s",
     ]
+    for t in schedule.transitions:
+        if t.start < RESTART_WARNING * t.end:
+            lines.append(
+                f"  note: stage {t.after_stage + 1} restarts at s = {t.start:.4f}, close to pure noise (signal kept a = {t.signal_scale:.3f}): "
+                "most of the earlier stages' work is discarded. The divergence favours this (large Z); judge image quality before shipping it."
+            )
     return "\n".join(lines)
 
 

@@ -5,6 +5,11 @@ discrete space; each trial runs a quick inner search, the winner a full one.
 The up-sampling ratio r does not enter the divergence, only the cost.  Rule: r is the
 largest of 0.30, 0.25, ..., 0.10 whose layout still meets the target (more tokens
 upsampled early is closer to full-resolution quality); without a target r = 0.30.
+
+The divergence does not see how many steps a layout takes, only how they are spread: left
+alone, the search would answer "7x" with a 12x layout of six steps.  A layout that leaves
+budget unspent answers a different target, so the search also requires the speed-up to
+stay within ``BUDGET_SLACK`` (10 %) above the target: target <= speed-up <= 1.1 target.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
 END_STEP = 0.05
 FIRST_END_RANGE = (0.10, 0.50)
 SECOND_GAP_RANGE = (0.05, 0.30)
+#: A searched layout must spend its FLOPs budget: speed-up <= (1 + BUDGET_SLACK) * target.
+BUDGET_SLACK = 0.10
 
 Convention = Literal["total", "linear"]
 
@@ -131,12 +138,18 @@ def search_layout(
             trial.set_user_attr("feasible", False)
             return 1.0 + max(0.0, target - short) / target
         inner, ratio, speed = found
+        overshoot = getattr(speed, convention) / (target * (1.0 + BUDGET_SLACK)) - 1.0
+        if overshoot > 0:
+            # Too fast: the layout leaves budget unspent (see the module docstring).
+            trial.set_user_attr("feasible", False)
+            return 1.0 + overshoot
         trial.set_user_attr("feasible", True)
         trial.set_user_attr("up_ratio", ratio)
         trial.set_user_attr("speedup_total", speed.total)
         trial.set_user_attr("speedup_linear", speed.linear)
         return inner.js_distance
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, study_name, seed)
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     callbacks = [lambda _study, trial: on_trial(trial)] if on_trial else None
