@@ -1,0 +1,134 @@
+"""ralu-calibrate and ralu-plot end to end (small trial counts), and the shipped files."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from ralu.calibrate import cli, plot
+from ralu.calibrate.calibration import calibrate
+from ralu.calibrate.flops import flops_speedup
+from ralu.calibrate.layout import BUDGET_SLACK
+from ralu.calibrate.shipped import PRESETS
+from ralu.runtime.schedule import load_schedule, shipped_schedules
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_given_layout_with_paper_optimizer_reproduces_published_7x(tmp_path, capsys):
+    out = tmp_path / "p7.json"
+    code, stdout, _ = run(["--model", "flux", "--steps", 2, 3, 5, "--ends", 0.2, 0.3, 1.0, "--up-ratio", 0.1, "--optimizer", "paper", "--h0", 3, "--out", out, "--quiet"], capsys)
+    assert code == 0
+    schedule = load_schedule(out)
+    assert [s.steps for s in schedule.stages] == [2, 3, 5]
+    assert schedule.stages[1].shift == pytest.approx(2.856, abs=2e-3)
+    assert schedule.z == pytest.approx(6.261, abs=2e-3)
+    assert schedule.divergence.js_distance == pytest.approx(0.026638, abs=2e-6)
+    assert schedule.flops_speedup.linear == pytest.approx(7.02, abs=0.01)
+    assert schedule.calibration.layout == "given" and schedule.calibration.h0 == 3.0
+    for word in ("stage", "JS distance", "speed-up", "Z = 1/sqrt(c)", "took"):
+        assert word in stdout
+
+
+def test_speedup_search_meets_target_and_is_deterministic(tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (first, second):
+        code, stdout, _ = run(["--model", "flux", "--speedup", 7, "--trials", 14, "--seed", 3, "--out", out, "--quiet"], capsys)
+        assert code == 0, stdout
+    a, b = load_schedule(first), load_schedule(second)
+    assert 7.0 <= a.flops_speedup.linear <= 7.0 * (1 + BUDGET_SLACK)
+    assert a.calibration.layout == "searched" and a.calibration.target_speedup == 7.0
+    assert a.up_ratio in (0.1, 0.15, 0.2, 0.25, 0.3)
+    assert a.calibration.h0 == pytest.approx(3.158, abs=1e-3)
+    assert a.model_dump(exclude={"calibration": {"created"}}) == b.model_dump(exclude={"calibration": {"created"}})
+
+
+def test_impossible_speedup_exits_nonzero_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["--model", "flux", "--speedup", 40, "--quiet"], capsys)
+    assert code == 2
+    assert "not reachable" in err and "largest is 24.8" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "sdxl", "--speedup", 3], "invalid choice: 'sdxl'"),
+        (["--model", "flux", "--steps", 2, 3, "--ends", 0.2, 0.3, 1.0], "--steps has 2 values and --ends 3"),
+        (["--model", "flux"], "give a target"),
+        (["--model", "flux", "--steps", 2, 3, 5], "--steps and --ends go together"),
+        (["--model", "flux", "--speedup", 7, "--height", 1000], "height=1000 must be a positive multiple of 32"),
+        (["--model", "flux", "--steps", 2, 3, 5, "--ends", 0.3, 0.2, 1.0], "increase strictly"),
+        (["--model", "flux", "--speedup", 7, "--storage", "x.db"], "--storage and --study-name go together"),
+        (["--model", "flux", "--speedup", 0.5], "must be greater than 1"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = run(argv + ["--quiet"], capsys)
+    except SystemExit as stop:  # argparse errors
+        code, err = stop.code, capsys.readouterr().err
+    assert code == 2
+    assert words in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shared_storage_resumes_the_study(tmp_path, capsys):
+    storage = tmp_path / "study.log"
+    common = ["--model", "sd3", "--speedup", 3, "--storage", storage, "--study-name", "sd3-3x", "--quiet"]
+    assert run(common + ["--trials", 16, "--out", tmp_path / "a.json"], capsys)[0] == 0
+    assert run(common + ["--trials", 20, "--out", tmp_path / "b.json"], capsys)[0] == 0
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="sd3-3x", storage=JournalStorage(JournalFileBackend(str(storage))))
+    assert len(study.trials) == 20
+
+
+def test_plot_from_cli_and_ralu_plot(tmp_path, capsys):
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    code, stdout, _ = run(["--model", "sd3", "--steps", 3, 3, 6, "--ends", 0.25, 0.3, 1.0, "--out", out, "--plot", png, "--quiet"], capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    second = tmp_path / "again.png"
+    assert plot.main([str(out), "-o", str(second)]) == 0
+    assert second.stat().st_size > 20_000
+    assert plot.main([str(tmp_path / "missing.json"), "-o", str(second)]) == 2
+
+
+def test_console_scripts_are_installed():
+    for script in ("ralu-calibrate", "ralu-plot"):
+        done = subprocess.run([script, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage" in done.stdout
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_shipped_paper_layouts_regenerate_identically(preset):
+    shipped = load_schedule(preset.name)
+    fresh = calibrate(preset.model, steps=list(preset.steps), ends=list(preset.ends), up_ratio=preset.up_ratio, seed=shipped.calibration.seed)
+    for got, want in zip(fresh.stages, shipped.stages):
+        assert got.steps == want.steps and got.end == want.end
+        assert got.shift == pytest.approx(want.shift, abs=1e-9) and got.start == pytest.approx(want.start, abs=1e-12)
+    assert fresh.c == pytest.approx(shipped.c, rel=1e-9)
+    assert fresh.divergence.js_distance == pytest.approx(shipped.divergence.js_distance, rel=1e-9)
+    assert fresh.flops_speedup == shipped.flops_speedup
+
+
+def test_every_shipped_schedule_loads_with_its_plot():
+    names = shipped_schedules()
+    assert {p.name for p in PRESETS} | {f"{p.name}-searched" for p in PRESETS} == set(names)
+    for name in names:
+        schedule = load_schedule(name)
+        assert schedule.height == schedule.width == 1024
+        fresh = flops_speedup(schedule.model, 1024, 1024, [s.steps for s in schedule.stages], schedule.up_ratio)
+        assert (schedule.flops_speedup.total, schedule.flops_speedup.linear) == pytest.approx((fresh.total, fresh.linear))
+        if name.endswith("-searched"):
+            assert schedule.flops_speedup.linear >= schedule.calibration.target_speedup
+        assert (plot.Path(__file__).resolve().parent.parent / "reports" / "schedules" / f"{name}.png").is_file()
