@@ -128,7 +128,8 @@ def js_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     q = q / q.sum(axis=-1, keepdims=True)
     # Identical inputs can round the divergence to a tiny negative number; scipy then
     # returns NaN from the square root.  The inputs are clipped positive, so NaN means 0.
-    return np.nan_to_num(jensenshannon(p, q, axis=-1), nan=0.0)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(jensenshannon(p, q, axis=-1), nan=0.0)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
