@@ -1,0 +1,360 @@
+"""RALU for FLUX.1: :class:`RALUFluxPipeline`, a ``FluxPipeline`` that samples in three
+stages (low-res, mixed, full-res) following a calibrated schedule."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
+from .compat import PaperCompat
+from .edges import CANNY_THRESHOLDS
+from .flux_rotary import per_sample_positions, supports_per_sample_positions
+from .plan import Plan, StagePlan, make_plan
+from .sampler import StepInfo, run_stages
+from .schedule import Schedule, ScheduleError, load_schedule, schedule_from_dict, shipped_schedules
+from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
+
+_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def resolve_schedule(schedule: "str | os.PathLike | Schedule | dict | None") -> Schedule:
+    """A schedule from a shipped name, a file path, a parsed dict or a :class:`Schedule`."""
+    if schedule is None:
+        raise ScheduleError(f"schedule= is required: a shipped name (one of {shipped_schedules()}), a path to a schedule JSON file, or a Schedule")
+    if isinstance(schedule, dict):
+        return schedule_from_dict(schedule)
+    return load_schedule(schedule)
+
+
+def image_ids(layout: TokenLayout) -> torch.Tensor:
+    """FLUX ``img_ids`` ``(B, N, 3)`` in float32: channel 0 zero, then (row, col) positions."""
+    positions = layout.positions()
+    return torch.cat([torch.zeros_like(positions[..., :1]), positions], dim=-1)
+
+
+class RALUFluxPipeline(FluxPipeline):
+    r"""FLUX.1 text-to-image with Region-Adaptive Latent Upsampling (RALU).
+
+    Same components, loading (``from_pretrained``, ``from_pipe``), LoRA loading and call
+    conventions as :class:`diffusers.FluxPipeline`; ``__call__`` takes FluxPipeline's
+    arguments plus ``schedule=`` (a shipped name such as ``"flux-dev-7x"``, a path to a
+    schedule JSON file, a parsed dict or a :class:`ralu.runtime.Schedule`) and
+    ``paper_compat=``.  The schedule fixes the steps: ``num_inference_steps`` and ``sigmas``
+    must be left unset.
+
+    Sampling (one stage per schedule stage; 1 stage = full-res only, 2 = low + full,
+    3 = low + mixed + full):
+
+    1. **low**: the half-size latent (``M/4`` tokens); its initial noise is the full-size
+       noise FluxPipeline would draw, summed over 2x2 blocks / 2 (exactly N(0, I)).
+    2. **mixed**: at the end of stage 1 the Tweedie estimate ``x0 = x - sigma * v`` is
+       decoded by the VAE (half-size image, mapped from [-1, 1] to [0, 1]), Canny
+       (``canny_thresholds``, 100/200) finds edges, and every image's ``k = floor(r M / 4)``
+       low-res tokens with most edge pixels are upsampled (``M/4 + 3k`` tokens).
+    3. **full**: everything upsampled (``M`` tokens, native full-size positions).
+
+    Each stage takes Euler steps ``x <- x + v (sigma_next - sigma)`` on its own shifted grid
+    (``Schedule.sigmas(k)``).  At each resolution change the latent is nearest-upsampled in
+    latent-pixel space and re-noised exactly (METHOD.md 3, :mod:`ralu.runtime.noise`), with
+    one fixed-shape N(0, I) draw per image from the caller's generator: with a list of
+    generators, image i of a batch equals image i generated alone.
+
+    Positions: stages 1 and 2 measure rotary positions in low-res token units (a child
+    (dy, dx) of low-res token (i, j) sits at (i + dy/2, j + dx/2)); stage 3 in full-res
+    units (a native full-size image), all in float32.  When the images of a batch carry
+    different tokens (stage 2), the batch stays one forward of the transformer: per-image
+    rotary tables from the transformer's own ``pos_embed`` are substituted by a forward
+    hook and applied by a processor equivalent to diffusers' default
+    (:mod:`ralu.runtime.flux_rotary`).  With a non-default attention processor
+    (IP-Adapter, custom), stage 2 falls back to one forward per image.
+
+    Resolution rule: ``height`` and ``width`` default to the schedule's and must equal them
+    (the calibrated shifts depend on the resolution; re-deriving them is calibration:
+    run ``ralu-calibrate`` for the new size).  They must be multiples of 32.  A schedule for
+    another model family, with more than 3 stages, or malformed, raises
+    :class:`ralu.runtime.ScheduleError` before any compute.
+
+    ``paper_compat``: ``True`` reproduces the published research script's choices
+    (token repetition, N(0, I) on tokens not upsampled, clip to [0, 1] before Canny, one
+    reused correlated draw from the global RNG); a list of names from
+    :class:`ralu.runtime.compat.PaperCompat` turns on single switches.
+
+    During a call, ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` is called
+    after every step with ``step`` counted across stages; ``callback_kwargs`` holds the
+    requested tensors (``latents``: the current stage's packed tokens ``(B, N_stage, 64)``,
+    float32) plus ``stage_index`` and ``stage_step``; ``pipe.stage_index`` and
+    ``pipe.stage_step`` hold the same.  After a call ``pipe.selected_tokens`` is the
+    ``(B, k)`` tensor of low-res tokens upsampled early (raster order of the low-res grid),
+    or None.  The state is kept in float32 whatever the model dtype.
+    """
+
+    #: Canny hysteresis thresholds for the edge score (the paper's 100/200).
+    canny_thresholds: tuple[float, float] = CANNY_THRESHOLDS
+
+    stage_index: int | None = None
+    stage_step: int | None = None
+    selected_tokens: torch.Tensor | None = None
+
+    def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
+        """Check a request and lay out its stages (no compute)."""
+        schedule = resolve_schedule(schedule)
+        height = schedule.height if height is None else height
+        width = schedule.width if width is None else width
+        return make_plan(schedule, "flux", height, width, self.vae_scale_factor)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
+        pooled_prompt_embeds: torch.FloatTensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        negative_ip_adapter_image=None,
+        negative_ip_adapter_image_embeds=None,
+        negative_prompt_embeds: torch.FloatTensor | None = None,
+        negative_pooled_prompt_embeds: torch.FloatTensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        *,
+        schedule: "str | os.PathLike | Schedule | dict | None" = None,
+        paper_compat: "bool | list[str] | PaperCompat" = False,
+    ) -> FluxPipelineOutput | tuple:
+        # 1. Everything that can be wrong is checked before any compute.
+        plan = self.plan(schedule, height, width)
+        height, width = plan.schedule.height, plan.schedule.width
+        compat = PaperCompat.parse(paper_compat)
+        for name, value in (("num_inference_steps", num_inference_steps), ("sigmas", sigmas)):
+            if value is not None:
+                raise ValueError(f"{name} is fixed by the schedule ({plan.total_steps} steps in {len(plan.stages)} stages). Fix: leave {name} unset")
+        for name, value in (
+            ("ip_adapter_image", ip_adapter_image),
+            ("ip_adapter_image_embeds", ip_adapter_image_embeds),
+            ("negative_ip_adapter_image", negative_ip_adapter_image),
+            ("negative_ip_adapter_image_embeds", negative_ip_adapter_image_embeds),
+        ):
+            if value is not None:
+                raise ValueError(f"{name}: IP-Adapter is not supported by RALUFluxPipeline")
+        if output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {_OUTPUT_TYPES}")
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None:
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images_per_prompt = num_images_per_prompt or 1
+        images_total = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != images_total:
+            raise ValueError(f"{len(generator)} generators for {images_total} images. Fix: pass one generator per image (batch size x num_images_per_prompt)")
+        latent_channels = self.transformer.config.in_channels // 4
+        latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
+        first_role = plan.stages[0].role
+        if latents is not None:
+            allowed = {plan.full_tokens} | ({plan.full_tokens // 4} if first_role != "full" else set())
+            if latents.ndim != 3 or latents.shape[0] != images_total or latents.shape[1] not in allowed or latents.shape[2] != 4 * latent_channels:
+                raise ValueError(
+                    f"latents of shape {tuple(latents.shape)}: expected packed FLUX latents ({images_total}, {plan.full_tokens}, "
+                    f"{4 * latent_channels}) (full-size noise, as FluxPipeline takes)"
+                    + (f" or ({images_total}, {plan.full_tokens // 4}, {4 * latent_channels}) (the half-size first stage's noise)" if first_role != "full" else "")
+                )
+
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+        self._num_timesteps = plan.total_steps
+        self.stage_index = self.stage_step = None
+        self.selected_tokens = None
+        device = self._execution_device
+
+        # 2. Text conditioning, as FluxPipeline does it.
+        lora_scale = self._joint_attention_kwargs.get("scale", None)
+        has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale,
+        )
+        negative = None
+        if do_true_cfg:
+            negative = self.encode_prompt(
+                prompt=negative_prompt,
+                prompt_2=negative_prompt_2,
+                prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
+            )
+        dtype = prompt_embeds.dtype
+
+        # 3. Initial noise: the full-size noise FluxPipeline draws (or is given).
+        if latents is None:
+            noise = randn_tensor((images_total, latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
+            canvas = initial_canvas(noise.float(), first_role)
+        elif latents.shape[1] == plan.full_tokens:
+            canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role)
+        else:
+            half = unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h // 2, latent_w // 2)
+            canvas = upsample_nearest(half)
+
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images_total)
+        model = _FluxStageModel(self, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
+
+        def step_end(info: StepInfo, patches: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+            self.stage_index, self.stage_step = info.stage_index, info.stage_step
+            if callback_on_step_end is None:
+                return patches
+            tensors = {"latents": patches.flatten(2), "prompt_embeds": model.prompt_embeds}
+            callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+            callback_kwargs["stage_index"], callback_kwargs["stage_step"] = info.stage_index, info.stage_step
+            outputs = callback_on_step_end(self, info.step, torch.tensor(info.sigma * 1000.0), callback_kwargs) or {}
+            model.prompt_embeds = outputs.pop("prompt_embeds", model.prompt_embeds)
+            return outputs.pop("latents", tensors["latents"]).reshape(patches.shape)
+
+        # 4. The stages.
+        with self.progress_bar(total=plan.total_steps) as progress:
+            result = run_stages(
+                plan,
+                canvas,
+                model,
+                generator=generator,
+                compat=compat,
+                canny_thresholds=tuple(self.canny_thresholds),
+                step_end=step_end,
+                progress=progress,
+                should_stop=lambda: self.interrupt,
+            )
+        self._current_timestep = None
+        self.selected_tokens = result.selected
+
+        # 5. Output, as FluxPipeline gives it.
+        if output_type == "latent":
+            image = patchify(result.canvas).flatten(2).to(dtype)
+        else:
+            latent = result.canvas / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            latent = latent.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            image = self.vae.decode(latent, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return FluxPipelineOutput(images=image)
+
+
+class _FluxStageModel:
+    """The FLUX side of :func:`ralu.runtime.sampler.run_stages`: token packing, positions,
+    guidance and true CFG around ``pipe.transformer``'s own forward."""
+
+    def __init__(self, pipe, prompt_embeds, pooled, text_ids, negative, true_cfg_scale, guidance, dtype, device):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.prompt_embeds, self.pooled, self.text_ids = prompt_embeds, pooled, text_ids
+        self.negative = negative
+        self.true_cfg_scale = true_cfg_scale
+        self.guidance = guidance
+        self.dtype, self.device = dtype, device
+
+    def _forward(self, hidden, timestep, embeds, pooled, text_ids, img_ids, context: str) -> torch.Tensor:
+        batch = hidden.shape[0]
+        kwargs = dict(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=self.guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            joint_attention_kwargs=self.pipe.joint_attention_kwargs,
+            return_dict=False,
+        )
+        with self.transformer.cache_context(context):
+            if img_ids.ndim == 2:
+                return self.transformer(img_ids=img_ids, **kwargs)[0]
+            # Fallback for non-default attention processors: one forward per image.
+            outputs = []
+            for b in range(batch):
+                one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key != "txt_ids" else value) for key, value in kwargs.items()}
+                outputs.append(self.transformer(img_ids=img_ids[b], **one)[0])
+            return torch.cat(outputs, dim=0)
+
+    @contextmanager
+    def stage(self, layout: TokenLayout, stage: StagePlan):
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer._reset_stateful_cache()  # caches do not survive a token-count change
+        ids = image_ids(layout).to(self.device)
+        text_id_sets = [self.text_ids] + ([self.negative[2]] if self.negative is not None else [])
+        if layout.shared:
+            img_ids, positions = ids[0], nullcontext()
+        elif supports_per_sample_positions(self.transformer):
+            img_ids, positions = ids[0], per_sample_positions(self.transformer, text_id_sets, ids)
+        else:
+            img_ids, positions = ids, nullcontext()
+
+        def velocity(patches: torch.Tensor, sigma: float) -> torch.Tensor:
+            hidden = patches.flatten(2).to(self.dtype)
+            t = torch.tensor(sigma * 1000.0, dtype=torch.float32, device=self.device)
+            self.pipe._current_timestep = t
+            timestep = t.expand(hidden.shape[0]).to(self.dtype) / 1000
+            v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled, self.text_ids, img_ids, "cond")
+            if self.negative is not None:
+                neg_embeds, neg_pooled, neg_text_ids = self.negative
+                v_neg = self._forward(hidden, timestep, neg_embeds, neg_pooled, neg_text_ids, img_ids, "uncond")
+                v = v_neg + self.true_cfg_scale * (v - v_neg)
+            return v.reshape(patches.shape)
+
+        with positions:
+            yield velocity
+
+    def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latent = latent / vae.config.scaling_factor + vae.config.shift_factor
+        latent = latent.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+        return vae.decode(latent, return_dict=False)[0].float()
