@@ -1,0 +1,301 @@
+"""A token-level forward of diffusers' ``SD3Transformer2DModel``.
+
+``SD3Transformer2DModel.forward`` takes a latent image (B, C, H, W).  Only two of its parts
+depend on that grid: the patch embedding (a stride-p convolution plus a sin-cos position table
+cropped from the centre of a ``pos_embed_max_size`` square) and the final unpatchify.  Everything
+in between (time/text embedders, joint blocks, ``norm_out``, ``proj_out``) works on any token
+sequence.  :func:`token_forward` therefore runs the model on an arbitrary per-image set of
+(patch, position) pairs, which is what the mixed-resolution stage of RALU needs.
+
+Nothing of the model is re-implemented numerically except the position table evaluation and
+(un)patchify: every weight is used through the model's own modules (the patch projection is the
+model's ``pos_embed.proj`` convolution applied to one patch at a time), so LoRA / PEFT layers on
+the transformer still apply.
+
+Coordinates: a *table coordinate* ``(row, col)`` indexes the model's ``pos_embed_max_size`` x
+``pos_embed_max_size`` position table (row-major, as ``PatchEmbed.cropped_pos_embed`` reads it).
+A native ``h x w`` token grid sits at rows ``top .. top + h - 1`` and columns
+``left .. left + w - 1`` with ``top = (G - h) // 2``, ``left = (G - w) // 2`` (the centre crop).
+Integer coordinates are read from the model's table buffer itself; fractional ones are evaluated
+analytically with the table's own formula (``diffusers.models.embeddings``'s 1-D sin-cos at
+``index * base_size / G / interpolation_scale``; in the table the first half of the features
+encodes the column, the second half the row).  If a checkpoint's stored table does not follow
+that formula, fractional coordinates fall back to bilinear interpolation of the stored table
+(with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
+from diffusers.utils import apply_lora_scale
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+__all__ = [
+    "check_sd3_transformer",
+    "embed_tokens",
+    "grid_origin",
+    "grid_positions",
+    "patchify",
+    "position_embedding",
+    "table_formula_matches",
+    "token_forward",
+    "unpatchify",
+]
+
+
+def check_sd3_transformer(transformer) -> None:
+    """Raise a clear error when ``transformer`` is not an SD3-style model the token path knows."""
+    pos_embed = getattr(transformer, "pos_embed", None)
+    missing = [name for name in ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks", "norm_out", "proj_out") if getattr(transformer, name, None) is None]
+    if missing:
+        raise TypeError(f"{type(transformer).__name__} lacks {missing}: the SD3 token path needs an SD3Transformer2DModel (SD3 / SD3.5). Fix: load the transformer of a Stable Diffusion 3 checkpoint")
+    if getattr(pos_embed, "pos_embed_max_size", None) is None or getattr(pos_embed, "pos_embed", None) is None:
+        raise TypeError("the transformer's patch embedding has no cropped sin-cos table (pos_embed_max_size is None): not an SD3 layout. Fix: use an SD3 / SD3.5 transformer")
+    if getattr(pos_embed, "layer_norm", False):
+        raise TypeError("the transformer's patch embedding normalises patches (layer_norm=True): not an SD3 layout")
+
+
+# ----------------------------------------------------------------------------------------
+# Patches.
+# ----------------------------------------------------------------------------------------
+
+
+def patchify(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p) * (W/p), C, p, p), tokens in row-major order."""
+    batch, channels, height, width = latent.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"latent {height}x{width} is not divisible by the patch size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    tokens = latent.reshape(batch, channels, rows, patch_size, cols, patch_size)
+    return tokens.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels, patch_size, patch_size)
+
+
+def unpatchify(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, rows * cols, C, p, p) -> (B, C, rows * p, cols * p)."""
+    batch, count, channels, patch, _ = tokens.shape
+    if count != rows * cols:
+        raise ValueError(f"{count} tokens cannot fill a {rows}x{cols} grid")
+    latent = tokens.reshape(batch, rows, cols, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return latent.reshape(batch, channels, rows * patch, cols * patch)
+
+
+# ----------------------------------------------------------------------------------------
+# Positions.
+# ----------------------------------------------------------------------------------------
+
+
+def grid_origin(transformer, rows: int, cols: int) -> tuple[int, int]:
+    """Table coordinate of the top-left token of a native ``rows x cols`` grid (centre crop)."""
+    size = transformer.pos_embed.pos_embed_max_size
+    if rows > size or cols > size:
+        raise ValueError(f"a {rows}x{cols} token grid does not fit the transformer's {size}x{size} position table (pos_embed_max_size). Fix: generate a smaller image (at most {size * transformer.pos_embed.patch_size * 8} px a side for a VAE factor of 8)")
+    return (size - rows) // 2, (size - cols) // 2
+
+
+def grid_positions(transformer, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Table coordinates (rows * cols, 2) of a native grid, row-major: what ``forward`` uses."""
+    top, left = grid_origin(transformer, rows, cols)
+    r = torch.arange(rows, device=device, dtype=torch.float32) + top
+    c = torch.arange(cols, device=device, dtype=torch.float32) + left
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(rows * cols, 2)
+
+
+def _table(transformer) -> tuple[torch.Tensor, int]:
+    pos_embed = transformer.pos_embed
+    size = pos_embed.pos_embed_max_size
+    table = pos_embed.pos_embed
+    return table.reshape(size, size, table.shape[-1]), size
+
+
+def _table_spacing(transformer) -> float:
+    pos_embed = transformer.pos_embed
+    return pos_embed.base_size / pos_embed.pos_embed_max_size / pos_embed.interpolation_scale
+
+
+def _analytic_embedding(transformer, rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """The table's own formula at (possibly fractional) table coordinates; flat inputs (N,)."""
+    spacing = _table_spacing(transformer)
+    dtype = torch.float32 if rows.device.type == "mps" else torch.float64
+    emb_cols = get_1d_sincos_pos_embed_from_grid(dim // 2, cols.to(dtype) * spacing, dtype=dtype)
+    emb_rows = get_1d_sincos_pos_embed_from_grid(dim // 2, rows.to(dtype) * spacing, dtype=dtype)
+    return torch.cat([emb_cols, emb_rows], dim=1)
+
+
+_FORMULA_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int, bool]]" = weakref.WeakKeyDictionary()
+
+
+def table_formula_matches(transformer) -> bool:
+    """Whether the model's stored table equals the sin-cos formula (checked on 3G entries, cached)."""
+    pos_embed = transformer.pos_embed
+    buffer = pos_embed.pos_embed
+    key = (buffer.data_ptr(), buffer._version)
+    cached = _FORMULA_CHECKED.get(pos_embed)
+    if cached is not None and cached[:2] == key:
+        return cached[2]
+    table, size = _table(transformer)
+    index = torch.arange(size, device=buffer.device)
+    zeros = torch.zeros_like(index)
+    rows = torch.cat([index, index, zeros])
+    cols = torch.cat([index, zeros, index])
+    stored = table[rows, cols].double()
+    analytic = _analytic_embedding(transformer, rows.float(), cols.float(), table.shape[-1]).to(stored)
+    tolerance = max(1e-4, 4 * torch.finfo(buffer.dtype).eps)
+    matches = bool((stored - analytic).abs().max() <= tolerance)
+    _FORMULA_CHECKED[pos_embed] = (*key, matches)
+    return matches
+
+
+def _bilinear(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    size = table.shape[0]
+    r0 = rows.floor().clamp(0, size - 1)
+    c0 = cols.floor().clamp(0, size - 1)
+    r1 = (r0 + 1).clamp(max=size - 1)
+    c1 = (c0 + 1).clamp(max=size - 1)
+    wr = (rows - r0).unsqueeze(-1).to(table.dtype)
+    wc = (cols - c0).unsqueeze(-1).to(table.dtype)
+    r0, c0, r1, c1 = r0.long(), c0.long(), r1.long(), c1.long()
+    top = table[r0, c0] * (1 - wc) + table[r0, c1] * wc
+    bottom = table[r1, c0] * (1 - wc) + table[r1, c1] * wc
+    return top * (1 - wr) + bottom * wr
+
+
+def position_embedding(transformer, positions: torch.Tensor) -> torch.Tensor:
+    """Per-token position embedding at table coordinates ``positions`` (..., 2) = (row, col).
+
+    Returns (..., D) in the table's dtype.  Integer coordinates are gathered from the model's
+    own table (bit-identical to ``forward``); fractional ones use the table's formula.
+    """
+    if positions.shape[-1] != 2:
+        raise ValueError(f"positions must end in (row, col), got shape {tuple(positions.shape)}")
+    table, size = _table(transformer)
+    flat = positions.reshape(-1, 2).to(device=table.device, dtype=torch.float32)
+    if flat.numel() and (flat.min() < 0 or flat.max() > size - 1):
+        raise ValueError(f"token positions span [{flat.min().item():g}, {flat.max().item():g}] but the position table covers [0, {size - 1}] (pos_embed_max_size={size}). Fix: generate a smaller image")
+    rounded = flat.round()
+    integral = (flat == rounded).all(dim=-1)
+    index = rounded.long()
+    out = table[index[:, 0], index[:, 1]]
+    if not bool(integral.all()):
+        fractional = ~integral
+        rows, cols = flat[fractional, 0], flat[fractional, 1]
+        if table_formula_matches(transformer):
+            values = _analytic_embedding(transformer, rows, cols, table.shape[-1])
+        else:
+            warnings.warn(
+                "the transformer's stored position table does not follow the sin-cos formula of its config; "
+                "fractional token positions use bilinear interpolation of the stored table instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            values = _bilinear(table.double(), rows.double(), cols.double())
+        out = out.clone()
+        out[fractional] = values.to(out.dtype)
+    return out.reshape(*positions.shape[:-1], table.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# The forward.
+# ----------------------------------------------------------------------------------------
+
+
+def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Patch projection through the model's own ``pos_embed.proj`` plus position embedding.
+
+    ``patches`` (B, n, C, p, p), ``positions`` (B, n, 2) or (n, 2) -> (B, n, D).
+    """
+    pos_embed = transformer.pos_embed
+    batch, count, channels, patch, patch_w = patches.shape
+    if patch != pos_embed.patch_size or patch_w != pos_embed.patch_size:
+        raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {pos_embed.patch_size}")
+    if positions.shape[-2] != count:
+        raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
+    projected = pos_embed.proj(patches.reshape(batch * count, channels, patch, patch))
+    projected = projected.reshape(batch, count, -1)
+    return (projected + position_embedding(transformer, positions)).to(projected.dtype)
+
+
+@apply_forward_hook  # model CPU offload: move the transformer like forward() would
+@apply_lora_scale("joint_attention_kwargs")
+def _token_forward(
+    transformer,
+    patches: torch.Tensor,
+    positions: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    timestep: torch.Tensor,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+    skip_layers: list[int] | None = None,
+) -> torch.Tensor:
+    batch, count, _, patch, _ = patches.shape
+    hidden_states = embed_tokens(transformer, patches, positions).contiguous()
+    temb = transformer.time_text_embed(timestep, pooled_projections)
+    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+
+    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
+        image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
+        ip_hidden_states, ip_temb = transformer.image_proj(image_embeds, timestep)
+        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
+
+    skip = set(skip_layers or ())
+    for index, block in enumerate(transformer.transformer_blocks):
+        if index in skip:
+            continue
+        encoder_hidden_states, hidden_states = block(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+
+    hidden_states = transformer.norm_out(hidden_states, temb)
+    hidden_states = transformer.proj_out(hidden_states)
+    out_channels = hidden_states.shape[-1] // (patch * patch)
+    # proj_out orders each patch (dy, dx, c): see the unpatchify einsum of forward().
+    hidden_states = hidden_states.reshape(batch, count, patch, patch, out_channels)
+    return hidden_states.permute(0, 1, 4, 2, 3)
+
+
+def token_forward(
+    transformer,
+    patches: torch.Tensor,
+    positions: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    timestep: torch.Tensor,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+    skip_layers: list[int] | None = None,
+) -> torch.Tensor:
+    """``SD3Transformer2DModel.forward`` on an arbitrary token set.
+
+    Args:
+        patches: (B, n, C, p, p) latent patches, one per token (any order, any mix of grids).
+        positions: (B, n, 2) or (n, 2) float table coordinates (row, col) of each token.
+        encoder_hidden_states, pooled_projections, timestep: as for ``forward``.
+        joint_attention_kwargs: as for ``forward`` (``scale`` sets the LoRA scale).
+        skip_layers: block indices to skip, as ``forward``'s ``skip_layers``.
+
+    Returns (B, n, C_out, p, p): the model's output patch for each token.  On a full native grid
+    (``patchify`` of the latent at ``grid_positions``) this equals ``unpatchify``-able ``forward``
+    output.  Memory beyond attention is O(n).
+    """
+    check_sd3_transformer(transformer)
+    if patches.dim() != 5:
+        raise ValueError(f"patches must be (B, n, C, p, p), got shape {tuple(patches.shape)}")
+    if getattr(transformer, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        raise NotImplementedError("the SD3 token path does not support gradient checkpointing; it is an inference path. Fix: run under torch.no_grad()")
+    return _token_forward(
+        transformer,
+        patches,
+        positions,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        joint_attention_kwargs=joint_attention_kwargs,
+        skip_layers=skip_layers,
+    )
