@@ -17,19 +17,10 @@ from .edges import CANNY_THRESHOLDS
 from .flux_rotary import per_sample_positions, supports_per_sample_positions
 from .plan import Plan, StagePlan, make_plan
 from .sampler import StepInfo, run_stages
-from .schedule import Schedule, ScheduleError, load_schedule, schedule_from_dict, shipped_schedules
+from .schedule import Schedule, load_schedule
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def resolve_schedule(schedule: "str | os.PathLike | Schedule | dict | None") -> Schedule:
-    """A schedule from a shipped name, a file path, a parsed dict or a :class:`Schedule`."""
-    if schedule is None:
-        raise ScheduleError(f"schedule= is required: a shipped name (one of {shipped_schedules()}), a path to a schedule JSON file, or a Schedule")
-    if isinstance(schedule, dict):
-        return schedule_from_dict(schedule)
-    return load_schedule(schedule)
 
 
 def image_ids(layout: TokenLayout) -> torch.Tensor:
@@ -103,7 +94,7 @@ class RALUFluxPipeline(FluxPipeline):
 
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
         """Check a request and lay out its stages (no compute)."""
-        schedule = resolve_schedule(schedule)
+        schedule = load_schedule(schedule)
         height = schedule.height if height is None else height
         width = schedule.width if width is None else width
         return make_plan(schedule, "flux", height, width, self.vae_scale_factor)

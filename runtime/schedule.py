@@ -273,10 +273,15 @@ def shipped_schedules() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "schema.json")
 
 
-def load_schedule(source: "str | os.PathLike | Schedule") -> Schedule:
-    """Load a schedule from a shipped name (``"flux-dev-7x"``), a file path, or pass one through."""
+def load_schedule(source: "str | os.PathLike | Schedule | dict") -> Schedule:
+    """Load a schedule from a shipped name (``"flux-dev-7x"``), a file path, a parsed dict,
+    or pass a :class:`Schedule` through."""
     if isinstance(source, Schedule):
         return source
+    if isinstance(source, dict):
+        return schedule_from_dict(source)
+    if source is None:
+        raise ScheduleError(f"a schedule is required: a shipped name (one of {shipped_schedules()}), a path to a schedule JSON file, or a Schedule")
     path = Path(source)
     if path.is_file():
         text, where = path.read_text(encoding="utf-8"), str(path)

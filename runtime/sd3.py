@@ -30,10 +30,9 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from . import sd3_tokens
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
-from .flux import resolve_schedule
 from .plan import Plan, StagePlan, make_plan
 from .sampler import StepInfo, run_stages
-from .schedule import Schedule, unshift_sigma
+from .schedule import Schedule, load_schedule, unshift_sigma
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
 __all__ = ["POSITION_MODES", "RALUStableDiffusion3Pipeline", "table_positions"]
@@ -168,7 +167,7 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
 
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
         """Check a request and lay out its stages (no compute)."""
-        schedule = resolve_schedule(schedule)
+        schedule = load_schedule(schedule)
         height = schedule.height if height is None else height
         width = schedule.width if width is None else width
         plan = make_plan(schedule, "sd3", height, width, self.vae_scale_factor)

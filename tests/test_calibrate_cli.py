@@ -1,8 +1,6 @@
 """ralu-calibrate and ralu-plot end to end (small trial counts), and the shipped files."""
 
-import json
 import subprocess
-import sys
 
 import optuna
 import pytest

@@ -125,3 +125,9 @@ def test_single_full_stage_sigmas_equal_flux_grid():
     base = np.linspace(1.0, 1.0 / steps, steps)
     expected = np.append(h * base / (1 + (h - 1) * base), 0.0)
     np.testing.assert_allclose(sigmas, expected, rtol=0, atol=1e-15)
+
+
+def test_load_accepts_dicts_and_explains_a_missing_schedule():
+    assert load_schedule(schedule_dict()).model == "flux-dev"
+    with pytest.raises(ScheduleError, match="a schedule is required"):
+        load_schedule(None)
