@@ -19,7 +19,7 @@ from ralu.runtime.schedule import (
 
 from .layout import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .models import check_resolution, get_model
-from .search import Layout, NTDMObjective, Objective, optimise
+from .search import Z_BOUNDS, Layout, NTDMObjective, Objective, optimise
 
 
 def tool_version() -> str:
@@ -47,6 +47,7 @@ def calibrate(
     optimizer: Literal["global", "paper"] = "global",
     objective: Objective = "continuous",
     grid: int | None = None,
+    z_bounds: tuple[float, float] = Z_BOUNDS,
     flops_convention: Convention = "linear",
     trials: int = 80,
     seed: int = 0,
@@ -90,7 +91,7 @@ def calibrate(
         log(f"searching stage layouts for {speedup}x ({flops_convention} FLOPs), {trials} trials, seed {seed}")
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
-            objective=objective, grid=grid, optimizer=optimizer, up_ratio=up_ratio, trials=trials, seed=seed,
+            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, trials=trials, seed=seed,
             storage=storage, study_name=study_name, show_progress=show_progress,
         )
         layout, inner = found.layout, found.inner
@@ -104,14 +105,14 @@ def calibrate(
             best = getattr(speedup_of(spec, height, width, layout.steps, 0.1, base_steps), flops_convention)
             raise SpeedupUnreachable(f"layout steps {list(layout.steps)} reaches only {best:.2f}x ({flops_convention} FLOPs) even at up_ratio 0.1, below --speedup {speedup}. Fix: fewer steps, or a lower --speedup")
         layout_kind = "given"
-        inner = optimise(NTDMObjective(layout, h0, objective, grid), optimizer, seed=seed, effort="full")
+        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds), optimizer, seed=seed, effort="full")
 
     speed = speedup_of(spec, height, width, layout.steps, ratio, base_steps)
     if speedup is not None and getattr(speed, flops_convention) < speedup:
         raise SpeedupUnreachable(f"steps {list(layout.steps)} with up_ratio {ratio} reach {getattr(speed, flops_convention):.2f}x ({flops_convention} FLOPs), below --speedup {speedup}. Fix: a smaller --up-ratio, fewer steps or a lower target")
 
     starts = stage_starts(list(layout.ends), inner.c)
-    problem = NTDMObjective(layout, h0, objective, grid)
+    problem = NTDMObjective(layout, h0, objective, grid, z_bounds)
     schedule = {
         "version": 1,
         "model": spec.name,
@@ -132,6 +133,7 @@ def calibrate(
             seed=seed,
             h0=h0,
             grid=problem.grid,
+            z_bounds=problem.z_bounds,
             tool_version=tool_version(),
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         ).model_dump(),

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-steps", type=int, help="baseline steps the speed-up is measured against (default: FLUX 50, SD3 28)")
     parser.add_argument("--optimizer", choices=("global", "paper"), default="global", help="inner search of shifts and c (default: global)")
     parser.add_argument("--objective", choices=("continuous", "discrete"), default="continuous", help="form of the realised distribution (default: continuous, the paper's)")
+    parser.add_argument("--z-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(2.0, 100.0),
+                        help="search range of Z = 1/sqrt(c) (default 2 100, the paper's); equal values fix c. A low HIGH keeps more of each stage's work at a transition")
     parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
     parser.add_argument("--trials", type=int, default=80, help="outer search trials (default 80)")
     parser.add_argument("--seed", type=int, default=0)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule = calibrate(
             args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
             height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
-            optimizer=args.optimizer, objective=args.objective, flops_convention=args.flops,
+            optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), flops_convention=args.flops,
             trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
             show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
         )

@@ -22,7 +22,7 @@ import optuna
 
 from . import flops
 from .models import ModelSpec
-from .search import InnerResult, Layout, NTDMObjective, Objective, optimise
+from .search import Z_BOUNDS, InnerResult, Layout, NTDMObjective, Objective, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
@@ -99,6 +99,7 @@ def search_layout(
     convention: Convention = "linear",
     objective: Objective = "continuous",
     grid: int | None = None,
+    z_bounds: tuple[float, float] = Z_BOUNDS,
     optimizer: Literal["global", "paper"] = "global",
     up_ratio: float | None = None,
     trials: int = 80,
@@ -120,7 +121,7 @@ def search_layout(
             if ratio is None:
                 inner_cache[key] = None
             else:
-                problem = NTDMObjective(Layout(steps, ends), h0, objective, grid)
+                problem = NTDMObjective(Layout(steps, ends), h0, objective, grid, z_bounds)
                 inner = optimise(problem, optimizer, seed=seed, effort="quick")
                 inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
         return inner_cache[key]
@@ -163,7 +164,7 @@ def search_layout(
     steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
     first = round(best.params["end_1"], 2)
     layout = Layout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
-    inner = optimise(NTDMObjective(layout, h0, objective, grid), optimizer, seed=seed, effort="full")
+    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds), optimizer, seed=seed, effort="full")
     ratio = best.user_attrs["up_ratio"]
     history = [
         {"number": t.number, "value": t.value, **t.params, **t.user_attrs}

@@ -83,9 +83,12 @@ class NTDMObjective:
     population search costs one numpy pass per generation.
     """
 
-    def __init__(self, layout: Layout, h0: float, objective: Objective = "continuous", grid: int | None = None):
+    def __init__(self, layout: Layout, h0: float, objective: Objective = "continuous", grid: int | None = None, z_bounds: tuple[float, float] = Z_BOUNDS):
         if objective not in ("continuous", "discrete"):
             raise ValueError(f"objective {objective!r}: use 'continuous' or 'discrete'")
+        if not Z_BOUNDS[0] <= z_bounds[0] <= z_bounds[1]:
+            raise ValueError(f"Z bounds {list(z_bounds)}: need {Z_BOUNDS[0]} <= low <= high (Z = 1/sqrt(c) >= 2 keeps c <= 1/4); equal bounds fix Z")
+        self.z_bounds = (float(z_bounds[0]), float(z_bounds[1]))
         self.layout = layout
         self.h0 = float(h0)
         self.objective = objective
@@ -99,7 +102,7 @@ class NTDMObjective:
         return self.layout.n_stages + 1
 
     def bounds(self) -> list[tuple[float, float]]:
-        return [SHIFT_BOUNDS] * self.layout.n_stages + [Z_BOUNDS]
+        return [SHIFT_BOUNDS] * self.layout.n_stages + [self.z_bounds]
 
     def starts(self, z: np.ndarray) -> np.ndarray:
         """Stage starts ``(P, K)`` for noise strengths ``c = 1/Z^2``."""
@@ -133,7 +136,7 @@ def _clip_to_bounds(x: np.ndarray, bounds: list[tuple[float, float]]) -> np.ndar
 
 def optimise_paper(problem: NTDMObjective) -> InnerResult:
     """The published local method: L-BFGS-B from ``[3, ..., 3, 2]`` within the bounds."""
-    start = np.array([PAPER_START_SHIFT] * problem.layout.n_stages + [PAPER_START_Z])
+    start = _clip_to_bounds(np.array([PAPER_START_SHIFT] * problem.layout.n_stages + [PAPER_START_Z]), problem.bounds())
     found = minimize(problem, start, method="L-BFGS-B", bounds=problem.bounds())
     x = _clip_to_bounds(found.x, problem.bounds())
     return InnerResult(tuple(float(h) for h in x[:-1]), float(x[-1]), problem(x), "paper")

@@ -162,6 +162,7 @@ class Calibration(BaseModel):
     seed: int | None = Field(description="Seed of the search.")
     h0: float = Field(gt=0.0, description="Shift of the base model's own schedule at this resolution.")
     grid: int = Field(ge=2, description="Grid points (continuous) or bins (discrete) of the divergence.")
+    z_bounds: tuple[float, float] = Field(description="Search range of Z = 1/sqrt(c); equal values mean c was fixed.")
     tool_version: str = Field(description="ralu version that wrote the file.")
     created: str = Field(description="UTC creation time, ISO 8601.")
 

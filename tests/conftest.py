@@ -29,35 +29,11 @@ def pytest_configure(config):
 def build_schedule(stages, c=0.04, up_ratio=0.3, height=64, width=64, model="flux-dev"):
     """A valid schedule from ``stages = [(steps, end, shift), ...]`` (starts and transitions
     derived from the ends and ``c``)."""
-    from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
+    from ralu.runtime.schedule import schedule_from_dict
+    from schedule_factory import schedule_dict
 
-    ends = [end for _, end, _ in stages]
-    starts = stage_starts(ends, c)
-    data = {
-        "version": 1,
-        "model": model,
-        "height": height,
-        "width": width,
-        "base_steps": 50,
-        "stages": [{"steps": n, "start": s, "end": e, "shift": h} for (n, e, h), s in zip(stages, starts)],
-        "c": c,
-        "up_ratio": up_ratio,
-        "divergence": {"js_distance": 0.0, "js_divergence": 0.0, "objective": "continuous"},
-        "flops_speedup": {"total": 1.0, "linear": 1.0},
-        "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(ends[:-1])],
-        "calibration": {
-            "optimizer": "global",
-            "layout": "given",
-            "target_speedup": None,
-            "flops_convention": "linear",
-            "seed": 0,
-            "h0": 3.0,
-            "grid": 1000,
-            "tool_version": "test",
-            "created": "2025-01-01T00:00:00Z",
-        },
-    }
-    return schedule_from_dict(data, "<test>")
+    steps, ends, shifts = zip(*stages)
+    return schedule_from_dict(schedule_dict(model, steps, ends, shifts, c, up_ratio, height, width), "<test>")
 
 
 @pytest.fixture

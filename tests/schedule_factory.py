@@ -40,6 +40,7 @@ def schedule_dict(
                 "seed": None,
                 "h0": 3.0,
                 "grid": 1000,
+                "z_bounds": [2.0, 100.0],
                 "tool_version": "test",
                 "created": "2026-01-01T00:00:00+00:00",
             },

@@ -64,3 +64,13 @@ def test_layout_rejects_bad_input():
         Layout((1, 2, 3), (0.3, 0.2, 1.0))
     with pytest.raises(ValueError, match="end at 1.0"):
         Layout((1, 2, 3), (0.2, 0.3, 0.9))
+
+
+def test_z_bounds_restrict_or_fix_the_noise_strength():
+    free = optimise_global(NTDMObjective(Layout((4, 5, 6), (0.3, 0.45, 1.0)), h0=3.158), seed=0)
+    bounded = optimise_global(NTDMObjective(Layout((4, 5, 6), (0.3, 0.45, 1.0)), h0=3.158, z_bounds=(2.0, 12.0)), seed=0)
+    fixed = optimise_paper(NTDMObjective(Layout((4, 5, 6), (0.3, 0.45, 1.0)), h0=3.158, z_bounds=(10.0, 10.0)))
+    assert free.z > 12.0 >= bounded.z and fixed.z == 10.0
+    assert free.js_distance <= bounded.js_distance <= fixed.js_distance
+    with pytest.raises(ValueError, match="Z bounds"):
+        NTDMObjective(FLUX_4X, h0=3.0, z_bounds=(1.0, 10.0))
