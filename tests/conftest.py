@@ -76,9 +76,10 @@ def tiny_flux_transformer(seed: int = 0):
     ).eval()
 
 
-def tiny_flux_vae(seed: int = 0):
-    """FLUX-like VAE: 16 latent channels, scale factor 8, FLUX scaling/shift (decoded random
-    latents have enough contrast for Canny 100/200 to find edges)."""
+def tiny_vae(seed: int = 0, scaling_factor: float = 0.3611, shift_factor: float = 0.1159):
+    """A tiny AutoencoderKL with the real latent layout: 16 latent channels, scale factor 8.
+    Defaults are FLUX's scaling/shift (decoded random latents have enough contrast for
+    Canny 100/200 to find edges); SD3 passes its own."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -92,12 +93,16 @@ def tiny_flux_vae(seed: int = 0):
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=4,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
     return vae.eval()
+
+
+def tiny_flux_vae(seed: int = 0):
+    return tiny_vae(seed)
 
 
 def tiny_flux_scheduler():

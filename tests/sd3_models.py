@@ -43,23 +43,9 @@ def tiny_transformer(seed: int = 0, **overrides):
 
 
 def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
+    from conftest import tiny_vae as tiny_latent_vae
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    return tiny_latent_vae(seed, scaling_factor=1.5305, shift_factor=0.0609)
 
 
 def sd3_scheduler():
