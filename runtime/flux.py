@@ -16,7 +16,8 @@ from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
 from .flux_rotary import per_sample_positions, supports_per_sample_positions
 from .plan import Plan, StagePlan, make_plan
-from .sampler import StepInfo, run_stages
+from .profiling import section
+from .sampler import StepInfo, run_stages, timestep_table
 from .schedule import Schedule, load_schedule
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
@@ -228,12 +229,14 @@ class RALUFluxPipeline(FluxPipeline):
         # 3. Initial noise: the full-size noise FluxPipeline draws (or is given).
         if latents is None:
             noise = randn_tensor((images_total, latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
-            canvas = initial_canvas(noise.float(), first_role)
-        elif latents.shape[1] == plan.full_tokens:
-            canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role)
-        else:
-            half = unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h // 2, latent_w // 2)
-            canvas = upsample_nearest(half)
+        with section("noise"):
+            if latents is None:
+                canvas = initial_canvas(noise.float(), first_role)
+            elif latents.shape[1] == plan.full_tokens:
+                canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role)
+            else:
+                half = unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h // 2, latent_w // 2)
+                canvas = upsample_nearest(half)
 
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -320,18 +323,21 @@ class _FluxStageModel:
     def stage(self, layout: TokenLayout, stage: StagePlan):
         if getattr(self.transformer, "is_cache_enabled", False):
             self.transformer._reset_stateful_cache()  # caches do not survive a token-count change
-        ids = image_ids(layout).to(self.device)
-        text_id_sets = [self.text_ids] + ([self.negative[2]] if self.negative is not None else [])
-        if layout.shared:
-            img_ids, positions = ids[0], nullcontext()
-        elif supports_per_sample_positions(self.transformer):
-            img_ids, positions = ids[0], per_sample_positions(self.transformer, text_id_sets, ids)
-        else:
-            img_ids, positions = ids, nullcontext()
+        with section("positions"):
+            ids = image_ids(layout).to(self.device)
+            text_id_sets = [self.text_ids] + ([self.negative[2]] if self.negative is not None else [])
+            if layout.shared:
+                img_ids, positions = ids[0], nullcontext()
+            elif supports_per_sample_positions(self.transformer):
+                img_ids, positions = ids[0], per_sample_positions(self.transformer, text_id_sets, ids)
+            else:
+                img_ids, positions = ids, nullcontext()
+
+        timesteps = timestep_table(stage, self.device)
 
         def velocity(patches: torch.Tensor, sigma: float) -> torch.Tensor:
             hidden = patches.flatten(2).to(self.dtype)
-            t = torch.tensor(sigma * 1000.0, dtype=torch.float32, device=self.device)
+            t = timesteps(sigma)
             self.pipe._current_timestep = t
             timestep = t.expand(hidden.shape[0]).to(self.dtype) / 1000
             v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled, self.text_ids, img_ids, "cond")

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .profiling import section
+
 
 def _attention_modules(transformer):
     from diffusers.models.transformers.transformer_flux import FluxAttention
@@ -125,10 +127,11 @@ def per_sample_positions(transformer, txt_ids_list, img_ids: torch.Tensor):
     if not supports_per_sample_positions(transformer):
         raise RuntimeError("per-image positions need diffusers' default FluxAttnProcessor in every attention module")
     tables = {}
-    for txt_ids in txt_ids_list:
-        length = txt_ids.shape[0] + img_ids.shape[1]
-        if length not in tables:
-            tables[length] = rotary_tables(transformer, txt_ids, img_ids)
+    with section("positions"):
+        for txt_ids in txt_ids_list:
+            length = txt_ids.shape[0] + img_ids.shape[1]
+            if length not in tables:
+                tables[length] = rotary_tables(transformer, txt_ids, img_ids)
 
     def substitute(module, args, output):
         ids = args[0]

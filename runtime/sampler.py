@@ -27,6 +27,7 @@ from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS, select_edge_tokens, tweedie
 from .noise import renoise
 from .plan import Plan, StagePlan
+from .profiling import section
 from .tokens import TokenLayout
 
 #: ``velocity(patches (B, N, C, 2, 2) float32, sigma) -> (B, N, C, 2, 2)``
@@ -75,6 +76,23 @@ def draw_noise(shape, generator, device) -> torch.Tensor:
     return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
+def timestep_table(stage: StagePlan, device) -> Callable[[float], torch.Tensor]:
+    """``sigma -> 1000 * sigma`` as a 0-d float32 tensor on ``device`` for a stage's sigmas.
+
+    The values are moved to the device in one copy per stage: a ``torch.tensor(..., device=)``
+    per step would be a host-to-device copy, and a device synchronisation, every step.  A sigma
+    that is not one of the stage's is converted on demand.
+    """
+    values = torch.tensor(stage.sigmas * 1000.0, dtype=torch.float32, device=device)
+    table = dict(zip((float(sigma) for sigma in stage.sigmas), values.unbind(0)))
+
+    def lookup(sigma: float) -> torch.Tensor:
+        value = table.get(sigma)
+        return value if value is not None else torch.tensor(sigma * 1000.0, dtype=torch.float32, device=device)
+
+    return lookup
+
+
 def next_layout(plan: Plan, stage: StagePlan, batch: int, selected: torch.Tensor | None, device) -> TokenLayout:
     """The token layout a stage runs on (``selected``: the mixed stage's upsampled tokens)."""
     if stage.role == "low":
@@ -104,17 +122,22 @@ def run_stages(
     """
     canvas = canvas.float()
     batch, device = canvas.shape[0], canvas.device
-    layout = next_layout(plan, plan.stages[0], batch, None, device)
-    patches = layout.gather(canvas)
+    with section("gather_scatter"):
+        layout = next_layout(plan, plan.stages[0], batch, None, device)
+        patches = layout.gather(canvas)
     selected = None
     step = 0
     for stage in plan.stages:
         if stage.index > 0:
-            new_layout = next_layout(plan, stage, batch, selected, device)
-            eps = draw_noise(canvas.shape, generator, device)
-            canvas = renoise(layout.scatter(patches), layout.full_mask, new_layout.full_mask, plan.transitions[stage.index - 1], eps, plan.c, compat)
-            layout = new_layout
-            patches = layout.gather(canvas)
+            # ``canvas`` is the previous stage's result, scattered when that stage ended.
+            with section("gather_scatter"):
+                new_layout = next_layout(plan, stage, batch, selected, device)
+            with section("noise"):
+                eps = draw_noise(canvas.shape, generator, device)
+                canvas = renoise(canvas, layout.full_mask, new_layout.full_mask, plan.transitions[stage.index - 1], eps, plan.c, compat)
+            with section("gather_scatter"):
+                layout = new_layout
+                patches = layout.gather(canvas)
         if patches.shape[1] != stage.tokens:
             raise RuntimeError(f"stage {stage.index + 1} carries {patches.shape[1]} tokens, expected {stage.tokens}")
         velocity = None
@@ -123,7 +146,8 @@ def run_stages(
                 if should_stop is not None and should_stop():
                     return Result(layout.scatter(patches), layout, selected, True)
                 sigma, sigma_next = float(stage.sigmas[i]), float(stage.sigmas[i + 1])
-                velocity = velocity_fn(patches, sigma).float()
+                with section("transformer"):
+                    velocity = velocity_fn(patches, sigma).float()
                 patches = patches + velocity * (sigma_next - sigma)
                 info = StepInfo(stage.index, i, step, sigma, sigma_next, stage.role, len(plan.stages), stage.steps, plan.total_steps)
                 if step_end is not None:
@@ -135,7 +159,8 @@ def run_stages(
         following = plan.stages[stage.index + 1] if stage.index + 1 < len(plan.stages) else None
         if following is not None and following.role == "mixed":
             selected = select_tokens(plan, layout, patches, velocity, float(stage.sigmas[-1]), model, compat, canny_thresholds)
-        canvas = layout.scatter(patches)
+        with section("gather_scatter"):
+            canvas = layout.scatter(patches)
     return Result(canvas, layout, selected, False)
 
 
@@ -154,6 +179,8 @@ def select_tokens(
     batch = patches.shape[0]
     if plan.k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=patches.device)
-    x0 = layout.scatter(tweedie(patches, velocity, sigma_end))[:, :, ::2, ::2]
-    images = model.decode_for_edges(x0)
-    return select_edge_tokens(images, plan.grid, plan.k, clip_only=compat.clip_decode, thresholds=thresholds).to(patches.device)
+    with section("edge_decode"):
+        x0 = layout.scatter(tweedie(patches, velocity, sigma_end))[:, :, ::2, ::2]
+        images = model.decode_for_edges(x0)
+    with section("edge_select"):
+        return select_edge_tokens(images, plan.grid, plan.k, clip_only=compat.clip_decode, thresholds=thresholds).to(patches.device)

@@ -31,7 +31,8 @@ from . import sd3_tokens
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
 from .plan import Plan, StagePlan, make_plan
-from .sampler import StepInfo, run_stages
+from .profiling import section
+from .sampler import StepInfo, run_stages, timestep_table
 from .schedule import Schedule, load_schedule, unshift_sigma
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
@@ -332,11 +333,13 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         # 3. Initial noise: the full-size noise StableDiffusion3Pipeline draws (or is given).
         if latents is None:
             noise = randn_tensor((images_total, channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
-            canvas = initial_canvas(noise.float(), first_role)
-        elif latents.shape[-1] == latent_w:
-            canvas = initial_canvas(latents.to(device).float(), first_role)
-        else:
-            canvas = upsample_nearest(latents.to(device).float())
+        with section("noise"):
+            if latents is None:
+                canvas = initial_canvas(noise.float(), first_role)
+            elif latents.shape[-1] == latent_w:
+                canvas = initial_canvas(latents.to(device).float(), first_role)
+            else:
+                canvas = upsample_nearest(latents.to(device).float())
 
         slg = None
         if skip_guidance_layers is not None and self.do_classifier_free_guidance:
@@ -418,11 +421,13 @@ class _SD3StageModel:
         self.mode = mode
         self.dtype, self.device = dtype, device
 
-    def transformer_output(self, patches, timestep, embeds, pooled, grid, positions, skip_layers=None) -> torch.Tensor:
+    def transformer_output(self, patches, timestep, embeds, pooled, grid, positions, skip_layers=None, position_embeds=None) -> torch.Tensor:
         """One evaluation on token patches ``(B, N, C, 2, 2)``: the model's forward on a native
-        ``grid`` (latent pixels), else the token path at table ``positions`` ``(B, N, 2)``."""
+        ``grid`` (latent pixels), else the token path at table ``positions`` ``(B, N, 2)`` whose
+        embeddings ``position_embeds`` ``(B, N, D)`` were computed beforehand (once per stage)."""
         if grid is not None:
-            latent = unpatchify(patches, *grid)
+            with section("gather_scatter"):
+                latent = unpatchify(patches, *grid)
             out = self.transformer(
                 hidden_states=latent,
                 timestep=timestep,
@@ -432,7 +437,8 @@ class _SD3StageModel:
                 return_dict=False,
                 skip_layers=skip_layers,
             )[0]
-            return patchify(out)
+            with section("gather_scatter"):
+                return patchify(out)
         return sd3_tokens.token_forward(
             self.transformer,
             patches,
@@ -442,32 +448,40 @@ class _SD3StageModel:
             timestep,
             joint_attention_kwargs=self.pipe.joint_attention_kwargs,
             skip_layers=skip_layers,
+            position_embeds=position_embeds,
         )
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):
-        native = _raster(layout) and (layout.role == "full" or self.mode == "crop")
-        grid = None
-        positions = None
-        if native:
-            size = layout.latent_size
-            grid = size if layout.role == "full" else (size[0] // 2, size[1] // 2)
-        else:
-            positions = table_positions(self.transformer, layout, self.mode).to(self.device)
         cfg = self.pipe.do_classifier_free_guidance
+        # Positions, their embeddings and the timesteps are made once per stage: every step of
+        # a stage evaluates the same tokens.
+        with section("positions"):
+            native = _raster(layout) and (layout.role == "full" or self.mode == "crop")
+            grid = positions = position_embeds = None
+            model_positions = model_position_embeds = None
+            if native:
+                size = layout.latent_size
+                grid = size if layout.role == "full" else (size[0] // 2, size[1] // 2)
+            else:
+                positions = table_positions(self.transformer, layout, self.mode).to(self.device)
+                position_embeds = sd3_tokens.position_embedding(self.transformer, positions)
+                # The CFG batch is [negative, positive]: both halves share the image's tokens.
+                model_positions = torch.cat([positions, positions]) if cfg else positions
+                model_position_embeds = torch.cat([position_embeds, position_embeds]) if cfg else position_embeds
+        timesteps = timestep_table(stage, self.device)
 
         def velocity(patches: torch.Tensor, sigma: float) -> torch.Tensor:
             hidden = patches.to(self.dtype)
             model_input = torch.cat([hidden, hidden]) if cfg else hidden
-            model_positions = None if positions is None else (torch.cat([positions, positions]) if cfg else positions)
-            t = torch.tensor(sigma * 1000.0, dtype=torch.float32, device=self.device)
-            out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled, grid, model_positions)
+            t = timesteps(sigma)
+            out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled, grid, model_positions, position_embeds=model_position_embeds)
             if not cfg:
                 return out
             uncond, cond = out.chunk(2)
             v = uncond + self.pipe.guidance_scale * (cond - uncond)
             if self.slg is not None and self.slg.active(sigma):
-                skipped = self.transformer_output(hidden, t.expand(hidden.shape[0]), self.cond_embeds, self.cond_pooled, grid, positions, self.slg.layers)
+                skipped = self.transformer_output(hidden, t.expand(hidden.shape[0]), self.cond_embeds, self.cond_pooled, grid, positions, self.slg.layers, position_embeds)
                 v = v + (cond - skipped) * self.slg.scale
             return v
 

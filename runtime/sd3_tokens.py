@@ -204,20 +204,29 @@ def position_embedding(transformer, positions: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | None, position_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Patch projection through the model's own ``pos_embed.proj`` plus position embedding.
 
     ``patches`` (B, n, C, p, p), ``positions`` (B, n, 2) or (n, 2) -> (B, n, D).
+    ``position_embeds`` (B, n, D) or (n, D): ``position_embedding(transformer, positions)``
+    computed beforehand (a sampler does it once per stage, not once per step); it replaces
+    ``positions``, which may then be None.
     """
     pos_embed = transformer.pos_embed
     batch, count, channels, patch, patch_w = patches.shape
     if patch != pos_embed.patch_size or patch_w != pos_embed.patch_size:
         raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {pos_embed.patch_size}")
-    if positions.shape[-2] != count:
-        raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
+    if position_embeds is None:
+        if positions is None:
+            raise ValueError("embed_tokens needs positions or position_embeds")
+        if positions.shape[-2] != count:
+            raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
+        position_embeds = position_embedding(transformer, positions)
+    elif position_embeds.shape[-2] != count:
+        raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
     projected = pos_embed.proj(patches.reshape(batch * count, channels, patch, patch))
     projected = projected.reshape(batch, count, -1)
-    return (projected + position_embedding(transformer, positions)).to(projected.dtype)
+    return (projected + position_embeds).to(projected.dtype)
 
 
 @apply_forward_hook  # model CPU offload: move the transformer like forward() would
@@ -231,9 +240,10 @@ def _token_forward(
     timestep: torch.Tensor,
     joint_attention_kwargs: dict[str, Any] | None = None,
     skip_layers: list[int] | None = None,
+    position_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, count, _, patch, _ = patches.shape
-    hidden_states = embed_tokens(transformer, patches, positions).contiguous()
+    hidden_states = embed_tokens(transformer, patches, positions, position_embeds).contiguous()
     temb = transformer.time_text_embed(timestep, pooled_projections)
     encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
 
@@ -264,21 +274,25 @@ def _token_forward(
 def token_forward(
     transformer,
     patches: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     encoder_hidden_states: torch.Tensor,
     pooled_projections: torch.Tensor,
     timestep: torch.Tensor,
     joint_attention_kwargs: dict[str, Any] | None = None,
     skip_layers: list[int] | None = None,
+    position_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``SD3Transformer2DModel.forward`` on an arbitrary token set.
 
     Args:
         patches: (B, n, C, p, p) latent patches, one per token (any order, any mix of grids).
-        positions: (B, n, 2) or (n, 2) float table coordinates (row, col) of each token.
+        positions: (B, n, 2) or (n, 2) float table coordinates (row, col) of each token; may be
+            None when ``position_embeds`` is given.
         encoder_hidden_states, pooled_projections, timestep: as for ``forward``.
         joint_attention_kwargs: as for ``forward`` (``scale`` sets the LoRA scale).
         skip_layers: block indices to skip, as ``forward``'s ``skip_layers``.
+        position_embeds: (B, n, D) or (n, D), ``position_embedding(transformer, positions)``
+            computed once for many evaluations at the same positions (a sampling stage).
 
     Returns (B, n, C_out, p, p): the model's output patch for each token.  On a full native grid
     (``patchify`` of the latent at ``grid_positions``) this equals ``unpatchify``-able ``forward``
@@ -298,4 +312,5 @@ def token_forward(
         timestep,
         joint_attention_kwargs=joint_attention_kwargs,
         skip_layers=skip_layers,
+        position_embeds=position_embeds,
     )

@@ -176,15 +176,28 @@ class TokenLayout:
 
     def gather(self, canvas: torch.Tensor) -> torch.Tensor:
         """Token patches ``(B, N, C, 2, 2)`` of this layout, read from a canvas ``(B, C, H, W)``."""
-        low = patchify(canvas[:, :, ::2, ::2])[self._batch_index, self.low_index]
-        full = patchify(canvas)[self._batch_index, self.full_index]
-        return torch.cat([low, full], dim=1)
+        parts = []
+        if self.num_low:
+            parts.append(patchify(canvas[:, :, ::2, ::2])[self._batch_index, self.low_index])
+        if self.num_full:
+            parts.append(patchify(canvas)[self._batch_index, self.full_index])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def scatter(self, patches: torch.Tensor) -> torch.Tensor:
         """The canvas ``(B, C, H, W)`` of token patches ``(B, N, C, 2, 2)`` (low-res parts
         nearest-upsampled)."""
         gh, gw = self.grid
         b, _, c = patches.shape[:3]
+        # A single-resolution layout's index is a permutation of its whole grid: every slot is
+        # written, and the other resolution's canvas is not needed.
+        if not self.num_full:
+            low = patches.new_empty(b, gh * gw, c, 2, 2)
+            low[self._batch_index, self.low_index] = patches
+            return upsample_nearest(unpatchify(low, 2 * gh, 2 * gw))
+        if not self.num_low:
+            full = patches.new_empty(b, 4 * gh * gw, c, 2, 2)
+            full[self._batch_index, self.full_index] = patches
+            return unpatchify(full, 4 * gh, 4 * gw)
         low = patches.new_zeros(b, gh * gw, c, 2, 2)
         low[self._batch_index, self.low_index] = patches[:, : self.num_low]
         full = patches.new_zeros(b, 4 * gh * gw, c, 2, 2)

@@ -57,6 +57,29 @@ def test_gather_scatter_roundtrip_and_flux_packing():
     assert torch.equal(patchify(full).flatten(2), packed)
 
 
+def test_single_resolution_layouts_roundtrip():
+    g = torch.Generator().manual_seed(1)
+    b, c, gh, gw = 2, 3, 3, 4
+    half = torch.randn(b, c, 2 * gh, 2 * gw, generator=g)
+    full = torch.randn(b, c, 4 * gh, 4 * gw, generator=g)
+    low_layout, full_layout = TokenLayout.low(b, (gh, gw)), TokenLayout.full(b, (gh, gw))
+    assert torch.equal(low_layout.gather(upsample_nearest(half)), patchify(half))
+    assert torch.equal(low_layout.scatter(patchify(half)), upsample_nearest(half))
+    assert torch.equal(full_layout.gather(full), patchify(full))
+    assert torch.equal(full_layout.scatter(patchify(full)), full)
+
+
+def test_timestep_table_matches_per_step_conversion():
+    from ralu.runtime.plan import StagePlan
+    from ralu.runtime.sampler import timestep_table
+
+    stage = StagePlan(index=0, role="full", sigmas=np.array([1.0, 0.7310585786, 0.3333333333, 0.0]), tokens=4)
+    lookup = timestep_table(stage, "cpu")
+    for sigma in stage.sigmas:
+        assert torch.equal(lookup(float(sigma)), torch.tensor(float(sigma) * 1000.0, dtype=torch.float32))
+    assert torch.equal(lookup(0.123), torch.tensor(123.0, dtype=torch.float32))
+
+
 def test_layout_rejects_uneven_selection():
     mask = torch.zeros(2, 2, 2, dtype=torch.bool)
     mask[0, 0, 0] = True

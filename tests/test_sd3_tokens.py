@@ -113,3 +113,18 @@ def test_clear_errors(transformer):
         st.grid_positions(transformer, 49, 10)
     with pytest.raises(TypeError, match="SD3"):
         st.token_forward(torch.nn.Linear(2, 2), patches, st.grid_positions(transformer, 6, 5), text, pooled, timestep)
+
+
+@torch.no_grad()
+def test_precomputed_position_embeddings_equal_positions(transformer):
+    """A sampler computes the embeddings once per stage (``position_embeds``): same output."""
+    latent, text, pooled, timestep = _inputs()
+    patches = st.patchify(latent, 2)
+    positions = st.grid_positions(transformer, 6, 5) + torch.tensor([0.5, 0.0])  # fractional rows
+    embeds = st.position_embedding(transformer, positions)
+    want = st.token_forward(transformer, patches, positions, text, pooled, timestep)
+    assert torch.equal(st.token_forward(transformer, patches, None, text, pooled, timestep, position_embeds=embeds), want)
+    with pytest.raises(ValueError, match="position embeddings"):
+        st.token_forward(transformer, patches, None, text, pooled, timestep, position_embeds=embeds[:-1])
+    with pytest.raises(ValueError, match="positions or position_embeds"):
+        st.token_forward(transformer, patches, None, text, pooled, timestep)
