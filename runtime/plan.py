@@ -99,6 +99,22 @@ def check_schedule(schedule: Schedule, family: str, height: int, width: int) -> 
         )
 
 
+def count_images(prompt, prompt_embeds, num_images_per_prompt, generator) -> tuple[int, int, int]:
+    """``(prompts, images per prompt, images)`` of a call, as diffusers counts them; a list
+    of generators must hold one generator per image."""
+    if isinstance(prompt, str):
+        batch_size = 1
+    elif prompt is not None:
+        batch_size = len(prompt)
+    else:
+        batch_size = prompt_embeds.shape[0]
+    per_prompt = num_images_per_prompt or 1
+    images = batch_size * per_prompt
+    if isinstance(generator, list) and len(generator) != images:
+        raise ValueError(f"{len(generator)} generators for {images} images. Fix: pass one generator per image (batch size x num_images_per_prompt)")
+    return batch_size, per_prompt, images
+
+
 def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scale_factor: int = 8) -> Plan:
     """Check the request and lay out the stages of one call at ``height x width`` pixels."""
     check_resolution(height, width, 4 * vae_scale_factor)

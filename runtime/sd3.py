@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from . import sd3_tokens
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
-from .plan import Plan, StagePlan, make_plan
+from .plan import Plan, StagePlan, count_images, make_plan
 from .profiling import section
 from .sampler import StepInfo, run_stages, timestep_table
 from .schedule import Schedule, load_schedule, unshift_sigma
@@ -263,16 +263,7 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None:
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        num_images_per_prompt = num_images_per_prompt or 1
-        images_total = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != images_total:
-            raise ValueError(f"{len(generator)} generators for {images_total} images. Fix: pass one generator per image (batch size x num_images_per_prompt)")
+        batch_size, num_images_per_prompt, images_total = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
         channels = self.transformer.config.in_channels
         latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
         first_role = plan.stages[0].role
