@@ -17,7 +17,7 @@ from .edges import CANNY_THRESHOLDS
 from .flux_rotary import per_sample_positions, supports_per_sample_positions
 from .plan import Plan, StagePlan, count_images, make_plan
 from .profiling import section
-from .sampler import StepInfo, run_stages, timestep_table
+from .sampler import StepInfo, decode_canvas, run_stages, timestep_table
 from .schedule import Schedule, load_schedule
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
@@ -265,10 +265,7 @@ class RALUFluxPipeline(FluxPipeline):
         if output_type == "latent":
             image = patchify(result.canvas).flatten(2).to(dtype)
         else:
-            latent = result.canvas / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            latent = latent.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
-            image = self.vae.decode(latent, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+            image = decode_canvas(self, result.canvas, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -32,7 +32,7 @@ from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
 from .plan import Plan, StagePlan, count_images, make_plan
 from .profiling import section
-from .sampler import StepInfo, run_stages, timestep_table
+from .sampler import StepInfo, decode_canvas, run_stages, timestep_table
 from .schedule import Schedule, load_schedule, unshift_sigma
 from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
 
@@ -377,10 +377,7 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         if output_type == "latent":
             image = result.canvas.to(dtype)
         else:
-            latent = result.canvas / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            latent = latent.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
-            image = self.vae.decode(latent, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+            image = decode_canvas(self, result.canvas, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

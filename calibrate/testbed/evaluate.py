@@ -4,7 +4,7 @@ back with the classifier, and compare with the conditioning.
     python -m ralu.calibrate.testbed.evaluate --n 200 --steps 50 --report reports/testbed.md
 
 :func:`sample_accuracy` works with any FluxPipeline-like object built on the testbed's
-components (``load_pipeline()``, or ``RALUFluxPipeline.from_pipe(load_pipeline())`` with
+components (``load_pipeline()``, or ``RALUFluxPipeline.from_pipe(pipe, vae=pipe.vae)`` with
 ``num_inference_steps=None, schedule=...``): the harness builds on it.
 """
 

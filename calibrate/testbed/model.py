@@ -182,8 +182,9 @@ def load_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = N
         out = pipe(**encode_labels([[0, 0, 0]]), height=32, width=32, num_inference_steps=50,
                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    ``RALUFluxPipeline.from_pipe(pipe)`` (or ``pipeline_class=RALUFluxPipeline``) gives the
-    RALU runtime on the same components.
+    ``RALUFluxPipeline.from_pipe(pipe, vae=pipe.vae)`` (diffusers carries over only
+    components of the type-hinted class, and the VAE here is a :class:`PixelVAE`) or
+    ``pipeline_class=RALUFluxPipeline`` gives the RALU runtime on the same components.
     """
     transformer = load_transformer(path, device, dtype)
     vae = PixelVAE().to(device)  # float32 whatever the transformer's dtype: it only passes images through
