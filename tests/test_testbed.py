@@ -148,6 +148,8 @@ def test_shipped_transformer_is_the_real_class():
     record = tb.training_record()
     assert record["command"].startswith("python -m ralu.calibrate.testbed.train")
     assert record["weights"] == "EMA"
+    # the finished run of the recorded command, not a snapshot saved on the way
+    assert record["steps_done"] == record["args"]["steps"]
 
 
 def test_pixel_vae_is_the_identity():

@@ -7,3 +7,32 @@ embeddings for its labels (:mod:`.conditioning`), a small rectified-flow model o
 (:mod:`.classifier`) and sample-accuracy evaluation (:mod:`.evaluate`).  Weights ship in
 ``weights/`` with the commands that produced them.
 """
+
+_LAZY = {
+    "make_batch": ".data",
+    "render": ".data",
+    "all_labels": ".data",
+    "describe": ".data",
+    "encode_labels": ".conditioning",
+    "encode_prompts": ".conditioning",
+    "null_embeds": ".conditioning",
+    "load_pipeline": ".model",
+    "load_transformer": ".model",
+    "PixelVAE": ".model",
+    "load_classifier": ".classifier",
+    "sample_accuracy": ".evaluate",
+    "generate": ".evaluate",
+    "balanced_labels": ".evaluate",
+    "frechet_distance": ".evaluate",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

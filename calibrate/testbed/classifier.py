@@ -85,6 +85,23 @@ def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256)
 
 
 @torch.no_grad()
+def probabilities(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """Softmax probabilities per attribute: a list of ``(n, k)`` tensors in
+    :data:`ralu.calibrate.testbed.data.ATTRIBUTES` order."""
+    device = next(classifier.parameters()).device
+    chunks = [[l.softmax(dim=1).cpu() for l in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
+    return [torch.cat([c[a] for c in chunks]) for a in range(len(data.ATTRIBUTES))]
+
+
+def label_probability(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: the probability the classifier gives to each image's whole label set (the
+    product over attributes): a softer companion of the all-right rate."""
+    labels = data.check_labels(labels)
+    probs = probabilities(classifier, images)
+    return torch.stack([p.gather(1, labels[:, a : a + 1].cpu())[:, 0] for a, p in enumerate(probs)], dim=1).prod(dim=1)
+
+
+@torch.no_grad()
 def features(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Penultimate features ``(n, 128)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
     device = next(classifier.parameters()).device
