@@ -82,7 +82,8 @@ def summary(schedule: Schedule, seconds: float) -> str:
         if t.start < RESTART_WARNING * t.end:
             lines.append(
                 f"  note: stage {t.after_stage + 1} restarts at s = {t.start:.4f}, close to pure noise (signal kept a = {t.signal_scale:.3f}): "
-                "most of the earlier stages' work is discarded. The divergence favours this (large Z); judge image quality before shipping it."
+                "most of the earlier stages' work is discarded. The divergence is nearly flat in Z there; judge image quality before shipping it "
+                "(ralu-bench quality --schedule FILE)."
             )
     return "\n".join(lines)
 

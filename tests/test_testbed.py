@@ -232,3 +232,19 @@ def test_the_ralu_runtime_drives_the_testbed(make_schedule, generator_folder):
         out = ralu(**conditioning.encode_labels([[0, 0, 0], [2, 3, 1]]), schedule=schedule, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="pt")
         assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
         assert ralu.selected_tokens.shape == (2, 19)  # floor(0.3 * 64) low-res tokens of the 8 x 8 grid
+
+
+def test_testbed_schedule_moves_1024px_flux_schedules_and_refuses_others():
+    from ralu.runtime import load_schedule
+
+    shipped = load_schedule("flux-dev-7x")
+    moved = tb.testbed_schedule("flux-dev-7x")
+    assert (moved.height, moved.width) == (32, 32)
+    assert [s.shift for s in moved.stages] == [s.shift for s in shipped.stages] and moved.c == shipped.c
+    assert tb.testbed_schedule(moved) is moved
+    with pytest.raises(ValueError, match="FLUX transformer. Fix: pass a flux-dev schedule"):
+        tb.testbed_schedule("sd3-medium-3x")
+    other_shift = shipped.model_dump()
+    other_shift["calibration"]["h0"] = 1.65  # calibrated for a smaller image
+    with pytest.raises(ValueError, match=r"h0 = 1.6500 .* Fix: calibrate at 1024x1024, or with --h0 3.158"):
+        tb.testbed_schedule(other_shift)

@@ -272,23 +272,9 @@ class ForwardLog:
 
 def testbed_h0() -> float:
     """The testbed scheduler's shift at 32 px (256 tokens): exp(mu) = exp(1.15)."""
-    from ralu.calibrate.testbed.model import SCHEDULER_CONFIG
+    from ralu.calibrate.testbed.model import testbed_h0
 
-    c = SCHEDULER_CONFIG
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return math.exp(c["base_shift"] + slope * (256 - c["base_image_seq_len"]))
-
-
-def retarget(schedule, size: int):
-    """The same schedule at ``size x size`` pixels (validated).  Its shifts stay those
-    calibrated for its own h0; its recorded ``flops_speedup`` stays that of the size it was
-    made for."""
-    from ralu.runtime.schedule import load_schedule, schedule_from_dict
-
-    schedule = load_schedule(schedule)
-    if (schedule.height, schedule.width) == (size, size):
-        return schedule
-    return schedule_from_dict({**schedule.model_dump(), "height": size, "width": size}, f"retargeted to {size}x{size}")
+    return testbed_h0()
 
 
 def paper_schedule(budget: int, size: int):
@@ -347,7 +333,7 @@ def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", 
 
 
 def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int = 0):
-    """Our outer layout search for the preset's budget, retargeted to ``size`` px.
+    """Our outer layout search for the preset's budget, moved to the testbed's 32 px.
 
     The search prices layouts with FLUX.1-dev's cost model, which at 32 px would be
     dominated by FLUX's 512 text tokens; so it runs at 1024 px (4096 image tokens, the
@@ -356,11 +342,12 @@ def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int 
     """
     from ralu.calibrate.calibration import calibrate
     from ralu.calibrate.flops import flops_speedup
+    from ralu.calibrate.testbed.model import testbed_schedule
 
     p = PAPER_PRESETS[budget]
     target = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"]).total
     found = calibrate("flux-dev", speedup=round(target, 3), h0=h0, flops_convention="total", trials=trials, seed=seed)
-    return retarget(found, size)
+    return testbed_schedule(found)
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,7 +474,7 @@ def ralu_method(key: str, budget: float, schedule, full: int, paper_compat: bool
 
 def plan_methods(config: "Config", cost: TestbedCost, log: Callable[[str], None] = print) -> tuple[list[Method], dict]:
     """Every method at every budget, peers matched to the RALU preset's cost."""
-    from ralu.runtime.schedule import load_schedule
+    from ralu.calibrate.testbed.model import testbed_schedule
 
     size, h0 = config.size, config.h0
     full = (size // 2) ** 2
@@ -516,7 +503,7 @@ def plan_methods(config: "Config", cost: TestbedCost, log: Callable[[str], None]
         methods.append(ralu_method("ralu-searched", budget, searched, full, False,
                                    extra={"source": f"calibrate(speedup, h0 = {h0:.4f}, total FLOPs, {config.trials} trials) at 1024 px, moved to {size} px"}))
     for path in config.schedules:
-        schedule = retarget(load_schedule(path), size)
+        schedule = testbed_schedule(path)
         forwards = ralu_forwards(schedule, full)
         speed = cost.of([full] * BASE_STEPS).total / cost.of(forwards).total
         budget = min(config.budgets, key=lambda b: abs(math.log(speed / b))) if config.budgets else round(speed, 1)
@@ -682,7 +669,7 @@ class Sampler:
 class Config:
     quick: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
-    images: int = 64
+    images: int = 128
     budgets: tuple[int, ...] = (4, 7)
     schedules: tuple[str, ...] = ()
     z_values: tuple[float, ...] = DEFAULT_Z_VALUES
@@ -730,18 +717,20 @@ def make_config(args: argparse.Namespace) -> Config:
     sweep_budget = 4 if 4 in config.budgets else config.budgets[0]
     if config.images < 2 or config.real_images < 2:
         raise ValueError("--images and --real-images must be at least 2 (Frechet distances need a covariance)")
-    sweep_seeds = config.seeds[: max(1, args.sweep_seeds or 1)]
+    sweep_seeds = config.seeds[: max(1, args.sweep_seeds or len(config.seeds))]
     return replace(config, sweep_seeds=sweep_seeds, sweep_budget=sweep_budget, h0=testbed_h0(), guidance_scale=GUIDANCE_SCALE,
                    batch_size=min(config.batch_size, config.images))
 
 
 def check_schedule_file(path: str) -> None:
-    """A ``--schedule`` must load and be for FLUX (the testbed is a FLUX transformer)."""
-    from ralu.runtime.schedule import load_schedule
+    """A ``--schedule`` must load, be for FLUX (the testbed is a FLUX transformer) and be
+    calibrated for the testbed's base shift (FLUX.1-dev at 1024 px)."""
+    from ralu.calibrate.testbed.model import testbed_schedule
 
-    schedule = load_schedule(path)
-    if schedule.family != "flux":
-        raise ValueError(f"--schedule {path}: a schedule for {schedule.model!r}; the testbed is a FLUX transformer. Fix: pass a flux-dev schedule")
+    try:
+        testbed_schedule(path)
+    except ValueError as error:
+        raise ValueError(f"--schedule {path}: {error}") from None
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float | None]:
@@ -790,7 +779,11 @@ def weights_info(config: Config) -> dict:
 
     transformer = Path(config.weights) if config.weights else TRANSFORMER_DIR
     classifier = Path(config.classifier) if config.classifier else CLASSIFIER_DIR
-    info: dict[str, Any] = {"transformer": str(transformer), "classifier": str(classifier)}
+    # the shipped folders are named as in the repository, not by this machine's absolute path
+    info: dict[str, Any] = {
+        "transformer": str(config.weights) if config.weights else "calibrate/testbed/weights/transformer (shipped)",
+        "classifier": str(config.classifier) if config.classifier else "calibrate/testbed/weights/classifier (shipped)",
+    }
     for name, folder, record in (("transformer", transformer, "training.json"), ("classifier", classifier, "classifier.json")):
         path = folder / record
         if path.is_file():
@@ -1297,10 +1290,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 images, 2 sweep points, short searches: the same code path for CI")
     parser.add_argument("--schedule", action="append", metavar="FILE", help="add a RALU row for this schedule file (or shipped name); repeatable")
     parser.add_argument("--seeds", type=int, nargs="+", help="sample seeds (default 0 1 2)")
-    parser.add_argument("--images", type=int, help="images per seed (default 64)")
+    parser.add_argument("--images", type=int, help="images per seed (default 128)")
     parser.add_argument("--budgets", type=int, nargs="+", help=f"budgets, named after the published presets {sorted(PAPER_PRESETS)} (default 4 7)")
     parser.add_argument("--z-values", type=float, nargs="*", help="Z = 1/sqrt(c) of the noise sweep (default 2.5 ... 90; none: no sweep)")
-    parser.add_argument("--sweep-seeds", type=int, help="how many of the seeds the noise sweep uses (default 1)")
+    parser.add_argument("--sweep-seeds", type=int, help="how many of the seeds the noise sweep uses (default all)")
     parser.add_argument("--trials", type=int, help="trials of the outer layout search (default 80)")
     parser.add_argument("--real-images", type=int, help="real images of the FD reference (default 1000)")
     parser.add_argument("--batch-size", type=int, help="images per pipeline call (default 64)")

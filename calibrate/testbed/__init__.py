@@ -19,6 +19,7 @@ _LAZY = {
     "load_pipeline": ".model",
     "load_transformer": ".model",
     "PixelVAE": ".model",
+    "testbed_schedule": ".model",
     "load_classifier": ".classifier",
     "sample_accuracy": ".evaluate",
     "generate": ".evaluate",

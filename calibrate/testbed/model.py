@@ -201,6 +201,45 @@ def load_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = N
     return pipe
 
 
+def testbed_h0() -> float:
+    """The scheduler's shift exp(mu) at the testbed's 32 px (256 tokens): exp(1.15) = 3.158,
+    FLUX.1-dev's at 1024 px."""
+    import math
+
+    c = SCHEDULER_CONFIG
+    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return math.exp(c["base_shift"] + slope * ((IMAGE_SIZE // 2) ** 2 - c["base_image_seq_len"]))
+
+
+#: How far a schedule's calibration h0 may be from :func:`testbed_h0` (the published FLUX
+#: presets were calibrated with h0 = 3, 5 % below).
+H0_TOLERANCE = 0.2
+
+
+def testbed_schedule(schedule):
+    """A FLUX.1-dev schedule (shipped name, file, dict or ``Schedule``) at the testbed's 32x32.
+
+    The testbed's scheduler gives 32 px the base shift FLUX.1-dev has at 1024 px, so a
+    schedule calibrated for 1024 px carries over with its shifts unchanged; only the
+    resolution is moved.  Schedules for SD3, or calibrated for another base shift (another
+    resolution), are refused with the fix.
+    """
+    from ralu.runtime.schedule import load_schedule, schedule_from_dict
+
+    schedule = load_schedule(schedule)
+    if schedule.family != "flux":
+        raise ValueError(f"a schedule for {schedule.model!r}: the testbed is a FLUX transformer. Fix: pass a flux-dev schedule")
+    if (schedule.height, schedule.width) == (IMAGE_SIZE, IMAGE_SIZE):
+        return schedule
+    h0 = testbed_h0()
+    if abs(schedule.calibration.h0 - h0) > H0_TOLERANCE:
+        raise ValueError(
+            f"schedule calibrated for base shift h0 = {schedule.calibration.h0:.4f} ({schedule.height}x{schedule.width}); the testbed "
+            f"samples with h0 = {h0:.4f} (FLUX.1-dev at 1024x1024). Fix: calibrate at 1024x1024, or with --h0 {h0:.4f}"
+        )
+    return schedule_from_dict({**schedule.model_dump(), "height": IMAGE_SIZE, "width": IMAGE_SIZE}, f"moved to the testbed's {IMAGE_SIZE}x{IMAGE_SIZE}")
+
+
 def training_record(path: str | Path | None = None) -> dict:
     """The JSON record written next to the weights by the training command."""
     path = TRANSFORMER_DIR if path is None else Path(path)
