@@ -111,8 +111,13 @@ quality.  Two things it rewards deserve a quality check before a schedule is pre
 - **Long low-resolution stages**: the searched layouts push e1/e2 later than the paper's,
   which the divergence cannot see as a cost in detail.
 
-The quality testbed (issue 5) is the instrument that decides between the paper layouts and
-the searched ones; until it exists the paper layouts are the recommended defaults.
+The quality testbed judges both ([`quality.md`](quality.md), `ralu-bench quality --schedule
+flux-dev-4x-searched --schedule flux-dev-7x-searched`).  There the searched files were the
+best RALU rows at both budgets (FD 38.4 and 34.6 against 51.2 and 36.6 for the paper
+layouts, within the seed spread), and FD improved with Z up to the bound on the 4x layout;
+but plain sampling with fewer steps beat every RALU schedule on that small model, so the
+defaults stay the paper's Z bounds and layouts until a model that needs its 50 steps says
+otherwise.
 
 ## Plots
 

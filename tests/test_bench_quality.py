@@ -215,3 +215,34 @@ def test_bad_requests_fail_before_any_compute(capsys):
     assert "testbed is a FLUX transformer" in capsys.readouterr().err
     assert main(["quality", "--quick", "--budgets", "3"]) == 2
     assert "published presets" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# The committed report
+# ----------------------------------------------------------------------------------------
+
+
+def test_committed_report_is_a_full_run_on_the_shipped_weights():
+    """reports/quality.json is the issue's schema, from a full (not --quick) run, and was made
+    with the transformer weights that ship now (retraining without rerunning fails here)."""
+    from pathlib import Path
+
+    from ralu.calibrate.testbed.model import TRANSFORMER_DIR, training_record
+
+    path = Path(__file__).resolve().parents[1] / "reports" / "quality.json"
+    report = json.loads(path.read_text())
+    assert report["command"].startswith("ralu-bench quality") and "--quick" not in report["command"]
+    assert not report["config"]["quick"] and len(report["config"]["seeds"]) >= 3
+    keys = {"method", "budget", "flops_speedup_total", "psnr", "ssim", "fd", "accuracy", "edge_artifacts", "seeds"}
+    rows = report["rows"]
+    assert all(keys <= set(row) for row in rows)
+    assert [r["method"] for r in rows if r["budget"] == 1] == ["baseline"]
+    for budget in (4, 7):
+        assert {"base-steps", "bottleneck", "naive-upsample", "ralu-paper", "ralu-ours", "ralu-searched"} <= {r["method"] for r in rows if r["budget"] == budget}
+    used = report["testbed"]["weights"]["transformer_record"]
+    shipped = training_record()
+    assert report["testbed"]["weights"]["transformer"].endswith("(shipped)") and TRANSFORMER_DIR.is_dir()
+    assert (used["command"], used["steps_done"], used["wall_seconds"]) == (shipped["command"], shipped["steps_done"], shipped["wall_seconds"])
+    # the noise sweep covers the issue's range
+    zs = [p["z"] for p in report["sweep"]["points"]]
+    assert min(zs) <= 2.5 and max(zs) >= 90
