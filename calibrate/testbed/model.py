@@ -201,14 +201,19 @@ def load_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = N
     return pipe
 
 
-def testbed_h0() -> float:
-    """The scheduler's shift exp(mu) at the testbed's 32 px (256 tokens): exp(1.15) = 3.158,
-    FLUX.1-dev's at 1024 px."""
+def scheduler_shift(tokens: int) -> float:
+    """exp(mu) of the testbed scheduler at ``tokens`` image tokens (FluxPipeline's calculate_shift)."""
     import math
 
     c = SCHEDULER_CONFIG
     slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return math.exp(c["base_shift"] + slope * ((IMAGE_SIZE // 2) ** 2 - c["base_image_seq_len"]))
+    return math.exp(c["base_shift"] + slope * (tokens - c["base_image_seq_len"]))
+
+
+def testbed_h0() -> float:
+    """The scheduler's shift at the testbed's 32 px (256 tokens): exp(1.15) = 3.158,
+    FLUX.1-dev's at 1024 px."""
+    return scheduler_shift((IMAGE_SIZE // 2) ** 2)
 
 
 #: How far a schedule's calibration h0 may be from :func:`testbed_h0` (the published FLUX

@@ -50,17 +50,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def scheduler_shift(tokens: int) -> float:
-    """exp(mu) of the testbed scheduler at ``tokens`` image tokens (FluxPipeline's calculate_shift)."""
-    c = tb.SCHEDULER_CONFIG
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    mu = c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
-    return math.exp(mu)
-
-
 def sample_sigmas(n: int, tokens: int, generator: torch.Generator, uniform_fraction: float = 0.25) -> torch.Tensor:
     logit_normal = torch.sigmoid(torch.randn(n, generator=generator))
-    shifted = shift_sigmas(logit_normal, scheduler_shift(tokens))
+    shifted = shift_sigmas(logit_normal, tb.scheduler_shift(tokens))
     uniform = torch.rand(n, generator=generator)
     pick = torch.rand(n, generator=generator) < uniform_fraction
     return torch.where(pick, uniform, shifted).clamp(1e-4, 1.0)
