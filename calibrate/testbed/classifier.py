@@ -74,31 +74,30 @@ def load_classifier(path: str | Path | None = None, device="cpu") -> Classifier:
 
 
 @torch.no_grad()
-def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels ``(n, 3)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
+def attribute_logits(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """One pass of the classifier: logits per attribute, a list of ``(n, k)`` tensors in
+    :data:`ralu.calibrate.testbed.data.ATTRIBUTES` order, for images ``(n, 3, H, W)`` in [-1, 1]."""
     device = next(classifier.parameters()).device
-    out = []
-    for chunk in images.split(batch_size):
-        logits = classifier(chunk.to(device))
-        out.append(torch.stack([l.argmax(dim=1) for l in logits], dim=1).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def probabilities(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
-    """Softmax probabilities per attribute: a list of ``(n, k)`` tensors in
-    :data:`ralu.calibrate.testbed.data.ATTRIBUTES` order."""
-    device = next(classifier.parameters()).device
-    chunks = [[l.softmax(dim=1).cpu() for l in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
+    chunks = [[l.cpu() for l in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
     return [torch.cat([c[a] for c in chunks]) for a in range(len(data.ATTRIBUTES))]
 
 
-def label_probability(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def labels_from_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Predicted labels ``(n, 3)``: the most likely value of every attribute."""
+    return torch.stack([l.argmax(dim=1) for l in logits], dim=1)
+
+
+def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels ``(n, 3)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
+    return labels_from_logits(attribute_logits(classifier, images, batch_size))
+
+
+def label_probability(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """``(n,)``: the probability the classifier gives to each image's whole label set (the
-    product over attributes): a softer companion of the all-right rate."""
+    product over attributes of the softmax of :func:`attribute_logits`): a softer companion
+    of the all-right rate."""
     labels = data.check_labels(labels)
-    probs = probabilities(classifier, images)
-    return torch.stack([p.gather(1, labels[:, a : a + 1].cpu())[:, 0] for a, p in enumerate(probs)], dim=1).prod(dim=1)
+    return torch.stack([l.softmax(dim=1).gather(1, labels[:, a : a + 1].cpu())[:, 0] for a, l in enumerate(logits)], dim=1).prod(dim=1)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data
-from .classifier import Classifier, agreement, features, label_probability, load_classifier, predict
+from .classifier import Classifier, agreement, attribute_logits, features, label_probability, labels_from_logits, load_classifier
 from .conditioning import encode_labels
 from .model import GUIDANCE_SCALE, load_pipeline, training_record
 
@@ -105,8 +105,9 @@ def sample_accuracy(
     start = time.time()
     images = generate(pipe, labels, seed=seed, num_inference_steps=steps, batch_size=batch_size, **call_kwargs)
     seconds = time.time() - start
-    predicted = predict(classifier, images)
-    p_label = label_probability(classifier, images, labels).mean().item()
+    logits = attribute_logits(classifier, images)
+    predicted = labels_from_logits(logits)
+    p_label = label_probability(logits, labels).mean().item()
     result = {**agreement(predicted, labels), "p_label": p_label, "n": n, "steps": steps, "seconds": round(seconds, 1)}
     if return_images:
         result.update(images=images, labels=labels, predicted=predicted)
@@ -118,7 +119,8 @@ def data_accuracy(n: int = 1000, seed: int = 123, classifier: Classifier | None 
     classifier = load_classifier() if classifier is None else classifier
     labels = balanced_labels(n, seed)
     images, labels = data.make_batch(seed, n, labels=labels)
-    return {**agreement(predict(classifier, images), labels), "p_label": label_probability(classifier, images, labels).mean().item(), "n": n}
+    logits = attribute_logits(classifier, images)
+    return {**agreement(labels_from_logits(logits), labels), "p_label": label_probability(logits, labels).mean().item(), "n": n}
 
 
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
