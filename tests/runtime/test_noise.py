@@ -1,136 +1,18 @@
-"""Token layouts, edge selection and the noise injection at a transition (Monte Carlo).
-
-Monte Carlo tolerances: a pooled mean of n independent unit-variance values has standard
-error 1/sqrt(n); a pooled variance estimate of n Gaussian values has standard error
-sqrt(2/n) (relative); a pooled mean of products of two independent N(0, 1) has standard
-error 1/sqrt(n).  Checks use 5 standard errors (fixed seeds make them deterministic).
-"""
+"""The noise injection at a transition (ralu.runtime.noise), checked by Monte Carlo (see
+monte_carlo.py for the tolerances)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from monte_carlo import SIGMAS, block_pairs, check_unit
 
 from ralu.runtime.compat import PaperCompat
-from ralu.runtime.edges import canny, select_edge_tokens, to_uint8_gray, token_scores, top_tokens, tweedie
 from ralu.runtime.noise import clear_global_noise, correlated_noise, group_sum, renoise
 from ralu.runtime.schedule import transition
-from ralu.runtime.tokens import TokenLayout, block_sum, expand_mask, initial_canvas, patchify, upsample_nearest
-
-SIGMAS = 5.0
-
-
-# ----------------------------------------------------------------------------------------
-# Token layouts
-# ----------------------------------------------------------------------------------------
-
-
-def test_positions_follow_the_convention():
-    layout = TokenLayout.from_selection(torch.tensor([[1]]), (2, 2))
-    assert (layout.num_low, layout.num_full, layout.num_tokens) == (3, 4, 7)
-    expected = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 1.5], [0.5, 1], [0.5, 1.5]]  # child (dy,dx) of (0,1) at (dy/2, 1+dx/2)
-    assert layout.positions()[0].tolist() == expected
-    assert layout.positions().dtype == torch.float32
-    # Low stage = native half-size grid; full stage = native full-size grid (as FluxPipeline builds them).
-    assert TokenLayout.low(1, (2, 3)).positions()[0].tolist() == [[i, j] for i in range(2) for j in range(3)]
-    assert TokenLayout.full(1, (2, 3)).positions()[0].tolist() == [[r, c] for r in range(4) for c in range(6)]
-
-
-def test_gather_scatter_roundtrip_and_flux_packing():
-    g = torch.Generator().manual_seed(0)
-    b, c, gh, gw = 3, 5, 3, 4
-    low = torch.randn(b, c, 2 * gh, 2 * gw, generator=g)
-    full = torch.randn(b, c, 4 * gh, 4 * gw, generator=g)
-    selected = torch.stack([torch.randperm(gh * gw, generator=g)[:4].sort().values for _ in range(b)])
-    layout = TokenLayout.from_selection(selected, (gh, gw))
-    canvas = torch.where(layout.pixel_mask(), full, upsample_nearest(low))
-    patches = layout.gather(canvas)
-    assert patches.shape == (b, gh * gw + 3 * 4, c, 2, 2)
-    assert torch.equal(layout.scatter(patches), canvas)
-    assert not layout.shared
-    # Full layout order and packing are FluxPipeline's _pack_latents.
-    packed = full.view(b, c, 2 * gh, 2, 2 * gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 4 * gh * gw, 4 * c)
-    assert torch.equal(TokenLayout.full(b, (gh, gw)).gather(full).flatten(2), packed)
-    assert torch.equal(patchify(full).flatten(2), packed)
-
-
-def test_single_resolution_layouts_roundtrip():
-    g = torch.Generator().manual_seed(1)
-    b, c, gh, gw = 2, 3, 3, 4
-    half = torch.randn(b, c, 2 * gh, 2 * gw, generator=g)
-    full = torch.randn(b, c, 4 * gh, 4 * gw, generator=g)
-    low_layout, full_layout = TokenLayout.low(b, (gh, gw)), TokenLayout.full(b, (gh, gw))
-    assert torch.equal(low_layout.gather(upsample_nearest(half)), patchify(half))
-    assert torch.equal(low_layout.scatter(patchify(half)), upsample_nearest(half))
-    assert torch.equal(full_layout.gather(full), patchify(full))
-    assert torch.equal(full_layout.scatter(patchify(full)), full)
-
-
-def test_timestep_table_matches_per_step_conversion():
-    from ralu.runtime.plan import StagePlan
-    from ralu.runtime.sampler import timestep_table
-
-    stage = StagePlan(index=0, role="full", sigmas=np.array([1.0, 0.7310585786, 0.3333333333, 0.0]), tokens=4)
-    lookup = timestep_table(stage, "cpu")
-    for sigma in stage.sigmas:
-        assert torch.equal(lookup(float(sigma)), torch.tensor(float(sigma) * 1000.0, dtype=torch.float32))
-    assert torch.equal(lookup(0.123), torch.tensor(123.0, dtype=torch.float32))
-
-
-def test_layout_rejects_uneven_selection():
-    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
-    mask[0, 0, 0] = True
-    with pytest.raises(ValueError, match="same number"):
-        TokenLayout(mask, "mixed")
-
-
-def test_initial_canvas_keeps_unit_variance():
-    noise = torch.randn(400, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    half = initial_canvas(noise, "low")[:, :, ::2, ::2]
-    assert torch.allclose(half, block_sum(noise) / 2)
-    assert abs(half.var().item() - 1.0) < SIGMAS * math.sqrt(2 / half.numel())
-
-
-# ----------------------------------------------------------------------------------------
-# Edge selection
-# ----------------------------------------------------------------------------------------
-
-
-def test_top_tokens_per_image_with_stable_ties():
-    scores = torch.tensor([[1.0, 5.0, 5.0, 0.0], [3.0, 3.0, 3.0, 3.0]])
-    assert top_tokens(scores, 2).tolist() == [[1, 2], [0, 1]]
-    assert top_tokens(scores[1:], 2).tolist() == [[0, 1]]  # independent of the batch
-
-
-def test_token_scores_pool_each_footprint():
-    edges = np.zeros((1, 4, 6), dtype=bool)
-    edges[0, 0, 0] = edges[0, 1, 1] = edges[0, 3, 5] = True
-    assert token_scores(edges, (2, 3)).tolist() == [[2.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
-
-
-def test_decode_mapping_keeps_dark_edges():
-    # A dark image (all of it in [-1, 0]) with a vertical step inside the left tokens: the
-    # published clip to [0, 1] makes it uniformly black (no edge, ties -> raster order);
-    # mapping from [-1, 1] finds the step.
-    image = torch.full((1, 3, 32, 32), -0.9)
-    image[..., 8:] = -0.1
-    assert to_uint8_gray(image).min() == 13 and to_uint8_gray(image, clip_only=True).max() == 0
-    assert canny(to_uint8_gray(image)).any() and not canny(to_uint8_gray(image, clip_only=True)).any()
-    assert select_edge_tokens(image, (2, 2), 2).tolist() == [[0, 2]]
-    assert select_edge_tokens(image, (2, 2), 2, clip_only=True).tolist() == [[0, 1]]
-
-
-def test_tweedie():
-    x, v = torch.tensor([1.0]), torch.tensor([0.5])
-    assert tweedie(x, v, 0.4).item() == pytest.approx(0.8)
-
-
-# ----------------------------------------------------------------------------------------
-# Structured noise
-# ----------------------------------------------------------------------------------------
+from ralu.runtime.tokens import TokenLayout, expand_mask, upsample_nearest
 
 
 @pytest.mark.parametrize("repeat_tokens", [False, True])
@@ -186,20 +68,6 @@ def _random_selection(n, grid, k, seed):
     return TokenLayout.from_selection(torch.stack([torch.randperm(grid[0] * grid[1], generator=g)[:k] for _ in range(n)]), grid).full_mask
 
 
-def _check_unit(values, expected_var, label):
-    n = values.numel()
-    assert abs(values.mean().item()) < SIGMAS * math.sqrt(expected_var / n), f"{label}: mean {values.mean().item()}"
-    ratio = values.var().item() / expected_var
-    assert abs(ratio - 1) < SIGMAS * math.sqrt(2 / n), f"{label}: variance {values.var().item()} expected {expected_var}"
-
-
-def _block_pairs(residual, mask):
-    """Products of the (0,0) pixel of each 2x2 block with its three partners, where ``mask``."""
-    top_left = residual[..., 0::2, 0::2]
-    keep = mask[..., 0::2, 0::2]
-    return [(top_left * residual[..., dy::2, dx::2])[keep] for dy, dx in ((0, 1), (1, 0), (1, 1))]
-
-
 N_MC, GRID, K = 2000, (4, 4), 6
 
 
@@ -208,9 +76,9 @@ def test_transition_low_to_mixed_is_exact(c):
     was_full = torch.zeros(N_MC, *GRID, dtype=torch.bool)
     now_full = _random_selection(N_MC, GRID, K, seed=1)
     residual, newly, _, stays_low = _monte_carlo_transition(N_MC, was_full, now_full, e=0.3, c=c, compat=PaperCompat())
-    _check_unit(residual[newly], 1.0, "upsampled")
-    _check_unit(residual[..., ::2, ::2][stays_low[..., ::2, ::2]], 1.0, "stays low-res")
-    for products in _block_pairs(residual, newly):  # no correlation left inside upsampled blocks
+    check_unit(residual[newly], 1.0, "upsampled")
+    check_unit(residual[..., ::2, ::2][stays_low[..., ::2, ::2]], 1.0, "stays low-res")
+    for products in block_pairs(residual, newly):  # no correlation left inside upsampled blocks
         assert abs(products.mean().item()) < SIGMAS / math.sqrt(products.numel())
     # low-res tokens stay low-res: their 2x2 blocks hold one value.
     assert torch.equal(residual[..., 0::2, 0::2][stays_low[..., ::2, ::2]], residual[..., 1::2, 1::2][stays_low[..., ::2, ::2]])
@@ -221,10 +89,10 @@ def test_transition_mixed_to_full_is_exact():
     was_full = _random_selection(N_MC, GRID, K, seed=2)
     now_full = torch.ones(N_MC, *GRID, dtype=torch.bool)
     residual, newly, stays_full, _ = _monte_carlo_transition(N_MC, was_full, now_full, e=0.45, c=c, compat=PaperCompat(), seed=3)
-    _check_unit(residual[newly], 1.0, "upsampled")
-    _check_unit(residual[stays_full], 1.0, "already full-res")
+    check_unit(residual[newly], 1.0, "upsampled")
+    check_unit(residual[stays_full], 1.0, "already full-res")
     for mask in (newly, stays_full):
-        for products in _block_pairs(residual, mask):
+        for products in block_pairs(residual, mask):
             assert abs(products.mean().item()) < SIGMAS / math.sqrt(products.numel())
 
 
@@ -237,7 +105,7 @@ def test_plain_noise_would_fail_the_correlation_check(monkeypatch):
     now_full = torch.ones(N_MC, *GRID, dtype=torch.bool)
     monkeypatch.setattr(noise_module, "correlated_noise", lambda eps, c, repeat_tokens=False: eps)
     residual, newly, _, _ = _monte_carlo_transition(N_MC, was_full, now_full, e=0.3, c=0.04, compat=PaperCompat())
-    products = _block_pairs(residual, newly)[0]
+    products = block_pairs(residual, newly)[0]
     assert products.mean().item() > SIGMAS / math.sqrt(products.numel())
 
 
@@ -248,9 +116,9 @@ def test_paper_compat_adds_relative_variance_c_on_not_upsampled_tokens(compat):
     was_full = _random_selection(N_MC, GRID, K, seed=4)
     now_full = was_full | _random_selection(N_MC, GRID, 3, seed=5)
     residual, newly, stays_full, stays_low = _monte_carlo_transition(N_MC, was_full, now_full, e=0.3, c=c, compat=compat, seed=6)
-    _check_unit(residual[stays_full & ~newly], 1.0 + c, "already full-res (paper)")
+    check_unit(residual[stays_full & ~newly], 1.0 + c, "already full-res (paper)")
     low_unique = residual[..., ::2, ::2][stays_low[..., ::2, ::2]]
-    _check_unit(low_unique, 1.0 + c, "stays low-res (paper)")
+    check_unit(low_unique, 1.0 + c, "stays low-res (paper)")
 
 
 def test_exact_mode_draws_per_image_and_paper_mode_reuses_one_draw():
@@ -302,73 +170,3 @@ def test_transition_memory_is_linear_in_tokens():
         out = renoise(canvas, was, layout.full_mask, transition(0.3, 0.04), torch.randn_like(canvas), 0.04)
         layout.scatter(layout.gather(out))
     assert Largest.largest <= 2 * canvas.numel()
-
-
-# ----------------------------------------------------------------------------------------
-# The whole sampler, Monte Carlo: a point-mass "model" keeps the latent on the path, so the
-# state each stage starts from must be exactly on the rectified-flow path there.
-# ----------------------------------------------------------------------------------------
-
-
-class PointMassModel:
-    """Exact velocity for data concentrated at ``x0`` (a canvas): ``v = (x - x0) / sigma``.
-    Euler steps with it stay on ``x = (1 - sigma) x0 + sigma n``; records the state every
-    stage starts from (= right after the transition)."""
-
-    def __init__(self, x0, seed=0):
-        self.x0 = x0
-        self.starts = {}
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def stage(self, layout, stage):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def context():
-            target = layout.gather(self.x0)
-
-            def velocity(patches, sigma):
-                self.starts.setdefault(stage.index, (sigma, layout.scatter(patches), layout))
-                return (patches - target) / sigma
-
-            yield velocity
-
-        return context()
-
-    def decode_for_edges(self, latent):
-        b, _, h, w = latent.shape
-        return torch.rand(b, 3, 4 * h, 4 * w, generator=self.generator) * 2 - 1  # random edges per image
-
-
-def test_sampler_starts_every_stage_on_the_path(make_schedule):
-    from ralu.runtime.plan import make_plan
-    from ralu.runtime.sampler import run_stages
-
-    n, c = 2000, 0.04
-    schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (2, 1.0, 2.2)], c=c, up_ratio=0.4, height=128, width=128)
-    plan = make_plan(schedule, "flux", 128, 128)
-    assert plan.grid == (4, 4) and [s.tokens for s in plan.stages] == [16, 16 + 3 * 6, 64]
-    g = torch.Generator().manual_seed(0)
-    x0 = upsample_nearest(20.0 + torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)).expand(n, -1, -1, -1)
-    model = PointMassModel(x0)
-    noise = torch.randn(n, 4, 16, 16, generator=g, dtype=torch.float64)
-    result = run_stages(plan, initial_canvas(noise, "low").double(), model, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(result.canvas.float(), x0.float(), atol=1e-3)  # the point mass is reached
-    assert len({tuple(row.tolist()) for row in result.selected}) > n // 2  # per-image selections
-    previous = torch.zeros(n, 4, 4, dtype=torch.bool)
-    for index in (1, 2):
-        sigma, canvas, layout = model.starts[index]
-        s = schedule.stages[index].start
-        assert sigma == pytest.approx(1 - s)
-        residual = (canvas - s * x0) / (1 - s)
-        newly = expand_mask(layout.full_mask & ~previous, 4)[:, None].expand_as(canvas)
-        old = expand_mask(previous, 4)[:, None].expand_as(canvas)
-        low = expand_mask(~layout.full_mask, 4)[:, None].expand_as(canvas)
-        _check_unit(residual[newly], 1.0, f"stage {index + 1} upsampled")
-        if old.any():
-            _check_unit(residual[old], 1.0, f"stage {index + 1} already full-res")
-        if low.any():
-            _check_unit(residual[..., ::2, ::2][low[..., ::2, ::2]], 1.0, f"stage {index + 1} low-res")
-        for products in _block_pairs(residual, newly):
-            assert abs(products.mean().item()) < SIGMAS / math.sqrt(products.numel())
-        previous = layout.full_mask
