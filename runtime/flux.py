@@ -1,27 +1,31 @@
 """RALU for FLUX.1: :class:`RALUFluxPipeline`, a ``FluxPipeline`` that samples in three
-stages (low-res, mixed, full-res) following a calibrated schedule."""
+stages (low-res, mixed, full-res) following a calibrated schedule.
+
+The family-independent part of a call is :class:`ralu.runtime.pipeline.RALUPipelineMixin`;
+this module supplies the FLUX side: prompt encoding and true CFG as ``FluxPipeline`` does
+them, the packed latent layout, and the transformer evaluation on each stage's tokens with
+rotary positions (:mod:`ralu.runtime.flux_rotary`).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from .compat import PaperCompat
-from .edges import CANNY_THRESHOLDS
 from .flux_rotary import per_sample_positions, supports_per_sample_positions
-from .plan import Plan, StagePlan, count_images, make_plan
+from .pipeline import RALUPipelineMixin, RALUStageModel
+from .plan import StagePlan, count_images
 from .profiling import section
-from .sampler import StepInfo, decode_canvas, run_stages, timestep_table
-from .schedule import Schedule, load_schedule
-from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
-
-_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from .sampler import timestep_table
+from .schedule import Schedule
+from .tokens import TokenLayout, patchify, unpatchify
 
 
 def image_ids(layout: TokenLayout) -> torch.Tensor:
@@ -30,7 +34,7 @@ def image_ids(layout: TokenLayout) -> torch.Tensor:
     return torch.cat([torch.zeros_like(positions[..., :1]), positions], dim=-1)
 
 
-class RALUFluxPipeline(FluxPipeline):
+class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
     r"""FLUX.1 text-to-image with Region-Adaptive Latent Upsampling (RALU).
 
     Same components, loading (``from_pretrained``, ``from_pipe``), LoRA loading and call
@@ -86,19 +90,18 @@ class RALUFluxPipeline(FluxPipeline):
     or None.  The state is kept in float32 whatever the model dtype.
     """
 
-    #: Canny hysteresis thresholds for the edge score (the paper's 100/200).
-    canny_thresholds: tuple[float, float] = CANNY_THRESHOLDS
+    family = "flux"
 
-    stage_index: int | None = None
-    stage_step: int | None = None
-    selected_tokens: torch.Tensor | None = None
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
 
-    def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
-        """Check a request and lay out its stages (no compute)."""
-        schedule = load_schedule(schedule)
-        height = schedule.height if height is None else height
-        width = schedule.width if width is None else width
-        return make_plan(schedule, "flux", height, width, self.vae_scale_factor)
+    def latents_to_canvas(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents ``(B, N, 4 C)`` (2x2 patches, channel order c, dy, dx) -> ``(B, C, H, W)``."""
+        return unpatchify(latents.unflatten(2, (self.latent_channels, 2, 2)), height, width)
+
+    def canvas_to_latents(self, canvas: torch.Tensor) -> torch.Tensor:
+        return patchify(canvas).flatten(2)
 
     @torch.no_grad()
     def __call__(
@@ -134,23 +137,18 @@ class RALUFluxPipeline(FluxPipeline):
         schedule: "str | os.PathLike | Schedule | dict | None" = None,
         paper_compat: "bool | list[str] | PaperCompat" = False,
     ) -> FluxPipelineOutput | tuple:
-        # 1. Everything that can be wrong is checked before any compute.
-        plan = self.plan(schedule, height, width)
+        # 1. Check inputs: everything that can be wrong is refused before any compute.
+        plan, compat = self.check_ralu_inputs(
+            schedule, height, width, paper_compat, output_type,
+            fixed={"num_inference_steps": num_inference_steps, "sigmas": sigmas},
+            unsupported={
+                "ip_adapter_image": ip_adapter_image,
+                "ip_adapter_image_embeds": ip_adapter_image_embeds,
+                "negative_ip_adapter_image": negative_ip_adapter_image,
+                "negative_ip_adapter_image_embeds": negative_ip_adapter_image_embeds,
+            },
+        )
         height, width = plan.schedule.height, plan.schedule.width
-        compat = PaperCompat.parse(paper_compat)
-        for name, value in (("num_inference_steps", num_inference_steps), ("sigmas", sigmas)):
-            if value is not None:
-                raise ValueError(f"{name} is fixed by the schedule ({plan.total_steps} steps in {len(plan.stages)} stages). Fix: leave {name} unset")
-        for name, value in (
-            ("ip_adapter_image", ip_adapter_image),
-            ("ip_adapter_image_embeds", ip_adapter_image_embeds),
-            ("negative_ip_adapter_image", negative_ip_adapter_image),
-            ("negative_ip_adapter_image_embeds", negative_ip_adapter_image_embeds),
-        ):
-            if value is not None:
-                raise ValueError(f"{name}: IP-Adapter is not supported by RALUFluxPipeline")
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not one of {_OUTPUT_TYPES}")
         self.check_inputs(
             prompt,
             prompt_2,
@@ -159,40 +157,24 @@ class RALUFluxPipeline(FluxPipeline):
             negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2,
             prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        batch_size, num_images_per_prompt, images_total = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
-        latent_channels = self.transformer.config.in_channels // 4
-        latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
-        first_role = plan.stages[0].role
-        if latents is not None:
-            allowed = {plan.full_tokens} | ({plan.full_tokens // 4} if first_role != "full" else set())
-            if latents.ndim != 3 or latents.shape[0] != images_total or latents.shape[1] not in allowed or latents.shape[2] != 4 * latent_channels:
-                raise ValueError(
-                    f"latents of shape {tuple(latents.shape)}: expected packed FLUX latents ({images_total}, {plan.full_tokens}, "
-                    f"{4 * latent_channels}) (full-size noise, as FluxPipeline takes)"
-                    + (f" or ({images_total}, {plan.full_tokens // 4}, {4 * latent_channels}) (the half-size first stage's noise)" if first_role != "full" else "")
-                )
-
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs or {}
-        self._current_timestep = None
-        self._interrupt = False
-        self._num_timesteps = plan.total_steps
-        self.stage_index = self.stage_step = None
-        self.selected_tokens = None
-        device = self._execution_device
-
-        # 2. Text conditioning, as FluxPipeline does it.
-        lora_scale = self._joint_attention_kwargs.get("scale", None)
         has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
         if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
+        _, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
+        self.check_latents(latents, plan, images)
+
+        self.begin_call(plan, guidance_scale, joint_attention_kwargs or {})
+        device = self._execution_device
+
+        # 2. Text conditioning, as FluxPipeline does it.
+        lora_scale = self._joint_attention_kwargs.get("scale", None)
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
             prompt_2=prompt_2,
@@ -218,85 +200,42 @@ class RALUFluxPipeline(FluxPipeline):
         dtype = prompt_embeds.dtype
 
         # 3. Initial noise: the full-size noise FluxPipeline draws (or is given).
-        if latents is None:
-            noise = randn_tensor((images_total, latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
-        with section("noise"):
-            if latents is None:
-                canvas = initial_canvas(noise.float(), first_role)
-            elif latents.shape[1] == plan.full_tokens:
-                canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role)
-            else:
-                half = unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h // 2, latent_w // 2)
-                canvas = upsample_nearest(half)
-
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images_total)
-        model = _FluxStageModel(self, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
-
-        def step_end(info: StepInfo, patches: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-            self.stage_index, self.stage_step = info.stage_index, info.stage_step
-            if callback_on_step_end is None:
-                return patches
-            tensors = {"latents": patches.flatten(2), "prompt_embeds": model.prompt_embeds}
-            callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-            callback_kwargs["stage_index"], callback_kwargs["stage_step"] = info.stage_index, info.stage_step
-            outputs = callback_on_step_end(self, info.step, torch.tensor(info.sigma * 1000.0), callback_kwargs) or {}
-            model.prompt_embeds = outputs.pop("prompt_embeds", model.prompt_embeds)
-            return outputs.pop("latents", tensors["latents"]).reshape(patches.shape)
+        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype)
 
         # 4. The stages.
-        with self.progress_bar(total=plan.total_steps) as progress:
-            result = run_stages(
-                plan,
-                canvas,
-                model,
-                generator=generator,
-                compat=compat,
-                canny_thresholds=tuple(self.canny_thresholds),
-                step_end=step_end,
-                progress=progress,
-                should_stop=lambda: self.interrupt,
-            )
-        self._current_timestep = None
-        self.selected_tokens = result.selected
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images)
+        model = _FluxStageModel(self, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
+        result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as FluxPipeline gives it.
-        if output_type == "latent":
-            image = patchify(result.canvas).flatten(2).to(dtype)
-        else:
-            image = decode_canvas(self, result.canvas, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        return self.finish(result.canvas, output_type, dtype, return_dict, FluxPipelineOutput)
 
 
-class _FluxStageModel:
+class _FluxStageModel(RALUStageModel):
     """The FLUX side of :func:`ralu.runtime.sampler.run_stages`: token packing, positions,
     guidance and true CFG around ``pipe.transformer``'s own forward."""
 
-    def __init__(self, pipe, prompt_embeds, pooled, text_ids, negative, true_cfg_scale, guidance, dtype, device):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.prompt_embeds, self.pooled, self.text_ids = prompt_embeds, pooled, text_ids
+    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device):
+        super().__init__(pipe, dtype, device)
+        self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids = prompt_embeds, pooled_prompt_embeds, text_ids
         self.negative = negative
         self.true_cfg_scale = true_cfg_scale
         self.guidance = guidance
-        self.dtype, self.device = dtype, device
 
     def _forward(self, hidden, timestep, embeds, pooled, text_ids, img_ids, context: str) -> torch.Tensor:
         batch = hidden.shape[0]
-        kwargs = dict(
-            hidden_states=hidden,
-            timestep=timestep,
-            guidance=self.guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
-            txt_ids=text_ids,
-            joint_attention_kwargs=self.pipe.joint_attention_kwargs,
-            return_dict=False,
-        )
+        kwargs = {
+            "hidden_states": hidden,
+            "timestep": timestep,
+            "guidance": self.guidance,
+            "pooled_projections": pooled,
+            "encoder_hidden_states": embeds,
+            "txt_ids": text_ids,
+            "joint_attention_kwargs": self.pipe.joint_attention_kwargs,
+            "return_dict": False,
+        }
         with self.transformer.cache_context(context):
             if img_ids.ndim == 2:
                 return self.transformer(img_ids=img_ids, **kwargs)[0]
@@ -328,7 +267,7 @@ class _FluxStageModel:
             t = timesteps(sigma)
             self.pipe._current_timestep = t
             timestep = t.expand(hidden.shape[0]).to(self.dtype) / 1000
-            v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled, self.text_ids, img_ids, "cond")
+            v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids, img_ids, "cond")
             if self.negative is not None:
                 neg_embeds, neg_pooled, neg_text_ids = self.negative
                 v_neg = self._forward(hidden, timestep, neg_embeds, neg_pooled, neg_text_ids, img_ids, "uncond")
@@ -337,9 +276,3 @@ class _FluxStageModel:
 
         with positions:
             yield velocity
-
-    def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latent = latent / vae.config.scaling_factor + vae.config.shift_factor
-        latent = latent.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-        return vae.decode(latent, return_dict=False)[0].float()

@@ -184,14 +184,3 @@ def select_tokens(
         images = model.decode_for_edges(x0)
     with section("edge_select"):
         return select_edge_tokens(images, plan.grid, plan.k, clip_only=compat.clip_decode, thresholds=thresholds).to(patches.device)
-
-
-def decode_canvas(pipe, canvas: torch.Tensor, output_type: str):
-    """The final canvas ``(B, C, H, W)`` through the pipeline's VAE (its scaling and shift
-    undone) and image processor, as diffusers' FLUX and SD3 pipelines finish."""
-    from diffusers.utils.torch_utils import get_module_execution_device
-
-    latent = canvas / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    latent = latent.to(device=get_module_execution_device(pipe.vae), dtype=pipe.vae.dtype)
-    image = pipe.vae.decode(latent, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)

@@ -1,7 +1,7 @@
 """RALU for Stable Diffusion 3 / 3.5: :class:`RALUStableDiffusion3Pipeline`.
 
-The family-independent parts (stage plan, canvas and token layouts, NT-DM noise injection,
-edge selection, the Euler loop) live in :mod:`ralu.runtime.plan`, :mod:`~ralu.runtime.tokens`,
+The family-independent parts (the glue of a call, stage plan, canvas and token layouts,
+NT-DM noise injection, edge selection, the Euler loop) live in :mod:`ralu.runtime.pipeline`, :mod:`ralu.runtime.plan`, :mod:`~ralu.runtime.tokens`,
 :mod:`~ralu.runtime.noise`, :mod:`~ralu.runtime.edges` and :mod:`~ralu.runtime.sampler`.  This
 module supplies the SD3 side: prompt encoding and classifier-free guidance as
 ``StableDiffusion3Pipeline`` does them, skip-layer guidance, and the transformer evaluation on
@@ -18,27 +18,25 @@ the same model on an arbitrary per-image (patch, position) set.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from . import sd3_tokens
 from .compat import PaperCompat
-from .edges import CANNY_THRESHOLDS
-from .plan import Plan, StagePlan, count_images, make_plan
+from .pipeline import RALUPipelineMixin, RALUStageModel
+from .plan import Plan, StagePlan, count_images
 from .profiling import section
-from .sampler import StepInfo, decode_canvas, run_stages, timestep_table
-from .schedule import Schedule, load_schedule, unshift_sigma
-from .tokens import TokenLayout, initial_canvas, patchify, unpatchify, upsample_nearest
+from .sampler import timestep_table
+from .schedule import Schedule, unshift_sigma
+from .tokens import TokenLayout, patchify, unpatchify
 
 __all__ = ["POSITION_MODES", "RALUStableDiffusion3Pipeline", "table_positions"]
-
-_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: Where low-res tokens sit in the transformer's position table (see the class docstring).
 POSITION_MODES = ("crop", "stretch")
@@ -82,7 +80,7 @@ def _raster(layout: TokenLayout) -> bool:
     return bool((index == torch.arange(index.shape[1], device=index.device)).all())
 
 
-class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
+class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
     r"""Stable Diffusion 3 / 3.5 text-to-image with Region-Adaptive Latent Upsampling (RALU).
 
     Same components, loading (``from_pretrained``, ``from_pipe``), LoRA loading and call
@@ -157,21 +155,15 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     None.  The state is kept in float32 whatever the model dtype.  IP-Adapter is not supported.
     """
 
-    #: Canny hysteresis thresholds for the edge score (the paper's 100/200).
-    canny_thresholds: tuple[float, float] = CANNY_THRESHOLDS
+    family = "sd3"
     #: Default of ``__call__``'s ``low_res_positions``.
     low_res_positions: str = "crop"
 
-    stage_index: int | None = None
-    stage_step: int | None = None
-    selected_tokens: torch.Tensor | None = None
-
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
-        """Check a request and lay out its stages (no compute)."""
-        schedule = load_schedule(schedule)
-        height = schedule.height if height is None else height
-        width = schedule.width if width is None else width
-        plan = make_plan(schedule, "sd3", height, width, self.vae_scale_factor)
+        """Check a request and lay out its stages (no compute); the transformer must be an
+        SD3 one whose position table holds the full-size token grid."""
+        plan = super().plan(schedule, height, width)
+        height, width = plan.schedule.height, plan.schedule.width
         transformer = self.transformer
         sd3_tokens.check_sd3_transformer(transformer)
         config = transformer.config
@@ -184,6 +176,17 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             largest = size * config.patch_size * self.vae_scale_factor
             raise ValueError(f"{height}x{width} needs a {2 * plan.grid[0]}x{2 * plan.grid[1]} token grid but the transformer's position table is {size}x{size} (pos_embed_max_size). Fix: at most {largest} px a side")
         return plan
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def latents_to_canvas(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """SD3 latents are the latent image itself."""
+        return latents
+
+    def canvas_to_latents(self, canvas: torch.Tensor) -> torch.Tensor:
+        return canvas
 
     @torch.no_grad()
     def __call__(
@@ -225,28 +228,23 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         paper_compat: "bool | list[str] | PaperCompat" = False,
         low_res_positions: str | None = None,
     ) -> StableDiffusion3PipelineOutput | tuple:
-        # 1. Everything that can be wrong is checked before any compute.
-        plan = self.plan(schedule, height, width)
+        # 1. Check inputs: everything that can be wrong is refused before any compute.
+        plan, compat = self.check_ralu_inputs(
+            schedule, height, width, paper_compat, output_type,
+            fixed={"num_inference_steps": num_inference_steps, "sigmas": sigmas, "mu": mu},
+            unsupported={"ip_adapter_image": ip_adapter_image, "ip_adapter_image_embeds": ip_adapter_image_embeds},
+        )
         height, width = plan.schedule.height, plan.schedule.width
-        compat = PaperCompat.parse(paper_compat)
         mode = self.low_res_positions if low_res_positions is None else low_res_positions
         if mode not in POSITION_MODES:
             raise ValueError(f"low_res_positions={mode!r} is unknown. Fix: use one of {POSITION_MODES}")
-        for name, value in (("num_inference_steps", num_inference_steps), ("sigmas", sigmas), ("mu", mu)):
-            if value is not None:
-                raise ValueError(f"{name} is fixed by the schedule ({plan.total_steps} steps in {len(plan.stages)} stages). Fix: leave {name} unset")
-        for name, value in (("ip_adapter_image", ip_adapter_image), ("ip_adapter_image_embeds", ip_adapter_image_embeds)):
-            if value is not None:
-                raise ValueError(f"{name}: IP-Adapter is not supported by RALUStableDiffusion3Pipeline")
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not one of {_OUTPUT_TYPES}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if skip_guidance_layers is not None:
             layers = len(self.transformer.transformer_blocks)
             bad = [index for index in skip_guidance_layers if not 0 <= int(index) < layers]
             if bad:
                 raise ValueError(f"skip_guidance_layers {bad} are not block indices of a {layers}-block transformer")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             prompt,
             prompt_2,
@@ -263,27 +261,12 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        batch_size, num_images_per_prompt, images_total = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
-        channels = self.transformer.config.in_channels
-        latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
-        first_role = plan.stages[0].role
-        if latents is not None:
-            full_shape = (images_total, channels, latent_h, latent_w)
-            half_shape = (images_total, channels, latent_h // 2, latent_w // 2)
-            if tuple(latents.shape) != full_shape and (first_role == "full" or tuple(latents.shape) != half_shape):
-                raise ValueError(
-                    f"latents of shape {tuple(latents.shape)}: expected {full_shape} (full-size noise, as StableDiffusion3Pipeline takes)"
-                    + (f" or {half_shape} (the half-size first stage's noise)" if first_role != "full" else "")
-                )
+        batch_size, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
+        self.check_latents(latents, plan, images)
 
-        self._guidance_scale = guidance_scale
+        self.begin_call(plan, guidance_scale, joint_attention_kwargs)
         self._skip_layer_guidance_scale = skip_layer_guidance_scale
         self._clip_skip = clip_skip
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._interrupt = False
-        self._num_timesteps = plan.total_steps
-        self.stage_index = self.stage_step = None
-        self.selected_tokens = None
         device = self._execution_device
 
         # 2. Text conditioning, as StableDiffusion3Pipeline does it.
@@ -322,16 +305,9 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         dtype = prompt_embeds.dtype
 
         # 3. Initial noise: the full-size noise StableDiffusion3Pipeline draws (or is given).
-        if latents is None:
-            noise = randn_tensor((images_total, channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
-        with section("noise"):
-            if latents is None:
-                canvas = initial_canvas(noise.float(), first_role)
-            elif latents.shape[-1] == latent_w:
-                canvas = initial_canvas(latents.to(device).float(), first_role)
-            else:
-                canvas = upsample_nearest(latents.to(device).float())
+        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype)
 
+        # 4. The stages.
         slg = None
         if skip_guidance_layers is not None and self.do_classifier_free_guidance:
             slg = _SkipLayerGuidance(
@@ -342,46 +318,10 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 plan.schedule.calibration.h0,
             )
         model = _SD3StageModel(self, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device)
-
-        def step_end(info: StepInfo, patches: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-            self.stage_index, self.stage_step = info.stage_index, info.stage_step
-            if callback_on_step_end is None:
-                return patches
-            tensors = {"latents": patches.flatten(2), "prompt_embeds": model.prompt_embeds, "pooled_prompt_embeds": model.pooled}
-            callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-            callback_kwargs["stage_index"], callback_kwargs["stage_step"] = info.stage_index, info.stage_step
-            outputs = callback_on_step_end(self, info.step, torch.tensor(info.sigma * 1000.0), callback_kwargs) or {}
-            model.prompt_embeds = outputs.pop("prompt_embeds", model.prompt_embeds)
-            model.pooled = outputs.pop("pooled_prompt_embeds", model.pooled)
-            returned = outputs.pop("latents", tensors["latents"])
-            if returned.numel() != patches.numel():
-                raise ValueError(f"callback_on_step_end returned latents of shape {tuple(returned.shape)}; stage {info.stage_index + 1} carries {tuple(tensors['latents'].shape)}")
-            return returned.reshape(patches.shape)
-
-        # 4. The stages.
-        with self.progress_bar(total=plan.total_steps) as progress:
-            result = run_stages(
-                plan,
-                canvas,
-                model,
-                generator=generator,
-                compat=compat,
-                canny_thresholds=tuple(self.canny_thresholds),
-                step_end=step_end,
-                progress=progress,
-                should_stop=lambda: self.interrupt,
-            )
-        self.selected_tokens = result.selected
+        result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as StableDiffusion3Pipeline gives it.
-        if output_type == "latent":
-            image = result.canvas.to(dtype)
-        else:
-            image = decode_canvas(self, result.canvas, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusion3PipelineOutput(images=image)
+        return self.finish(result.canvas, output_type, dtype, return_dict, StableDiffusion3PipelineOutput)
 
 
 class _SkipLayerGuidance:
@@ -395,19 +335,19 @@ class _SkipLayerGuidance:
         return self.start + _SLG_EPS < fraction < self.stop - _SLG_EPS
 
 
-class _SD3StageModel:
+class _SD3StageModel(RALUStageModel):
     """The SD3 side of :func:`ralu.runtime.sampler.run_stages`: positions, classifier-free and
     skip-layer guidance around ``pipe.transformer`` (its forward on native grids, the token
     path of :mod:`ralu.runtime.sd3_tokens` otherwise)."""
 
-    def __init__(self, pipe, prompt_embeds, pooled, cond_embeds, cond_pooled, slg, mode, dtype, device):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.prompt_embeds, self.pooled = prompt_embeds, pooled
+    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device):
+        super().__init__(pipe, dtype, device)
+        # The CFG batch [negative, positive] (what callbacks see), and the positive half
+        # alone for skip-layer guidance.
+        self.prompt_embeds, self.pooled_prompt_embeds = prompt_embeds, pooled_prompt_embeds
         self.cond_embeds, self.cond_pooled = cond_embeds, cond_pooled
         self.slg = slg
         self.mode = mode
-        self.dtype, self.device = dtype, device
 
     def transformer_output(self, patches, timestep, embeds, pooled, grid, positions, skip_layers=None, position_embeds=None) -> torch.Tensor:
         """One evaluation on token patches ``(B, N, C, 2, 2)``: the model's forward on a native
@@ -463,7 +403,7 @@ class _SD3StageModel:
             hidden = patches.to(self.dtype)
             model_input = torch.cat([hidden, hidden]) if cfg else hidden
             t = timesteps(sigma)
-            out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled, grid, model_positions, position_embeds=model_position_embeds)
+            out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled_prompt_embeds, grid, model_positions, position_embeds=model_position_embeds)
             if not cfg:
                 return out
             uncond, cond = out.chunk(2)
@@ -474,9 +414,3 @@ class _SD3StageModel:
             return v
 
         yield velocity
-
-    def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latent = latent / vae.config.scaling_factor + vae.config.shift_factor
-        latent = latent.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-        return vae.decode(latent, return_dict=False)[0].float()

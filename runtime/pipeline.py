@@ -1,0 +1,230 @@
+"""What the RALU pipelines of every model family share: :class:`RALUPipelineMixin`.
+
+A family's pipeline (:mod:`ralu.runtime.flux`, :mod:`ralu.runtime.sd3`) inherits from this
+mixin and from its diffusers base pipeline, encodes the prompt as that base pipeline does and
+supplies a stage model (:class:`RALUStageModel`); the mixin does the rest of a call: the
+plan and the checks every family makes, the initial noise, the stages with the
+``callback_on_step_end`` hook and the progress bar, and the output.
+
+A family says how its ``latents`` are laid out (FLUX packs 2x2 patches into tokens, SD3 keeps
+the latent image) with :meth:`RALUPipelineMixin.latents_to_canvas` and
+:meth:`RALUPipelineMixin.canvas_to_latents`; everything else works on the canvas
+``(B, C, H, W)`` of :mod:`ralu.runtime.tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
+from .compat import PaperCompat
+from .edges import CANNY_THRESHOLDS
+from .plan import Plan, make_plan
+from .profiling import section
+from .sampler import Result, StageModel, StepInfo, run_stages
+from .schedule import load_schedule
+from .tokens import TokenLayout, initial_canvas, upsample_nearest
+
+#: ``output_type`` values of a call (the diffusers image processor's, and the latent).
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def vae_decode(vae, latent: torch.Tensor) -> torch.Tensor:
+    """A latent ``(B, C, h, w)`` through ``vae`` (its scaling and shift undone): images
+    ``(B, 3, 8h, 8w)`` in [-1, 1], in the VAE's dtype."""
+    latent = latent / vae.config.scaling_factor + vae.config.shift_factor
+    latent = latent.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+    return vae.decode(latent, return_dict=False)[0]
+
+
+class RALUStageModel:
+    """Base of a family's stage model (:class:`ralu.runtime.sampler.StageModel`): the
+    pipeline it serves and the edge decode, which is the same for every family.
+
+    The attributes named in the pipeline's ``_callback_tensor_inputs`` (other than
+    ``latents``) are what ``callback_on_step_end`` sees and may replace: a subclass keeps its
+    prompt embeddings under those names (``prompt_embeds``, ``pooled_prompt_embeds``)."""
+
+    def __init__(self, pipe, dtype: torch.dtype, device):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.dtype, self.device = dtype, device
+
+    def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
+        return vae_decode(self.pipe.vae, latent).float()
+
+
+def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: StepInfo) -> None:
+    """``callback_on_step_end`` may replace the latents, not change their shape (a stage's
+    token count is fixed by its layout)."""
+    if tuple(returned.shape) != tuple(given.shape):
+        raise ValueError(
+            f"callback_on_step_end returned latents of shape {tuple(returned.shape)} at step {info.step} "
+            f"(stage {info.stage_index + 1}/{info.num_stages}, {info.role}); expected {tuple(given.shape)}, "
+            "the shape it was given. Fix: return latents of the shape the callback received"
+        )
+
+
+class RALUPipelineMixin:
+    """The family-independent part of a RALU pipeline's ``__call__`` (see the module
+    docstring).  ``family`` is the schedule family the pipeline runs."""
+
+    family: str
+
+    #: Canny hysteresis thresholds for the edge score (the paper's 100/200).
+    canny_thresholds: tuple[float, float] = CANNY_THRESHOLDS
+
+    #: During a call: the current stage (0-based) and step within it; None before the first step.
+    stage_index: int | None = None
+    stage_step: int | None = None
+    #: After a call: the ``(B, k)`` low-res tokens upsampled early, or None.
+    selected_tokens: torch.Tensor | None = None
+
+    # -- what a family supplies -----------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent image."""
+        raise NotImplementedError
+
+    def latents_to_canvas(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The family's ``latents`` layout -> a latent image ``(B, C, height, width)``."""
+        raise NotImplementedError
+
+    def canvas_to_latents(self, canvas: torch.Tensor) -> torch.Tensor:
+        """A latent image ``(B, C, H, W)`` -> the family's ``latents`` layout."""
+        raise NotImplementedError
+
+    def latents_shape(self, images: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the ``latents`` of ``images`` latent images of ``height x width`` pixels."""
+        empty = torch.empty(images, self.latent_channels, height, width, device="meta")
+        return tuple(self.canvas_to_latents(empty).shape)
+
+    # -- checks (all before any compute) ----------------------------------------------------
+
+    def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
+        """Check a request and lay out its stages (no compute)."""
+        schedule = load_schedule(schedule)
+        height = schedule.height if height is None else height
+        width = schedule.width if width is None else width
+        return make_plan(schedule, self.family, height, width, self.vae_scale_factor)
+
+    def check_ralu_inputs(
+        self, schedule, height: int | None, width: int | None, paper_compat, output_type: str, fixed: dict, unsupported: dict
+    ) -> tuple[Plan, PaperCompat]:
+        """The checks every family makes; returns the call's plan and compat switches.
+
+        Arguments the schedule fixes (``fixed``: name -> value) and features RALU does not
+        support (``unsupported``) must be left unset; ``output_type`` must be known."""
+        plan = self.plan(schedule, height, width)
+        compat = PaperCompat.parse(paper_compat)
+        for name, value in fixed.items():
+            if value is not None:
+                raise ValueError(f"{name} is fixed by the schedule ({plan.total_steps} steps in {len(plan.stages)} stages). Fix: leave {name} unset")
+        for name, value in unsupported.items():
+            if value is not None:
+                raise ValueError(f"{name}: IP-Adapter is not supported by {type(self).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+        return plan, compat
+
+    def check_latents(self, latents: torch.Tensor | None, plan: Plan, images: int) -> None:
+        """Given ``latents`` are the full-size noise the base pipeline takes or, when the first
+        stage is low-res, that stage's half-size noise."""
+        if latents is None:
+            return
+        latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
+        full = self.latents_shape(images, latent_h, latent_w)
+        low = self.latents_shape(images, latent_h // 2, latent_w // 2) if plan.stages[0].role == "low" else None
+        if tuple(latents.shape) not in (full, low):
+            base = next(cls.__name__ for cls in type(self).__mro__ if cls.__module__.startswith("diffusers."))
+            raise ValueError(
+                f"latents of shape {tuple(latents.shape)}: expected {full} (full-size noise, as {base} takes)"
+                + (f" or {low} (the low-res first stage's half-size noise)" if low is not None else "")
+            )
+
+    def begin_call(self, plan: Plan, guidance_scale: float, joint_attention_kwargs: dict | None) -> None:
+        """Set the per-call state (after the checks passed)."""
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        self._num_timesteps = plan.total_steps
+        self.stage_index = self.stage_step = None
+        self.selected_tokens = None
+
+    # -- noise, stages, output --------------------------------------------------------------
+
+    def prepare_canvas(self, plan: Plan, latents: torch.Tensor | None, images: int, generator, device, dtype) -> torch.Tensor:
+        """The first stage's canvas: from the full-size noise the base pipeline draws (from
+        the caller's generator, in ``dtype``) or from the given ``latents``."""
+        latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
+        role = plan.stages[0].role
+        if latents is None:
+            noise = randn_tensor((images, self.latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
+        with section("noise"):
+            if latents is None:
+                return initial_canvas(noise.float(), role)
+            latents = latents.to(device).float()
+            if tuple(latents.shape) == self.latents_shape(images, latent_h, latent_w):
+                return initial_canvas(self.latents_to_canvas(latents, latent_h, latent_w), role)
+            return upsample_nearest(self.latents_to_canvas(latents, latent_h // 2, latent_w // 2))
+
+    def run_ralu_stages(
+        self,
+        plan: Plan,
+        canvas: torch.Tensor,
+        model: StageModel,
+        generator,
+        compat: PaperCompat,
+        callback_on_step_end: Callable[..., dict] | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> Result:
+        """Every stage of ``plan`` under the progress bar, with ``callback_on_step_end`` after
+        every step; keeps ``stage_index``, ``stage_step`` and ``selected_tokens``."""
+
+        def step_end(info: StepInfo, patches: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+            self.stage_index, self.stage_step = info.stage_index, info.stage_step
+            if callback_on_step_end is None:
+                return patches
+            latents = patches.flatten(2)
+            tensors = {name: latents if name == "latents" else getattr(model, name) for name in self._callback_tensor_inputs}
+            callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+            callback_kwargs["stage_index"], callback_kwargs["stage_step"] = info.stage_index, info.stage_step
+            outputs = callback_on_step_end(self, info.step, torch.tensor(info.sigma * 1000.0), callback_kwargs) or {}
+            for name in tensors:
+                if name != "latents":
+                    setattr(model, name, outputs.pop(name, tensors[name]))
+            returned = outputs.pop("latents", latents)
+            check_returned_latents(returned, latents, info)
+            return returned.reshape(patches.shape)
+
+        with self.progress_bar(total=plan.total_steps) as progress:
+            result = run_stages(
+                plan,
+                canvas,
+                model,
+                generator=generator,
+                compat=compat,
+                canny_thresholds=tuple(self.canny_thresholds),
+                step_end=step_end,
+                progress=progress,
+                should_stop=lambda: self.interrupt,
+            )
+        self._current_timestep = None
+        self.selected_tokens = result.selected
+        return result
+
+    def finish(self, canvas: torch.Tensor, output_type: str, dtype: torch.dtype, return_dict: bool, output_class):
+        """The final canvas as the base pipeline returns it: latents in ``dtype``, or decoded
+        images; ``output_class(images=...)`` or a 1-tuple."""
+        if output_type == "latent":
+            image = self.canvas_to_latents(canvas).to(dtype)
+        else:
+            image = self.image_processor.postprocess(vae_decode(self.vae, canvas), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return output_class(images=image)
