@@ -85,9 +85,10 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
     after every step with ``step`` counted across stages; ``callback_kwargs`` holds the
     requested tensors (``latents``: the current stage's packed tokens ``(B, N_stage, 64)``,
     float32) plus ``stage_index`` and ``stage_step``; ``pipe.stage_index`` and
-    ``pipe.stage_step`` hold the same.  After a call ``pipe.selected_tokens`` is the
-    ``(B, k)`` tensor of low-res tokens upsampled early (raster order of the low-res grid),
-    or None.  The state is kept in float32 whatever the model dtype.
+    ``pipe.stage_step`` hold the same; ``latents`` the callback returns must keep the shape
+    it was given.  After a call ``pipe.selected_tokens`` is the ``(B, k)`` tensor of low-res
+    tokens upsampled early (raster order of the low-res grid), or None.  The state is kept in
+    float32 whatever the model dtype.
     """
 
     family = "flux"

@@ -68,8 +68,15 @@ def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: St
 
 
 class RALUPipelineMixin:
-    """The family-independent part of a RALU pipeline's ``__call__`` (see the module
-    docstring).  ``family`` is the schedule family the pipeline runs."""
+    """The family-independent part of a RALU pipeline's call.
+
+    A pipeline lists the mixin before its diffusers base class (``class
+    RALUFluxPipeline(RALUPipelineMixin, FluxPipeline)``), sets ``family`` (the schedule family
+    it runs) and implements the latent-layout methods below.  Its ``__call__`` then reads as
+    the algorithm: checks (:meth:`check_ralu_inputs`, the base's ``check_inputs``,
+    :meth:`check_latents`), :meth:`begin_call`, text conditioning (the family's own),
+    :meth:`prepare_canvas`, :meth:`run_ralu_stages` with the family's stage model, :meth:`finish`.
+    """
 
     family: str
 

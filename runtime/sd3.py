@@ -150,9 +150,10 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
     2x2 latent patch flattened in (c, dy, dx) order, float32 (the layout of the FLUX runtime);
     ``prompt_embeds`` / ``pooled_prompt_embeds``: negative and positive halves concatenated,
     as in StableDiffusion3Pipeline) plus ``stage_index`` and ``stage_step``; ``pipe.stage_index``
-    and ``pipe.stage_step`` hold the same.  After a call ``pipe.selected_tokens`` is the
-    ``(B, k)`` tensor of low-res tokens upsampled early (raster order of the low-res grid), or
-    None.  The state is kept in float32 whatever the model dtype.  IP-Adapter is not supported.
+    and ``pipe.stage_step`` hold the same; ``latents`` the callback returns must keep the shape
+    it was given.  After a call ``pipe.selected_tokens`` is the ``(B, k)`` tensor of low-res
+    tokens upsampled early (raster order of the low-res grid), or None.  The state is kept in
+    float32 whatever the model dtype.  IP-Adapter is not supported.
     """
 
     family = "sd3"
