@@ -227,7 +227,8 @@ def test_committed_report_is_a_full_run_on_the_shipped_weights():
     with the transformer weights that ship now (retraining without rerunning fails here)."""
     from pathlib import Path
 
-    from ralu.calibrate.testbed.model import TRANSFORMER_DIR, training_record
+    from ralu.calibrate.testbed.location import transformer_dir
+    from ralu.calibrate.testbed.model import training_record
 
     path = Path(__file__).resolve().parents[1] / "reports" / "quality.json"
     report = json.loads(path.read_text())
@@ -241,7 +242,7 @@ def test_committed_report_is_a_full_run_on_the_shipped_weights():
         assert {"base-steps", "bottleneck", "naive-upsample", "ralu-paper", "ralu-ours", "ralu-searched"} <= {r["method"] for r in rows if r["budget"] == budget}
     used = report["testbed"]["weights"]["transformer_record"]
     shipped = training_record()
-    assert report["testbed"]["weights"]["transformer"].endswith("(shipped)") and TRANSFORMER_DIR.is_dir()
+    assert report["testbed"]["weights"]["transformer"] == "testbed-weights/transformer (repository)" and transformer_dir().is_dir()
     assert (used["command"], used["steps_done"], used["wall_seconds"]) == (shipped["command"], shipped["steps_done"], shipped["wall_seconds"])
     # the noise sweep covers the issue's range
     zs = [p["z"] for p in report["sweep"]["points"]]

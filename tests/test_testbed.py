@@ -10,6 +10,7 @@ import torch
 
 from ralu.calibrate.testbed import conditioning, data
 from ralu.calibrate.testbed import model as tb
+from ralu.calibrate.testbed.location import transformer_dir
 
 # ----------------------------------------------------------------------------------------
 # Dataset
@@ -111,7 +112,7 @@ def test_label_embeddings_are_fixed_and_distinct():
 # ----------------------------------------------------------------------------------------
 
 
-TRAINED = (tb.TRANSFORMER_DIR / "diffusion_pytorch_model.safetensors").is_file()
+TRAINED = (transformer_dir() / "diffusion_pytorch_model.safetensors").is_file()
 needs_trained_generator = pytest.mark.skipif(
     not TRAINED,
     reason="the testbed generator is not trained yet (issue 5): python -m ralu.calibrate.testbed.train --help",
@@ -138,9 +139,9 @@ def pipe(generator_folder):
 def test_shipped_transformer_is_the_real_class():
     from diffusers import FluxTransformer2DModel
 
-    weights = tb.TRANSFORMER_DIR / "diffusion_pytorch_model.safetensors"
+    weights = transformer_dir() / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 25 * 2**20
-    transformer = FluxTransformer2DModel.from_pretrained(tb.TRANSFORMER_DIR, local_files_only=True)
+    transformer = FluxTransformer2DModel.from_pretrained(transformer_dir(), local_files_only=True)
     assert type(transformer) is FluxTransformer2DModel
     for key, value in tb.TRANSFORMER_CONFIG.items():
         if key != "out_channels":

@@ -774,16 +774,10 @@ def aggregate(per_seed: list[dict], real_features) -> dict:
 
 
 def weights_info(config: Config) -> dict:
-    from ralu.calibrate.testbed.classifier import WEIGHTS as CLASSIFIER_DIR
-    from ralu.calibrate.testbed.model import TRANSFORMER_DIR
+    from ralu.calibrate.testbed.location import classifier_dir, describe, transformer_dir
 
-    transformer = Path(config.weights) if config.weights else TRANSFORMER_DIR
-    classifier = Path(config.classifier) if config.classifier else CLASSIFIER_DIR
-    # the shipped folders are named as in the repository, not by this machine's absolute path
-    info: dict[str, Any] = {
-        "transformer": str(config.weights) if config.weights else "calibrate/testbed/weights/transformer (shipped)",
-        "classifier": str(config.classifier) if config.classifier else "calibrate/testbed/weights/classifier (shipped)",
-    }
+    transformer, classifier = transformer_dir(config.weights), classifier_dir(config.classifier)
+    info: dict[str, Any] = {"transformer": describe("transformer", config.weights), "classifier": describe("classifier", config.classifier)}
     for name, folder, record in (("transformer", transformer, "training.json"), ("classifier", classifier, "classifier.json")):
         path = folder / record
         if path.is_file():

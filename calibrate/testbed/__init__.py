@@ -4,8 +4,9 @@ A procedurally generated dataset with checkable conditioning (:mod:`.data`), fix
 embeddings for its labels (:mod:`.conditioning`), a small rectified-flow model of the real
 ``FluxTransformer2DModel`` class served through a real ``diffusers.FluxPipeline``
 (:mod:`.model`, trained by :mod:`.train`), a classifier that checks samples
-(:mod:`.classifier`) and sample-accuracy evaluation (:mod:`.evaluate`).  Weights ship in
-``weights/`` with the commands that produced them.
+(:mod:`.classifier`) and sample-accuracy evaluation (:mod:`.evaluate`).  The trained weights,
+with the commands that produced them, are repository data in ``testbed-weights/``, not part
+of the installed package (:mod:`.location` says how they are found).
 """
 
 _LAZY = {
@@ -25,6 +26,10 @@ _LAZY = {
     "generate": ".evaluate",
     "balanced_labels": ".evaluate",
     "frechet_distance": ".evaluate",
+    "weights_dir": ".location",
+    "transformer_dir": ".location",
+    "classifier_dir": ".location",
+    "WeightsNotFound": ".location",
 }
 
 

@@ -1,7 +1,7 @@
 """A small CNN that reads an image's label (shape, colour, position) back, and gives
 features for Frechet distances.
 
-    python -m ralu.calibrate.testbed.classifier --out calibrate/testbed/weights/classifier
+    python -m ralu.calibrate.testbed.classifier --out testbed-weights/classifier
 
 Trained on the procedural data (:mod:`.data`) with augmentations that make it robust to
 what a generator gets slightly wrong without teaching it to accept wrong content: pixel
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import data
+from .location import CLASSIFIER, REPOSITORY_FOLDER, classifier_dir
 
-WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier"
 FEATURE_DIM = 128
 
 
@@ -66,8 +66,13 @@ class Classifier(nn.Module):
 
 
 def load_classifier(path: str | Path | None = None, device="cpu") -> Classifier:
-    """The shipped (or given folder's) classifier in eval mode."""
-    path = WEIGHTS if path is None else Path(path)
+    """The repository's trained classifier (or the given folder's) in eval mode; :mod:`.location`
+    says where the repository's weights are found."""
+    path = classifier_dir(path)
+    if not (path / "classifier.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no testbed classifier at {path}. Fix: train one with `python -m ralu.calibrate.testbed.classifier --out {path}`"
+        )
     model = Classifier()
     model.load_state_dict(load_file(str(path / "classifier.safetensors")))
     return model.to(device).eval()
@@ -137,7 +142,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.testbed.classifier", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("calibrate/testbed/weights/classifier"))
+    parser.add_argument("--out", type=Path, default=Path(REPOSITORY_FOLDER) / CLASSIFIER, help="output folder (default: the repository's, from its root)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)

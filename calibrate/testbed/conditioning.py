@@ -31,7 +31,7 @@ POOLED_DIM = 64
 #: Text tokens per prompt: one per attribute.
 TEXT_TOKENS = len(ATTRIBUTES)
 #: Seed of the fixed embedding tables (part of the testbed's definition: never change it,
-#: the shipped weights were trained with these tables).
+#: the repository's testbed weights were trained with these tables).
 TABLE_SEED = 20250708
 
 

@@ -23,6 +23,7 @@ import torch
 from . import data
 from .classifier import Classifier, agreement, attribute_logits, features, label_probability, labels_from_logits, load_classifier
 from .conditioning import encode_labels
+from .location import CLASSIFIER, ENV_VAR, REPOSITORY_FOLDER, TRANSFORMER, classifier_dir
 from .model import GUIDANCE_SCALE, load_pipeline, training_record
 
 
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--data-n", type=int, default=1000, help="fresh procedural images for the classifier's own accuracy")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", type=Path, help="transformer folder (default: the shipped one)")
+    parser.add_argument("--weights", type=Path, help=f"transformer folder (default: {REPOSITORY_FOLDER}/{TRANSFORMER} of the repository, or ${ENV_VAR})")
+    parser.add_argument("--classifier", type=Path, help=f"classifier folder (default: {REPOSITORY_FOLDER}/{CLASSIFIER} of the repository, or ${ENV_VAR})")
     parser.add_argument("--report", type=Path, help="write a markdown report here")
     parser.add_argument("--grid", type=Path, help="write a PNG of the first 64 samples (default: next to the report)")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON")
@@ -176,10 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     command = "python -m ralu.calibrate.testbed.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-    classifier = load_classifier()
+    try:
+        classifier = load_classifier(args.classifier)
+        pipe = load_pipeline(path=args.weights)
+    except FileNotFoundError as error:
+        print(f"python -m ralu.calibrate.testbed.evaluate: {error}", file=sys.stderr)
+        return 2
     on_data = data_accuracy(args.data_n, classifier=classifier)
     print(f"classifier on {args.data_n} fresh procedural images: {on_data}", flush=True)
-    pipe = load_pipeline(path=args.weights)
     result = sample_accuracy(pipe, args.n, args.steps, args.seed, classifier, args.batch_size, return_images=True, guidance_scale=args.guidance)
     images, labels, predicted = result.pop("images"), result.pop("labels"), result.pop("predicted")
     print(f"classifier agreement on {args.n} samples ({args.steps} steps, plain FluxPipeline): {result}", flush=True)
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{training.get('wall_seconds', 0) / 60:.0f} min wall, {training.get('parameters', 0) / 1e6:.2f}M parameters, EMA weights)",
             ]
             try:
-                clf = json.loads((Path(__file__).resolve().parent / "weights" / "classifier" / "classifier.json").read_text())
+                clf = json.loads((classifier_dir(args.classifier) / "classifier.json").read_text())
                 lines.append(f"- classifier: `{clf['command']}` ({clf['wall_seconds'] / 60:.0f} min wall)")
             except (FileNotFoundError, KeyError):
                 pass

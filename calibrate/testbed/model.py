@@ -46,12 +46,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .conditioning import JOINT_DIM, POOLED_DIM
 from .data import IMAGE_SIZE
-
-#: Folder of the shipped weights.
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-#: Transformer weights in diffusers format (``config.json`` +
-#: ``diffusion_pytorch_model.safetensors``): ``FluxTransformer2DModel.from_pretrained(TRANSFORMER_DIR)``.
-TRANSFORMER_DIR = WEIGHTS_DIR / "transformer"
+from .location import transformer_dir
 
 #: Pixel normalisation of :class:`PixelVAE` (data statistics of the procedural images).
 PIXEL_SHIFT = -0.5
@@ -161,8 +156,9 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def load_transformer(path: str | Path | None = None, device="cpu", dtype=torch.float32) -> FluxTransformer2DModel:
-    """The shipped (or given, diffusers-format folder) transformer, in eval mode."""
-    path = TRANSFORMER_DIR if path is None else Path(path)
+    """The repository's trained transformer (or the given diffusers-format folder's), in eval
+    mode; :mod:`.location` says where the repository's weights are found."""
+    path = transformer_dir(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no testbed transformer at {path}. Fix: train one with `python -m ralu.calibrate.testbed.train` "
@@ -173,7 +169,7 @@ def load_transformer(path: str | Path | None = None, device="cpu", dtype=torch.f
 
 
 def load_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = None, pipeline_class=FluxPipeline) -> FluxPipeline:
-    """A real ``FluxPipeline`` (or ``pipeline_class``) driving the shipped testbed model.
+    """A real ``FluxPipeline`` (or ``pipeline_class``) driving the trained testbed model.
 
     No text encoders: call it with ``**encode_labels(labels)`` (prompt_embeds and
     pooled_prompt_embeds), ``height=width=32``, e.g.::
@@ -247,5 +243,4 @@ def testbed_schedule(schedule):
 
 def training_record(path: str | Path | None = None) -> dict:
     """The JSON record written next to the weights by the training command."""
-    path = TRANSFORMER_DIR if path is None else Path(path)
-    return json.loads((path / "training.json").read_text())
+    return json.loads((transformer_dir(path) / "training.json").read_text())

@@ -1,6 +1,6 @@
 """Train the testbed's rectified-flow FLUX transformer on procedural images.
 
-    python -m ralu.calibrate.testbed.train --out calibrate/testbed/weights/transformer
+    python -m ralu.calibrate.testbed.train --out testbed-weights/transformer
 
 Rectified flow in FLUX's convention (sigma = 1 is noise)::
 
@@ -42,8 +42,10 @@ import torch.nn.functional as F
 
 from . import conditioning, data
 from . import model as tb
+from .location import REPOSITORY_FOLDER, TRANSFORMER
 
-DEFAULT_OUT = Path("calibrate/testbed/weights/transformer")
+#: Relative to the working directory: the repository's folder when run from its root.
+DEFAULT_OUT = Path(REPOSITORY_FOLDER) / TRANSFORMER
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
