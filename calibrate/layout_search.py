@@ -22,7 +22,14 @@ import optuna
 
 from . import flops
 from .models import ModelSpec
-from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, StageLayout, optimise
+from .search import (
+    Z_BOUNDS,
+    InnerResult,
+    NTDMObjective,
+    Objective,
+    StageLayout,
+    optimise,
+)
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)

@@ -222,9 +222,9 @@ class RALUFluxPipeline(FluxPipeline):
             noise = randn_tensor((images_total, latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
         with section("noise"):
             if latents is None:
-                canvas = initial_canvas(noise.float(), first_role)
+                canvas = initial_canvas(noise.float(), first_role, compat)
             elif latents.shape[1] == plan.full_tokens:
-                canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role)
+                canvas = initial_canvas(unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h, latent_w), first_role, compat)
             else:
                 half = unpatchify(latents.to(device).float().unflatten(2, (latent_channels, 2, 2)), latent_h // 2, latent_w // 2)
                 canvas = upsample_nearest(half)

@@ -326,9 +326,9 @@ class RALUStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             noise = randn_tensor((images_total, channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
         with section("noise"):
             if latents is None:
-                canvas = initial_canvas(noise.float(), first_role)
+                canvas = initial_canvas(noise.float(), first_role, compat)
             elif latents.shape[-1] == latent_w:
-                canvas = initial_canvas(latents.to(device).float(), first_role)
+                canvas = initial_canvas(latents.to(device).float(), first_role, compat)
             else:
                 canvas = upsample_nearest(latents.to(device).float())
 
