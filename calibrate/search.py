@@ -141,22 +141,21 @@ def optimise_paper(problem: NTDMObjective) -> InnerResult:
     objective is the continuous one on 1000 grid points; its script passes h0 = 3.0, the
     FLUX scheduler's configured shift, where ``ralu-calibrate`` defaults to the real 3.158).
 
-    On three-stage layouts the objective is evaluated with the published
-    script's arithmetic, to the last bit (restart times from Z as ``e / (Z (1 - e) + e)``,
-    target mass summed left to right); a last-bit difference is enough to send the
-    finite-difference search elsewhere on this flat landscape.  So under the same SciPy this
-    returns exactly what the published optimiser returns (tests/test_search.py holds its
-    results on 8 layouts).  Differences, each on purpose:
+    On three-stage layouts the objective is evaluated with the published script's
+    arithmetic, to the last bit (restart times from Z as ``e / (Z (1 - e) + e)``, target
+    mass summed left to right); a last-bit difference is enough to send the
+    finite-difference search elsewhere on this flat landscape.  So under the same SciPy
+    this returns exactly what the published optimiser returns (tests/test_search.py holds
+    its results on 8 layouts).  Where it can still differ:
 
-    * SciPy 1.15 replaced the Fortran L-BFGS-B by a C translation that takes another path:
-      the printed presets came from the old one (7x h1 8.141; under SciPy >= 1.15 both this
-      and the published script give 8.1395, and 5x h1 5.106 instead of 5.115).
-    * Any number of stages (the published code is written for three).
-    * ``z_bounds`` narrower than ``[2, 100]`` clip the start into them (the published
-      bounds are fixed).
-    * The returned point is clipped to the bounds (L-BFGS-B already keeps it inside) and
-      its JS distance recomputed there, not taken from the optimiser's report, which after
-      an abnormal line-search stop can belong to another point.
+    * SciPy version: 1.15 replaced the Fortran L-BFGS-B by a C translation that takes
+      another path.  The printed presets came from the old one (7x h1 8.141); under SciPy
+      >= 1.15 the published script and this both give 8.1395, and 5x h1 5.106, not 5.115.
+    * Extensions the published code does not have: any number of stages (it is written for
+      three), the discrete objective, and ``z_bounds`` narrower than ``[2, 100]`` (the start
+      is clipped into them).
+    * The JS distance is recomputed at the returned point (the published code reports none;
+      SciPy's own value can belong to another point after an abnormal line-search stop).
     """
     start = _clip_to_bounds(np.array([PAPER_START_SHIFT] * problem.layout.n_stages + [PAPER_START_Z]), problem.bounds())
     found = minimize(problem, start, method="L-BFGS-B", bounds=problem.bounds())
