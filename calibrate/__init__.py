@@ -5,6 +5,12 @@
 """
 
 from .calibration import SpeedupUnreachable, calibrate
-from .search import InnerResult, Layout, NTDMObjective, optimise_global, optimise_paper
+from .search import (
+    InnerResult,
+    NTDMObjective,
+    StageLayout,
+    optimise_global,
+    optimise_paper,
+)
 
-__all__ = ["InnerResult", "Layout", "NTDMObjective", "SpeedupUnreachable", "calibrate", "optimise_global", "optimise_paper"]
+__all__ = ["InnerResult", "NTDMObjective", "SpeedupUnreachable", "StageLayout", "calibrate", "optimise_global", "optimise_paper"]

@@ -17,9 +17,9 @@ from ralu.runtime.schedule import (
     transition,
 )
 
-from .layout import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
+from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .models import check_resolution, get_model
-from .search import Z_BOUNDS, Layout, NTDMObjective, Objective, optimise
+from .search import Z_BOUNDS, NTDMObjective, Objective, StageLayout, optimise
 
 
 def tool_version() -> str:
@@ -99,7 +99,7 @@ def calibrate(
         layout_kind = "searched"
         log(f"{found.feasible_trials}/{found.trials} trials met the target")
     else:
-        layout = Layout(tuple(int(n) for n in steps), tuple(float(e) for e in ends))
+        layout = StageLayout(tuple(int(n) for n in steps), tuple(float(e) for e in ends))
         ratio = choose_up_ratio(spec, height, width, layout.steps, base_steps, speedup, flops_convention, fixed=up_ratio)
         if ratio is None:
             best = getattr(speedup_of(spec, height, width, layout.steps, 0.1, base_steps), flops_convention)

@@ -64,9 +64,13 @@ def target_density(t: np.ndarray, h0: float, ends: np.ndarray, starts: np.ndarra
     """
     weights = overlap_weights(ends, starts)
     density = shifted_density(t, h0) * np.ones(weights.shape[:-1] + (1,))
+    # Total mass summed left to right, as the published optimiser does: its finite-difference
+    # gradients see last-bit differences, and this keeps its search path (see search.py).
+    mass = 1.0
     for k in range(weights.shape[-1]):
         density = density + weights[..., k, None] * truncated_density(t, h0, starts[..., k + 1], ends[..., k])
-    return density / (1.0 + weights.sum(axis=-1))[..., None]
+        mass = mass + weights[..., k]
+    return density / np.asarray(mass)[..., None]
 
 
 def target_cdf(t: np.ndarray, h0: float, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:

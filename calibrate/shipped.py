@@ -19,7 +19,7 @@ from ralu.runtime.schedule import Schedule, save_schedule, schedule_json_schema,
 from .calibration import calibrate
 from .models import get_model
 from .plot import plot_schedule
-from .search import Layout, NTDMObjective, optimise_paper
+from .search import NTDMObjective, StageLayout, optimise_paper
 
 COMMAND = "python -m ralu.calibrate.shipped"
 
@@ -68,7 +68,7 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
     for preset in PRESETS:
         spec = get_model(preset.model)
         h0 = spec.base_shift(1024, 1024)
-        paper_here = optimise_paper(NTDMObjective(Layout(preset.steps, preset.ends), h0)).js_distance
+        paper_here = optimise_paper(NTDMObjective(StageLayout(preset.steps, preset.ends), h0)).js_distance
         given = calibrate(preset.model, steps=list(preset.steps), ends=list(preset.ends), up_ratio=preset.up_ratio, seed=seed)
         searched = calibrate(preset.model, speedup=preset.target, trials=trials, seed=seed)
         for name, schedule, paper_js in ((preset.name, given, paper_here), (f"{preset.name}-searched", searched, None)):

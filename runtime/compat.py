@@ -18,11 +18,17 @@ class PaperCompat:
     repeat_tokens: bool = False
     #: N(0, I) noise on tokens not upsampled at a transition instead of N(0, (1 - c) I).
     unit_noise: bool = False
-    #: Clip the decoded image to [0, 1] instead of mapping it from [-1, 1] before Canny.
+    #: Edge detection on the decoded image as the script does it: luma of the raw decoded
+    #: values, clipped to [0, 1] and truncated to 8 bits, instead of mapping each channel from
+    #: [-1, 1] to [0, 1], rounding, then taking luma (see :func:`ralu.runtime.edges.to_uint8_gray`).
     clip_decode: bool = False
     #: One correlated-noise draw from the global RNG, made once per process and reused for
     #: every image and call, instead of a draw per image per call from the caller's generator.
     global_noise: bool = False
+    #: Stage-1 noise is every second latent pixel (rows and columns 0, 2, 4, ...) of the
+    #: full-size noise, the script's nearest downsampling, instead of the 2x2 block sum / 2.
+    #: Both are N(0, I); this one makes the same seed give the script's image.
+    subsample_noise: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -26,15 +26,22 @@ def tweedie(x: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tens
 def to_uint8_gray(images: torch.Tensor, clip_only: bool = False) -> np.ndarray:
     """Decoded images ``(B, 3, H, W)`` in [-1, 1] -> grayscale ``(B, H, W)`` uint8.
 
-    The VAE range [-1, 1] is mapped to [0, 1] (``clip_only``: the published script's clip to
-    [0, 1] without mapping, which turns every dark pixel black) and rounded to 8 bits;
-    grayscale uses the ITU-R 601 luma weights, as OpenCV's RGB2GRAY does.
+    Default: the VAE range [-1, 1] is mapped to [0, 1], every channel clipped and rounded to
+    8 bits, then converted with the ITU-R 601 luma weights (OpenCV's RGB2GRAY).
+
+    ``clip_only``: the published script's order, which differs in three ways: no mapping
+    from [-1, 1] (every dark pixel turns black), luma taken on the raw float32 values *before*
+    clipping (a saturated colour such as (0.5, -0.3, -0.3) has luma 0, not the red channel's
+    share), and the clipped luma truncated, not rounded, to 8 bits.
     """
     import cv2
 
     images = images.detach().float().cpu()
-    if not clip_only:
-        images = images / 2.0 + 0.5
+    if clip_only:
+        # float32 throughout, weights applied left to right, as the script's numpy does.
+        luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+        return (luma.clamp(0.0, 1.0) * 255.0).to(torch.uint8).numpy()
+    images = images / 2.0 + 0.5
     rgb = (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return np.stack([cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY) for image in rgb])
 

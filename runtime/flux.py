@@ -201,7 +201,7 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
         dtype = prompt_embeds.dtype
 
         # 3. Initial noise: the full-size noise FluxPipeline draws (or is given).
-        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype)
+        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype, compat)
 
         # 4. The stages.
         guidance = None

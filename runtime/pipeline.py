@@ -164,7 +164,7 @@ class RALUPipelineMixin:
 
     # -- noise, stages, output --------------------------------------------------------------
 
-    def prepare_canvas(self, plan: Plan, latents: torch.Tensor | None, images: int, generator, device, dtype) -> torch.Tensor:
+    def prepare_canvas(self, plan: Plan, latents: torch.Tensor | None, images: int, generator, device, dtype, compat: PaperCompat) -> torch.Tensor:
         """The first stage's canvas: from the full-size noise the base pipeline draws (from
         the caller's generator, in ``dtype``) or from the given ``latents``."""
         latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
@@ -173,10 +173,10 @@ class RALUPipelineMixin:
             noise = randn_tensor((images, self.latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
         with section("noise"):
             if latents is None:
-                return initial_canvas(noise.float(), role)
+                return initial_canvas(noise.float(), role, compat)
             latents = latents.to(device).float()
             if tuple(latents.shape) == self.latents_shape(images, latent_h, latent_w):
-                return initial_canvas(self.latents_to_canvas(latents, latent_h, latent_w), role)
+                return initial_canvas(self.latents_to_canvas(latents, latent_h, latent_w), role, compat)
             return upsample_nearest(self.latents_to_canvas(latents, latent_h // 2, latent_w // 2))
 
     def run_ralu_stages(

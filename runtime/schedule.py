@@ -85,8 +85,15 @@ class TransitionCoefficients(BaseModel):
 def restart_time(end, c):
     """``s = e / (delta + e)`` with ``delta = (1 - e) / sqrt(c)``: where the next stage
     restarts after a transition at ``end``.  Works on floats and numpy arrays alike."""
-    delta = (1.0 - end) / np.sqrt(c)
-    return end / (delta + end)
+    return restart_time_z(end, 1.0 / np.sqrt(c))
+
+
+def restart_time_z(end, z):
+    """:func:`restart_time` in the calibration's parameter ``Z = 1/sqrt(c)``:
+    ``s = e / (Z (1 - e) + e)``.  Written in this order because it is the published
+    optimiser's arithmetic: its L-BFGS-B takes finite-difference gradients, so an objective
+    that differs in the last bit already sends it along another path."""
+    return end / (z * (1.0 - end) + end)
 
 
 def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoefficients:

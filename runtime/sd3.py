@@ -306,7 +306,7 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
         dtype = prompt_embeds.dtype
 
         # 3. Initial noise: the full-size noise StableDiffusion3Pipeline draws (or is given).
-        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype)
+        canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype, compat)
 
         # 4. The stages.
         slg = None

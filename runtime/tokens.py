@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from .compat import PaperCompat
+
 ROLES = ("low", "mixed", "full")
 
 
@@ -77,16 +79,19 @@ def expand_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
-def initial_canvas(noise: torch.Tensor, role: str) -> torch.Tensor:
+def initial_canvas(noise: torch.Tensor, role: str, compat: PaperCompat = PaperCompat()) -> torch.Tensor:
     """The first stage's canvas from full-resolution noise ``(B, C, H, W)`` ~ N(0, I).
 
     A full-res first stage uses the noise as is.  A low-res first stage uses
-    ``block_sum(noise) / 2`` (exactly N(0, I) per half-size pixel) nearest-upsampled: the
-    half-size noise is a deterministic function of the noise the base pipeline would draw.
+    ``block_sum(noise) / 2`` (exactly N(0, I) per half-size pixel; every drawn value counts)
+    nearest-upsampled: the half-size noise is a deterministic function of the noise the base
+    pipeline would draw.  ``compat.subsample_noise`` takes ``noise[..., ::2, ::2]`` instead,
+    as the published script does.
     """
     if role == "full":
         return noise
-    return upsample_nearest(block_sum(noise) / 2.0)
+    half = noise[..., ::2, ::2] if compat.subsample_noise else block_sum(noise) / 2.0
+    return upsample_nearest(half)
 
 
 class TokenLayout:

@@ -8,7 +8,7 @@ import pytest
 from ralu.calibrate import cli, plot
 from ralu.calibrate.calibration import calibrate
 from ralu.calibrate.flops import flops_speedup
-from ralu.calibrate.layout import BUDGET_SLACK
+from ralu.calibrate.layout_search import BUDGET_SLACK
 from ralu.calibrate.shipped import PRESETS
 from ralu.runtime.schedule import load_schedule, shipped_schedules
 

@@ -16,7 +16,7 @@ from ralu.calibrate.densities import (
     target_density,
     visited_timesteps,
 )
-from ralu.calibrate.search import Layout, NTDMObjective
+from ralu.calibrate.search import NTDMObjective, StageLayout
 from ralu.runtime.schedule import stage_sigmas, stage_starts
 
 LAYOUTS = [((5, 6, 7), (0.3, 0.45, 1.0), 1 / 6.317**2), ((2, 3, 5), (0.2, 0.3, 1.0), 1 / 6.261**2), ((4, 9), (0.4, 1.0), 0.2)]
@@ -72,10 +72,10 @@ def test_overlaps_raise_target_inside_them():
 
 def test_zero_divergence_when_realised_equals_target():
     # One full-range stage with the base shift realises exactly the base distribution.
-    problem = NTDMObjective(Layout((28,), (1.0,)), h0=3.0)
+    problem = NTDMObjective(StageLayout((28,), (1.0,)), h0=3.0)
     assert problem([3.0, 50.0]) == pytest.approx(0.0, abs=1e-7)
     assert problem([2.0, 50.0]) > 0.01
-    discrete = NTDMObjective(Layout((28,), (1.0,)), h0=3.0, objective="discrete")
+    discrete = NTDMObjective(StageLayout((28,), (1.0,)), h0=3.0, objective="discrete")
     assert discrete([3.0, 50.0]) == pytest.approx(0.0, abs=1e-7)
     assert discrete([6.0, 50.0]) > 0.1
 

@@ -283,12 +283,12 @@ def paper_schedule(budget: int, size: int):
 
     from ralu.calibrate.calibration import tool_version
     from ralu.calibrate.flops import flops_speedup
-    from ralu.calibrate.search import Layout, NTDMObjective
+    from ralu.calibrate.search import NTDMObjective, StageLayout
     from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
 
     p = PAPER_PRESETS[budget]
     c = 1.0 / p["z"] ** 2
-    problem = NTDMObjective(Layout(p["steps"], p["ends"]), PAPER_H0)
+    problem = NTDMObjective(StageLayout(p["steps"], p["ends"]), PAPER_H0)
     distance = float(problem.distance(np.array([[*p["shifts"], p["z"]]]))[0])
     speed = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"])
     starts = stage_starts(list(p["ends"]), c)

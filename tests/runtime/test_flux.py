@@ -302,10 +302,32 @@ def test_paper_compat(ralu, flux_embeds, three_stage):
     exact = ralu(**kwargs, generator=generators(2)).images
     paper = ralu(**kwargs, generator=generators(2), paper_compat=True).images
     assert (paper - exact).abs().max() > 1e-3
-    for switch in ("repeat_tokens", "unit_noise", "clip_decode", "global_noise"):
+    for switch in ("repeat_tokens", "unit_noise", "clip_decode", "global_noise", "subsample_noise"):
         ralu(**kwargs, generator=generators(2), paper_compat=[switch])
     with pytest.raises(ValueError, match="unknown switch"):
         ralu(**kwargs, generator=generators(2), paper_compat=["h0"])
+
+
+@pytest.mark.parametrize("compat", [["subsample_noise"], True])
+def test_subsample_noise_starts_stage_1_from_every_second_pixel_of_the_full_noise(ralu, flux_embeds, three_stage, compat):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    calls = []
+    handle = ralu.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+    try:
+        ralu(**flux_embeds(1), schedule=three_stage, generator=generators(1), output_type="latent", paper_compat=compat)
+        ralu(**flux_embeds(1), schedule=three_stage, generator=generators(1), output_type="latent")
+    finally:
+        handle.remove()
+    first_call_of_each_run = calls[0], calls[len(calls) // 2]
+    channels, latent = ralu.transformer.config.in_channels // 4, SIZE // 8
+    # The full-size noise FluxPipeline draws for this seed, in latent-pixel space.
+    full = randn_tensor((1, channels, latent, latent), generator=generators(1)[0], dtype=torch.float32)
+    subsampled = full[..., ::2, ::2]
+    packed = ralu._pack_latents(subsampled, 1, channels, latent // 2, latent // 2)
+    assert torch.equal(first_call_of_each_run[0], packed)
+    default = ralu._pack_latents(torch.nn.functional.avg_pool2d(full, 2) * 2, 1, channels, latent // 2, latent // 2)
+    torch.testing.assert_close(first_call_of_each_run[1], default)
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 from monte_carlo import SIGMAS
 
+from ralu.runtime.compat import PaperCompat
 from ralu.runtime.tokens import TokenLayout, block_sum, initial_canvas, patchify, upsample_nearest
 
 
@@ -64,3 +65,15 @@ def test_initial_canvas_keeps_unit_variance():
     half = initial_canvas(noise, "low")[:, :, ::2, ::2]
     assert torch.allclose(half, block_sum(noise) / 2)
     assert abs(half.var().item() - 1.0) < SIGMAS * math.sqrt(2 / half.numel())
+
+
+def test_subsample_noise_switch_takes_every_second_latent_pixel():
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    canvas = initial_canvas(noise, "low", PaperCompat(subsample_noise=True))
+    # The canvas holds the half-size latent nearest-upsampled; that latent is the script's
+    # nearest downsampling of the full noise: rows and columns 0, 2, 4, ...
+    assert torch.equal(canvas[..., ::2, ::2], noise[..., ::2, ::2])
+    assert torch.equal(canvas, upsample_nearest(noise[..., ::2, ::2]))
+    assert not torch.allclose(initial_canvas(noise, "low")[..., ::2, ::2], noise[..., ::2, ::2])
+    assert torch.equal(initial_canvas(noise, "full", PaperCompat(subsample_noise=True)), noise)
+    assert PaperCompat.parse(True).subsample_noise

@@ -22,7 +22,14 @@ import optuna
 
 from . import flops
 from .models import ModelSpec
-from .search import Z_BOUNDS, InnerResult, Layout, NTDMObjective, Objective, optimise
+from .search import (
+    Z_BOUNDS,
+    InnerResult,
+    NTDMObjective,
+    Objective,
+    StageLayout,
+    optimise,
+)
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
@@ -60,7 +67,7 @@ def largest_speedup(spec: ModelSpec, height: int, width: int, base_steps: int, c
 
 @dataclass
 class LayoutSearchResult:
-    layout: Layout
+    layout: StageLayout
     up_ratio: float
     inner: InnerResult
     speedup: flops.Flops
@@ -121,7 +128,7 @@ def search_layout(
             if ratio is None:
                 inner_cache[key] = None
             else:
-                problem = NTDMObjective(Layout(steps, ends), h0, objective, grid, z_bounds)
+                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds)
                 inner = optimise(problem, optimizer, seed=seed, effort="quick")
                 inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
         return inner_cache[key]
@@ -163,7 +170,7 @@ def search_layout(
     best = min(feasible, key=lambda t: (t.value, t.number))
     steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
     first = round(best.params["end_1"], 2)
-    layout = Layout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
+    layout = StageLayout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
     inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds), optimizer, seed=seed, effort="full")
     ratio = best.user_attrs["up_ratio"]
     history = [
