@@ -406,15 +406,23 @@ def load_schedule(source: "str | os.PathLike | Schedule | dict") -> Schedule:
     if not isinstance(source, (str, os.PathLike)):
         raise ScheduleError(f"a schedule is a shipped name, a path, a dict or a Schedule, not {type(source).__name__}. Fix: pass one of those")
     path = Path(source)
-    if path.is_file():
+    if _is_file(path):
         raw, where = _read_bounded(path, _one_line(str(path))), _one_line(str(path))
     else:
         name = str(source).removesuffix(".json")
         shipped = resources.files("ralu.schedules").joinpath(f"{name}.json")
-        if name == "schema" or os.sep in name or not shipped.is_file():
-            raise ScheduleError(f"no schedule file {str(source)!r} and no shipped schedule of that name. Fix: pass a path to a schedule JSON file or one of {shipped_schedules()}")
+        if name == "schema" or os.sep in name or not _is_file(shipped):
+            raise ScheduleError(f"no schedule file {_short(str(source))} and no shipped schedule of that name. Fix: pass a path to a schedule JSON file or one of {shipped_schedules()}")
         raw, where = shipped.read_bytes(), f"'{name}' (shipped)"
     return schedule_from_dict(_parse_json(raw, where), where)
+
+
+def _is_file(path) -> bool:
+    """``path.is_file()``, False for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _read_bounded(path: Path, where: str) -> bytes:
