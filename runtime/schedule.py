@@ -349,13 +349,17 @@ def version_problem(version) -> str | None:
 
 
 def _format_problem(item: dict) -> str:
-    where = _one_line(".".join(str(part)[:40] for part in item["loc"])) or "(top level)"
+    """One validation problem: ``field=value: what is wrong. Fix: ...`` (our own checks
+    name their fields and values themselves)."""
+    where = _one_line(".".join(str(part)[:40] for part in item["loc"]))
     message = item["msg"].removeprefix("Value error, ")
-    if item["type"] not in ("missing", "extra_forbidden", "value_error"):
-        message = f"{where}={_short(item['input'])}: {message}"
     if "Fix:" not in message:
         message += ". Fix: " + _FIXES.get(item["type"], "correct the value (see schedules/schema.json) or regenerate the file with ralu-calibrate")
-    return f"field '{where}': {message}"
+    if item["type"] in ("missing", "extra_forbidden"):
+        return f"field '{where}': {message}"
+    if item["type"] == "value_error":
+        return f"field '{where}': {message}" if where else message
+    return f"{where}={_short(item['input'])}: {message}"
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:

@@ -134,7 +134,7 @@ def test_the_nan_transition_of_the_issue_is_named_with_its_value(tmp_path):
     data = shipped_dict("flux-dev-4x")
     data["transitions"][0]["signal_scale"] = NAN
     message = refused(write(tmp_path, json.dumps(data)))
-    assert "signal_scale=nan" in message and "finite" in message, message
+    assert "transitions.0.signal_scale=nan: Input should be a finite number" in message, message
 
 
 def test_every_shipped_schedule_is_within_bounds_and_plans_finitely():
@@ -181,7 +181,7 @@ def test_deeply_nested_values_that_parse_are_refused(tmp_path):
     text = json.dumps(data).replace('"up_ratio": 0.3', f'"up_ratio": {deep}')
     assert "up_ratio" in refused(write(tmp_path, text))
     data["c"] = nested(100_000)  # a Python caller's dict: no JSON parser limits the depth
-    assert "field 'c'" in refused(data)
+    assert "c=[[[...]]]: Input should be a valid number" in refused(data)
 
 
 def test_duplicate_keys_huge_integers_and_huge_files_are_refused(tmp_path):
