@@ -255,7 +255,7 @@ class Schedule(BaseModel):
     @field_validator("version")
     @classmethod
     def _check_version(cls, version: int) -> int:
-        problem = version_problem(version)
+        problem = _version_problem(version)
         if problem is not None:
             raise ValueError(problem)
         return version
@@ -316,6 +316,11 @@ _FIXES = {
     "missing": "add the field (see schedules/schema.json)",
     "extra_forbidden": f"remove it: schedule format version {SCHEDULE_VERSION} has no such field",
     "finite_number": "use a finite number (NaN and infinity are not allowed)",
+    "multiple_of": f"use a multiple of {RESOLUTION_MULTIPLE}: the latent is halved for the low-res stage and cut into 2x2 tokens",
+    **dict.fromkeys(
+        ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "string_too_long"),
+        "stay within the bounds in schedules/schema.json, or regenerate the file with ralu-calibrate",
+    ),
 }
 
 
@@ -329,7 +334,7 @@ def _short(value) -> str:
     return _one_line(_SHORT.repr(value))
 
 
-def version_problem(version) -> str | None:
+def _version_problem(version) -> str | None:
     """Why ``version`` (a file's raw ``version`` value) cannot be read by this ralu, or None.
 
     Only the integer ``SCHEDULE_VERSION`` is accepted: no ``"1"``, ``1.0`` or ``true``.  A
@@ -381,7 +386,7 @@ def schedule_from_dict(data: dict, source: str = "<dict>") -> Schedule:
         raise ScheduleError(f"schedule {source} is not a JSON object. Fix: regenerate it with ralu-calibrate")
     if "version" not in data:
         raise ScheduleError(f"schedule {source} has no field 'version'. Fix: add \"version\": {SCHEDULE_VERSION}, or regenerate the file with ralu-calibrate")
-    problem = version_problem(data["version"])
+    problem = _version_problem(data["version"])
     if problem is not None:
         raise ScheduleError(f"schedule {source} is not readable: {problem}")
     try:
