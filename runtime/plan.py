@@ -115,6 +115,30 @@ def count_images(prompt, prompt_embeds, num_images_per_prompt, generator) -> tup
     return batch_size, per_prompt, images
 
 
+#: Slack on the [0, 1] range of planned sigmas: the shift and its inverse round by an ulp or two.
+_SIGMA_SLACK = 1e-9
+
+
+def check_plan_numbers(stages: tuple[StagePlan, ...], transitions: tuple[TransitionCoefficients, ...], c: float) -> None:
+    """Every sigma and coefficient a call will use must be a finite number in its range.
+
+    A validated schedule always passes; this is the last guard before compute, so that no
+    arithmetic surprise in the grids can turn into an all-NaN image instead of an error.
+    """
+    fix = "Fix: recalibrate the schedule with ralu-calibrate"
+    for stage in stages:
+        sigmas = stage.sigmas
+        if not (np.all(np.isfinite(sigmas)) and np.all(sigmas >= -_SIGMA_SLACK) and np.all(sigmas <= 1.0 + _SIGMA_SLACK)):
+            raise ScheduleError(f"stage {stage.index + 1} plans sigmas outside [0, 1] or not finite ({np.array2string(sigmas, threshold=8)}). {fix}")
+    for k, coefficients in enumerate(transitions):
+        values = coefficients.model_dump()
+        if not all(math.isfinite(value) for value in values.values()):
+            raise ScheduleError(f"transition {k + 1} has coefficients that are not finite ({values}). {fix}")
+    # The noise injection scales by sqrt(1 - 4c) and sqrt(1 - c).
+    if not (math.isfinite(c) and 0.0 < c <= 0.25):
+        raise ScheduleError(f"c={c} is outside (0, 1/4]: the noise coefficients sqrt(1 - 4c) would not be real. {fix}")
+
+
 def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scale_factor: int = 8) -> Plan:
     """Check the request and lay out the stages of one call at ``height x width`` pixels."""
     check_resolution(height, width, 4 * vae_scale_factor)
@@ -127,4 +151,6 @@ def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scal
     stages = tuple(
         StagePlan(index=i, role=role, sigmas=schedule.sigmas(i), tokens=tokens[role]) for i, role in enumerate(roles)
     )
-    return Plan(schedule=schedule, stages=stages, transitions=tuple(schedule.transitions), grid=grid, k=k)
+    transitions = tuple(schedule.transitions)
+    check_plan_numbers(stages, transitions, schedule.c)
+    return Plan(schedule=schedule, stages=stages, transitions=transitions, grid=grid, k=k)
