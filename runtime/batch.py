@@ -25,10 +25,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from .schedule import write_text_atomic

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from ralu.runtime import batch
 from ralu.runtime.batch import Job, read_prompts
 from ralu.runtime.cli import main
