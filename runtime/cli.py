@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     device, dtype_name = choose_device(args)
     pipe = load_pipeline(setup, args, device, dtype_name)
 
+    from ralu.runtime.batch import save_png_atomic
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         seed = args.seed + index
         image, info, elapsed = render(pipe, setup, args, device, args.prompt, args.negative_prompt, seed)
         path = out / png_name(args.schedule, seed, index)
-        image.save(path, pnginfo=info)
+        save_png_atomic(image, path, info)
         written.append(path)
         print(f"{path}: {elapsed:.3f} s/image (seed {seed})", flush=True)
     return written
