@@ -3,6 +3,10 @@
 Loads nothing from the network (``local_files_only``).  The pipeline class follows the
 folder's ``model_index.json`` ``_class_name``: FluxPipeline -> RALUFluxPipeline,
 StableDiffusion3Pipeline -> RALUStableDiffusion3Pipeline.
+
+``--prompt`` makes ``--num-images`` images of one prompt in this process; ``--prompts FILE``
+makes one image per line of a file, shared among the processes of a launcher and resumable
+(see ``ralu.runtime.batch``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: model_index.json ``_class_name`` -> (module, RALU pipeline class, family)
 PIPELINES: dict[str, tuple[str, str, str]] = {
@@ -35,14 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json); nothing is downloaded")
     parser.add_argument("--schedule", required=True, help="shipped schedule name (e.g. flux-dev-7x) or path to a schedule JSON file")
-    parser.add_argument("--prompt", required=True, help="text prompt")
-    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text prompt")
+    what.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts file: one prompt per line, or *.jsonl with {\"prompt\", \"seed\", \"negative_prompt\"} per line; "
+        "runs data-parallel under torchrun / accelerate launch, writes OUT/manifest.jsonl and skips images already made",
+    )
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1); with --prompts, for lines without their own")
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true classifier-free guidance scale (> 1 enables it)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the schedule's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the schedule's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (or prompt i of --prompts without its own seed) uses seed + i (default 0)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (FLUX distilled guidance, default 3.5; SD3 CFG, default 7.0)")
-    parser.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    parser.add_argument("--num-images", type=int, default=None, help="number of images of --prompt (default 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype (default: bfloat16 on cuda, float32 otherwise)")
     parser.add_argument("--out", required=True, help="output folder for the PNG files")
@@ -74,12 +87,21 @@ def png_name(schedule_arg: str, seed: int, index: int) -> str:
     return f"{index:03d}-{stem}-seed{seed}.png"
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+@dataclass
+class Setup:
+    """Everything checked before a pipeline is loaded."""
+
+    cls: type
+    family: str
+    schedule: Any
+    call: dict  # pipeline keyword arguments shared by every image (no prompt, no generator)
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Check the folder, schedule, resolution and options; load nothing heavy."""
     from ralu.runtime.plan import check_resolution, check_schedule
     from ralu.runtime.schedule import load_schedule
 
-    if args.num_images < 1:
-        raise CLIError(f"--num-images {args.num_images}: must be at least 1")
     cls, family = pipeline_class(Path(args.model))
     height, width = args.height, args.width
     try:
@@ -91,65 +113,164 @@ def run(args: argparse.Namespace) -> list[Path]:
     except ValueError as error:  # ScheduleError included
         raise CLIError(str(error)) from None
 
-    call = {"prompt": args.prompt, "height": height, "width": width, "schedule": schedule}
-    if args.negative_prompt is not None:
-        call["negative_prompt"] = args.negative_prompt
+    call = {"height": height, "width": width, "schedule": schedule}
     if family == "flux":
         call["guidance_scale"] = 3.5 if args.guidance is None else args.guidance
         if args.true_cfg_scale is not None:
             call["true_cfg_scale"] = args.true_cfg_scale
-        if args.negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
-            raise CLIError("FLUX ignores a negative prompt without true CFG. Fix: add --true-cfg-scale (e.g. 4.0), or drop --negative-prompt")
     else:
         if args.true_cfg_scale is not None:
             raise CLIError("--true-cfg-scale is for FLUX; for SD3 use --guidance")
         if args.guidance is not None:
             call["guidance_scale"] = args.guidance
+    return Setup(cls, family, schedule, call)
 
+
+def check_negative_prompt(setup: Setup, args: argparse.Namespace, negative_prompt: str | None, where: str = "") -> None:
+    if setup.family == "flux" and negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
+        raise CLIError(f"FLUX ignores a negative prompt without true CFG{where}. Fix: add --true-cfg-scale (e.g. 4.0), or drop the negative prompt")
+
+
+def choose_device(args: argparse.Namespace, launcher_device: str | None = None) -> tuple[str, str]:
+    """(device, dtype name).  Under a launcher, a bare ``cuda`` (or no --device) means this
+    process's own GPU."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or launcher_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and launcher_device is not None and launcher_device.startswith("cuda"):
+        device = launcher_device
     dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    return device, dtype_name
+
+
+def load_pipeline(setup: Setup, args: argparse.Namespace, device: str, dtype_name: str):
+    import torch
+
     try:
-        pipe = cls.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, dtype_name))
+        pipe = setup.cls.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, dtype_name))
     except (OSError, ValueError) as error:
         raise CLIError(f"could not load the pipeline from {args.model!r} without the network: {error}") from None
     pipe = pipe.to(device)
     if hasattr(pipe, "plan"):  # the pipeline's own checks (its VAE's scale factor), before any compute
         try:
-            pipe.plan(schedule, height, width)
+            pipe.plan(setup.schedule, setup.call["height"], setup.call["width"])
         except ValueError as error:
             raise CLIError(str(error)) from None
+    return pipe
 
+
+def parameters(setup: Setup) -> dict:
+    """The call's settings besides prompts and schedule (PNG metadata, manifest records)."""
+    return {key: value for key, value in setup.call.items() if key != "schedule"}
+
+
+def render(pipe, setup: Setup, args: argparse.Namespace, device: str, prompt: str, negative_prompt: str | None, seed: int):
+    """One image from its own CPU generator: (PIL image, PngInfo metadata, seconds)."""
+    import torch
     from PIL.PngImagePlugin import PngInfo
+
+    call = dict(setup.call, prompt=prompt)
+    if negative_prompt is not None:
+        call["negative_prompt"] = negative_prompt
+    generator = torch.Generator("cpu").manual_seed(seed)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    image = pipe(generator=generator, **call).images[0]
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    info = PngInfo()
+    info.add_text("prompt", prompt)
+    if negative_prompt is not None:
+        info.add_text("negative_prompt", negative_prompt)
+    info.add_text("seed", str(seed))
+    info.add_text("schedule", args.schedule)
+    info.add_text("schedule_json", setup.schedule.model_dump_json())
+    info.add_text("model", str(args.model))
+    info.add_text("parameters", json.dumps(parameters(setup)))
+    return image, info, elapsed
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    if args.prompts is not None:
+        return run_prompts(args)
+    num_images = 1 if args.num_images is None else args.num_images
+    if num_images < 1:
+        raise CLIError(f"--num-images {num_images}: must be at least 1")
+    setup = prepare(args)
+    check_negative_prompt(setup, args, args.negative_prompt)
+    device, dtype_name = choose_device(args)
+    pipe = load_pipeline(setup, args, device, dtype_name)
+
+    from ralu.runtime.batch import save_png_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for index in range(args.num_images):
+    for index in range(num_images):
         seed = args.seed + index
-        generator = torch.Generator("cpu").manual_seed(seed)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        image = pipe(generator=generator, **call).images[0]
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        info = PngInfo()
-        info.add_text("prompt", args.prompt)
-        if args.negative_prompt is not None:
-            info.add_text("negative_prompt", args.negative_prompt)
-        info.add_text("seed", str(seed))
-        info.add_text("schedule", args.schedule)
-        info.add_text("schedule_json", schedule.model_dump_json())
-        info.add_text("model", str(args.model))
-        info.add_text("parameters", json.dumps({k: v for k, v in call.items() if k not in ("prompt", "negative_prompt", "schedule")}))
+        image, info, elapsed = render(pipe, setup, args, device, args.prompt, args.negative_prompt, seed)
         path = out / png_name(args.schedule, seed, index)
-        image.save(path, pnginfo=info)
+        save_png_atomic(image, path, info)
         written.append(path)
         print(f"{path}: {elapsed:.3f} s/image (seed {seed})", flush=True)
     return written
+
+
+def run_prompts(args: argparse.Namespace) -> list[Path]:
+    """``--prompts``: every prompt of a file, shared among the launched processes, resumable."""
+    from ralu.runtime import batch
+
+    if args.num_images is not None:
+        raise CLIError("--num-images is for --prompt; with --prompts every line is one image. Fix: repeat a line (each line gets its own seed) or drop --num-images")
+    setup = prepare(args)
+    try:
+        jobs = batch.read_prompts(args.prompts, args.seed, args.negative_prompt)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    for job in jobs:
+        check_negative_prompt(setup, args, job.negative_prompt, f" (prompt {job.index})")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"cannot create the output folder {args.out!r} ({error.strerror}). Fix: pass a writable --out folder") from None
+
+    device, _ = choose_device(args)
+    try:
+        processes = batch.join_processes(cpu=device.startswith("cpu"))
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    try:
+        device, dtype_name = choose_device(args, processes.device)
+        common = {
+            "schedule": args.schedule,
+            "schedule_sha256": batch.schedule_sha256(setup.schedule),
+            "parameters": dict(parameters(setup), dtype=dtype_name),
+        }
+
+        def make_renderer():
+            if not processes.is_main:  # one process draws bars: the batch's own
+                from diffusers.utils import logging as diffusers_logging
+                from transformers.utils import logging as transformers_logging
+
+                diffusers_logging.disable_progress_bar()
+                transformers_logging.disable_progress_bar()
+            pipe = load_pipeline(setup, args, device, dtype_name)
+            pipe.set_progress_bar_config(disable=True)  # the batch has its own bar
+            return lambda job: render(pipe, setup, args, device, job.prompt, job.negative_prompt, job.seed)
+
+        try:
+            result = batch.run_batch(jobs, out, processes, lambda job: png_name(args.schedule, job.seed, job.index), common, make_renderer)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    finally:
+        processes.close()
+    if processes.is_main:
+        print(f"{len(jobs)} images in {out} ({result.skipped} were already there); manifest: {result.manifest}", flush=True)
+    return [out / record["file"] for record in result.made]
 
 
 def main(argv: list[str] | None = None) -> int:
