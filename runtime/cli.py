@@ -75,7 +75,8 @@ def png_name(schedule_arg: str, seed: int, index: int) -> str:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from ralu.runtime.plan import check_resolution, check_schedule
+    from ralu.runtime.models import check_resolution
+    from ralu.runtime.plan import check_schedule
     from ralu.runtime.schedule import load_schedule
 
     if args.num_images < 1:
