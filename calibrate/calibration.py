@@ -6,6 +6,7 @@ import datetime as _dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Literal
 
+from ralu.runtime.models import check_resolution, get_model
 from ralu.runtime.schedule import (
     Calibration,
     Divergence,
@@ -18,7 +19,6 @@ from ralu.runtime.schedule import (
 )
 
 from .layout import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
-from .models import check_resolution, get_model
 from .search import Z_BOUNDS, Layout, NTDMObjective, Objective, optimise
 
 

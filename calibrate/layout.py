@@ -20,8 +20,9 @@ from typing import Callable, Literal
 
 import optuna
 
-from . import flops
-from .models import ModelSpec
+from ralu.runtime.models import ModelSpec
+
+from .flops import pricing as flops
 from .search import Z_BOUNDS, InnerResult, Layout, NTDMObjective, Objective, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).

@@ -57,6 +57,10 @@ def test_patchify_roundtrip_and_layout():
     tokens = patchify(latent, 2)
     assert tokens.shape == (2, 6, 3, 2, 2)
     assert torch.equal(unpatchify(tokens, 4, 6), latent)
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        patchify(latent, 4)
+    with pytest.raises(ValueError, match="cannot fill a 4x4 latent"):
+        unpatchify(tokens, 4, 4)
     # token 4 = row 1, column 1: latent pixels rows 2-3, columns 2-3
     assert torch.equal(tokens[:, 4], latent[:, :, 2:4, 2:4])
 

@@ -3,35 +3,37 @@
 import numpy as np
 import pytest
 
+from ralu.calibrate.presets import PAPER_H0, preset
 from ralu.calibrate.search import Layout, NTDMObjective, optimise_global, optimise_paper
 
-FLUX_4X = Layout((5, 6, 7), (0.3, 0.45, 1.0))
-FLUX_7X = Layout((2, 3, 5), (0.2, 0.3, 1.0))
+PUBLISHED_4X, PUBLISHED_5X, PUBLISHED_7X = (preset(f"flux-dev-{n}x") for n in (4, 5, 7))
+FLUX_4X = Layout(PUBLISHED_4X.steps, PUBLISHED_4X.ends)
+FLUX_7X = Layout(PUBLISHED_7X.steps, PUBLISHED_7X.ends)
 
 
 def test_paper_optimizer_reproduces_published_flux_4x():
-    result = optimise_paper(NTDMObjective(FLUX_4X, h0=3.0))
-    np.testing.assert_allclose(result.shifts, (5.019, 2.589, 2.226), atol=2e-3)
-    assert result.z == pytest.approx(6.317, abs=2e-3)
-    assert result.js_distance == pytest.approx(0.017461, abs=2e-6)
+    result = optimise_paper(NTDMObjective(FLUX_4X, h0=PAPER_H0))
+    np.testing.assert_allclose(result.shifts, PUBLISHED_4X.shifts, atol=2e-3)
+    assert result.z == pytest.approx(PUBLISHED_4X.z, abs=2e-3)
+    assert result.js_distance == pytest.approx(PUBLISHED_4X.js_distance, abs=2e-6)
 
 
 def test_paper_optimizer_reproduces_published_flux_7x():
-    result = optimise_paper(NTDMObjective(FLUX_7X, h0=3.0))
-    np.testing.assert_allclose(result.shifts[1:], (2.856, 2.193), atol=2e-3)
-    assert result.z == pytest.approx(6.261, abs=2e-3)
-    assert result.js_distance == pytest.approx(0.026638, abs=2e-6)
+    result = optimise_paper(NTDMObjective(FLUX_7X, h0=PAPER_H0))
+    np.testing.assert_allclose(result.shifts[1:], PUBLISHED_7X.shifts[1:], atol=2e-3)
+    assert result.z == pytest.approx(PUBLISHED_7X.z, abs=2e-3)
+    assert result.js_distance == pytest.approx(PUBLISHED_7X.js_distance, abs=2e-6)
     # h1 (2 steps on [0, 0.2]) lies along an almost flat valley: we stop at 8.1459, the
     # published run (an older Fortran L-BFGS-B) at 8.141; ours is the lower point.
-    assert result.shifts[0] == pytest.approx(8.141, abs=6e-3)
-    problem = NTDMObjective(FLUX_7X, h0=3.0)
-    assert problem([*result.shifts, result.z]) <= problem([8.141, 2.856, 2.193, 6.261])
+    assert result.shifts[0] == pytest.approx(PUBLISHED_7X.shifts[0], abs=6e-3)
+    problem = NTDMObjective(FLUX_7X, h0=PAPER_H0)
+    assert problem([*result.shifts, result.z]) <= problem([*PUBLISHED_7X.shifts, PUBLISHED_7X.z])
 
 
 def test_paper_optimizer_reproduces_published_flux_5x():
-    result = optimise_paper(NTDMObjective(Layout((4, 5, 6), (0.3, 0.45, 1.0)), h0=3.0))
-    np.testing.assert_allclose(result.shifts, (5.115, 2.642, 2.254), atol=2e-3)
-    assert result.z == pytest.approx(7.522, abs=2e-3)
+    result = optimise_paper(NTDMObjective(Layout(PUBLISHED_5X.steps, PUBLISHED_5X.ends), h0=PAPER_H0))
+    np.testing.assert_allclose(result.shifts, PUBLISHED_5X.shifts, atol=2e-3)
+    assert result.z == pytest.approx(PUBLISHED_5X.z, abs=2e-3)
 
 
 @pytest.mark.parametrize("layout, bound", [(FLUX_4X, 0.01690), (FLUX_7X, 0.02640)])
