@@ -6,6 +6,7 @@ import datetime as _dt
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Literal
 
+from ralu.runtime.models import check_resolution, get_model
 from ralu.runtime.schedule import (
     Calibration,
     Divergence,
@@ -18,8 +19,7 @@ from ralu.runtime.schedule import (
 )
 
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
-from .models import check_resolution, get_model
-from .search import Z_BOUNDS, NTDMObjective, Objective, StageLayout, optimise
+from .search import Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
 
 
 def tool_version() -> str:

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from ralu.runtime.models import ALIASES, MODELS, get_model, stage_image_tokens
+from ralu.runtime.plan import STAGE_ROLES
 from ralu.runtime.schedule import Schedule, save_schedule
-
-from .models import ALIASES, MODELS
 
 #: A restart below this fraction of the previous end keeps little of the earlier stages
 #: (the published presets restart at about 0.2 e_k; Z = 100 restarts at about 0.02 e_k).
@@ -57,11 +57,9 @@ def default_out(schedule: Schedule, target: float | None) -> Path:
 
 
 def summary(schedule: Schedule, seconds: float) -> str:
-    tokens_full = (schedule.height // 16) * (schedule.width // 16)
-    from .models import stage_image_tokens
-
+    tokens_full = get_model(schedule.model).image_tokens(schedule.height, schedule.width)
     tokens = stage_image_tokens(tokens_full, schedule.up_ratio, len(schedule.stages))
-    names = {1: ["full"], 2: ["low", "full"], 3: ["low", "mixed", "full"]}.get(len(schedule.stages), ["?"] * len(schedule.stages))
+    names = STAGE_ROLES.get(len(schedule.stages), ("?",) * len(schedule.stages))
     cal = schedule.calibration
     lines = [
         f"RALU schedule for {schedule.model} at {schedule.width}x{schedule.height} "

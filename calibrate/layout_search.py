@@ -20,16 +20,10 @@ from typing import Callable, Literal
 
 import optuna
 
-from . import flops
-from .models import ModelSpec
-from .search import (
-    Z_BOUNDS,
-    InnerResult,
-    NTDMObjective,
-    Objective,
-    StageLayout,
-    optimise,
-)
+from ralu.runtime.models import ModelSpec
+
+from .flops import pricing as flops
+from .search import Z_BOUNDS, InnerResult, StageLayout, NTDMObjective, Objective, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)

@@ -13,10 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ralu.runtime.models import get_model, stage_image_tokens  # noqa: E402
 from ralu.runtime.schedule import Schedule, ScheduleError, load_schedule  # noqa: E402
 
 from .densities import realised_density, target_density  # noqa: E402
-from .models import stage_image_tokens  # noqa: E402
 
 STAGE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
 STAGE_NAMES = {1: ("full res",), 2: ("low res", "full res"), 3: ("low res", "mixed", "full res")}
@@ -81,7 +81,7 @@ def _draw_timesteps(axis, schedule: Schedule) -> None:
 def _draw_token_maps(figure, grid_spec, schedule: Schedule) -> None:
     """Per stage, an 8x8 sketch of the low-res token grid: dark = full resolution."""
     n = len(schedule.stages)
-    full = (schedule.height // 16) * (schedule.width // 16)
+    full = get_model(schedule.model).image_tokens(schedule.height, schedule.width)
     counts = stage_image_tokens(full, schedule.up_ratio, n) if n <= 3 else [full] * n
     names = STAGE_NAMES.get(n, tuple(f"stage {k + 1}" for k in range(n)))
     side = 8

@@ -11,41 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from ralu.runtime.models import get_model
 from ralu.runtime.schedule import Schedule, save_schedule, schedule_json_schema, write_text_atomic
 
 from .calibration import calibrate
-from .models import get_model
 from .plot import plot_schedule
-from .search import NTDMObjective, StageLayout, optimise_paper
+from .presets import PAPER_H0, PRESETS
+from .search import StageLayout, NTDMObjective, optimise_paper
 
 COMMAND = "python -m ralu.calibrate.shipped"
-
-
-@dataclass(frozen=True)
-class PaperPreset:
-    """A published layout and what the paper reports for it."""
-
-    name: str
-    model: str
-    target: float
-    steps: tuple[int, int, int]
-    ends: tuple[float, float, float]
-    up_ratio: float
-    paper_shifts: tuple[float, float, float]
-    paper_c: float
-    paper_speedup_linear: float | None
-
-
-PRESETS = (
-    PaperPreset("flux-dev-4x", "flux-dev", 4.0, (5, 6, 7), (0.3, 0.45, 1.0), 0.3, (5.019, 2.589, 2.226), 1 / 6.317**2, None),
-    PaperPreset("flux-dev-5x", "flux-dev", 5.0, (4, 5, 6), (0.3, 0.45, 1.0), 0.2, (5.115, 2.642, 2.254), 1 / 7.522**2, 5.53),
-    PaperPreset("flux-dev-7x", "flux-dev", 7.0, (2, 3, 5), (0.2, 0.3, 1.0), 0.1, (8.141, 2.856, 2.193), 1 / 6.261**2, 7.02),
-    PaperPreset("sd3-medium-2x", "sd3-medium", 2.0, (5, 6, 9), (0.2, 0.3, 1.0), 0.3, (6.21, 2.23, 1.97), 0.0586, 1.94),
-    PaperPreset("sd3-medium-3x", "sd3-medium", 3.0, (3, 3, 6), (0.25, 0.3, 1.0), 0.2, (6.40, 2.60, 2.23), 0.0255, 3.02),
-)
 
 
 def _row(name: str, schedule: Schedule, paper_js: float | None) -> str:
@@ -76,10 +52,10 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
             plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
             rows.append(_row(name, schedule, paper_js))
             print(f"{name}: JS {schedule.divergence.js_distance:.6f}, {schedule.flops_speedup.linear:.2f}x linear")
-        published = f"{preset.paper_speedup_linear}x" if preset.paper_speedup_linear else "not stated"
+        published = f"{preset.speedup}x" if preset.speedup else "not stated"
         notes.append(
-            f"- `{preset.name}`: published shifts {', '.join(f'{h:g}' for h in preset.paper_shifts)}, c = {preset.paper_c:.4f} "
-            f"(h0 = 3); our linear-convention speed-up {given.flops_speedup.linear:.2f}x vs published {published}."
+            f"- `{preset.name}`: published shifts {', '.join(f'{h:g}' for h in preset.shifts)}, c = {preset.c:.4f} "
+            f"(h0 = {PAPER_H0:g}); our linear-convention speed-up {given.flops_speedup.linear:.2f}x vs published {published}."
         )
     plots = "\n".join(f"![{p.stem}](schedules/{p.name})" for p in sorted((reports_dir / "schedules").glob("*.png")))
     return f"""# Shipped schedules
@@ -96,7 +72,7 @@ same layout: the global optimiser is never worse and usually better.
 {header}
 {chr(10).join(rows)}
 
-## Against the published presets (h0 = 3)
+## Against the published presets (h0 = {PAPER_H0:g})
 
 {chr(10).join(notes)}
 

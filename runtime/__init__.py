@@ -4,8 +4,8 @@ Light by design: never imports optuna, scipy or matplotlib.  Pipeline classes ar
 lazily so that reading a schedule does not pay for importing diffusers.
 """
 
+from .models import MODEL_FAMILIES
 from .schedule import (
-    MODEL_FAMILIES,
     SCHEDULE_VERSION,
     Schedule,
     ScheduleError,

@@ -99,7 +99,8 @@ class Setup:
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check the folder, schedule, resolution and options; load nothing heavy."""
-    from ralu.runtime.plan import check_resolution, check_schedule
+    from ralu.runtime.models import check_resolution
+    from ralu.runtime.plan import check_schedule
     from ralu.runtime.schedule import load_schedule
 
     cls, family = pipeline_class(Path(args.model))

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedule import RESOLUTION_MULTIPLE, Schedule, ScheduleError, TransitionCoefficients
+from .models import check_resolution, resolution_multiple, stage_image_tokens, upsampled_tokens
+from .schedule import Schedule, ScheduleError, TransitionCoefficients
 
 #: Stage roles by number of stages: low-res, mixed (edge tokens upsampled), full-res.
 STAGE_ROLES: dict[int, tuple[str, ...]] = {
@@ -59,18 +60,6 @@ class Plan:
     @property
     def full_tokens(self) -> int:
         return 4 * self.grid[0] * self.grid[1]
-
-
-def check_resolution(height: int, width: int, multiple: int = RESOLUTION_MULTIPLE) -> None:
-    """Height and width must be positive multiples of ``multiple`` (32 for an 8x VAE: the
-    latent is halved for stage 1 and cut into 2x2 tokens)."""
-    for label, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % multiple:
-            nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
-            raise ValueError(
-                f"{label}={value!r} must be a positive multiple of {multiple}: the latent is halved for the "
-                f"low-res stage and cut into 2x2 tokens. Fix: use e.g. {label}={nearest}"
-            )
 
 
 def check_schedule(schedule: Schedule, family: str, height: int, width: int) -> None:
@@ -141,16 +130,17 @@ def check_plan_numbers(stages: tuple[StagePlan, ...], transitions: tuple[Transit
 
 def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scale_factor: int = 8) -> Plan:
     """Check the request and lay out the stages of one call at ``height x width`` pixels."""
-    check_resolution(height, width, 4 * vae_scale_factor)
+    multiple = resolution_multiple(vae_scale_factor)
+    check_resolution(height, width, multiple)
     check_schedule(schedule, family, height, width)
-    grid = (height // (4 * vae_scale_factor), width // (4 * vae_scale_factor))
+    grid = (height // multiple, width // multiple)
     low_tokens = grid[0] * grid[1]
-    k = math.floor(schedule.up_ratio * low_tokens)
-    tokens = {"low": low_tokens, "mixed": low_tokens + 3 * k, "full": 4 * low_tokens}
     roles = STAGE_ROLES[len(schedule.stages)]
+    tokens = stage_image_tokens(4 * low_tokens, schedule.up_ratio, len(roles))
     stages = tuple(
-        StagePlan(index=i, role=role, sigmas=schedule.sigmas(i), tokens=tokens[role]) for i, role in enumerate(roles)
+        StagePlan(index=i, role=role, sigmas=schedule.sigmas(i), tokens=count) for i, (role, count) in enumerate(zip(roles, tokens))
     )
+    k = upsampled_tokens(low_tokens, schedule.up_ratio)
     transitions = tuple(schedule.transitions)
     check_plan_numbers(stages, transitions, schedule.c)
     return Plan(schedule=schedule, stages=stages, transitions=transitions, grid=grid, k=k)

@@ -22,19 +22,9 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
+from .models import MODEL_FAMILIES, RESOLUTION_MULTIPLE
+
 SCHEDULE_VERSION = 1
-
-#: Model names a schedule may name, and the pipeline family that runs them.
-MODEL_FAMILIES: dict[str, str] = {
-    "flux-dev": "flux",
-    "sd3-medium": "sd3",
-    "sd3.5-medium": "sd3",
-    "sd3.5-large": "sd3",
-}
-
-#: Height and width must be multiples of this: the latent (/8) is halved for stage 1 and
-#: then patchified 2x2 (FLUX packing or SD3 patch embedding).
-RESOLUTION_MULTIPLE = 32
 
 _TOLERANCE = 1e-6
 

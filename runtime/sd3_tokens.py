@@ -41,11 +41,9 @@ __all__ = [
     "embed_tokens",
     "grid_origin",
     "grid_positions",
-    "patchify",
     "position_embedding",
     "table_formula_matches",
     "token_forward",
-    "unpatchify",
 ]
 
 
@@ -59,30 +57,6 @@ def check_sd3_transformer(transformer) -> None:
         raise TypeError("the transformer's patch embedding has no cropped sin-cos table (pos_embed_max_size is None): not an SD3 layout. Fix: use an SD3 / SD3.5 transformer")
     if getattr(pos_embed, "layer_norm", False):
         raise TypeError("the transformer's patch embedding normalises patches (layer_norm=True): not an SD3 layout")
-
-
-# ----------------------------------------------------------------------------------------
-# Patches.
-# ----------------------------------------------------------------------------------------
-
-
-def patchify(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H/p) * (W/p), C, p, p), tokens in row-major order."""
-    batch, channels, height, width = latent.shape
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"latent {height}x{width} is not divisible by the patch size {patch_size}")
-    rows, cols = height // patch_size, width // patch_size
-    tokens = latent.reshape(batch, channels, rows, patch_size, cols, patch_size)
-    return tokens.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels, patch_size, patch_size)
-
-
-def unpatchify(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (B, rows * cols, C, p, p) -> (B, C, rows * p, cols * p)."""
-    batch, count, channels, patch, _ = tokens.shape
-    if count != rows * cols:
-        raise ValueError(f"{count} tokens cannot fill a {rows}x{cols} grid")
-    latent = tokens.reshape(batch, rows, cols, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return latent.reshape(batch, channels, rows * patch, cols * patch)
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,21 +45,29 @@ from __future__ import annotations
 import torch
 
 from .compat import PaperCompat
+from .models import TOKEN_PATCH
 
 ROLES = ("low", "mixed", "full")
 
 
-def patchify(latent: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, C, 2, 2)``: 2x2 patches in raster order."""
+def patchify(latent: torch.Tensor, patch_size: int = TOKEN_PATCH) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/p * W/p, C, p, p)``: p x p patches in raster order (p = 2:
+    FLUX's packing and SD3's patch embedding)."""
     b, c, h, w = latent.shape
-    patches = latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // 2) * (w // 2), c, 2, 2)
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"latent {h}x{w} is not divisible by the patch size {patch_size}")
+    p = patch_size
+    patches = latent.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // p) * (w // p), c, p, p)
 
 
 def unpatchify(patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`patchify` for a latent of ``height x width`` pixels."""
-    b, _, c = patches.shape[:3]
-    latent = patches.reshape(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    """Inverse of :func:`patchify` for a latent of ``height x width`` pixels (the patch size
+    is read from ``patches``)."""
+    b, count, c, p = patches.shape[:4]
+    if height % p or width % p or count != (height // p) * (width // p):
+        raise ValueError(f"{count} patches of {p}x{p} cannot fill a {height}x{width} latent")
+    latent = patches.reshape(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
     return latent.reshape(b, c, height, width)
 
 

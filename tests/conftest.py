@@ -45,15 +45,14 @@ def make_schedule():
 # FLUX
 # ----------------------------------------------------------------------------------------
 
-FLUX_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+
+def flux_scheduler_config() -> dict:
+    """FLUX.1-dev's scheduler (dynamic shifting), from the model registry."""
+    from ralu.runtime.models import get_model
+
+    return get_model("flux-dev").scheduler.config()
+
+
 TINY_FLUX_TEXT_DIM = 32
 
 
@@ -108,7 +107,7 @@ def tiny_flux_vae(seed: int = 0):
 def tiny_flux_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    return FlowMatchEulerDiscreteScheduler(**flux_scheduler_config())
 
 
 @pytest.fixture(scope="session")

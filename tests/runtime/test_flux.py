@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import io
-import math
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ralu.runtime import RALUFluxPipeline, ScheduleError
 from ralu.runtime.flux_rotary import per_sample_positions, supports_per_sample_positions
+from ralu.runtime.models import get_model
 
 SIZE = 128  # pixels: latent 16x16, M = 64 full-res tokens, 16 low-res tokens
 THREE_STAGES = [(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)]
 
 
 def base_shift(size: int) -> float:
-    tokens = (size // 16) ** 2
-    return math.exp(calculate_shift(tokens, 256, 4096, 0.5, 1.15))
+    """FLUX.1-dev's own shift at size x size: what FluxPipeline's grid uses."""
+    return get_model("flux-dev").base_shift(size, size)
 
 
 @pytest.fixture

@@ -116,11 +116,11 @@ def test_transition_matches_mean_and_covariance():
 
 
 def test_single_full_stage_sigmas_equal_flux_grid():
-    import math
-
     import numpy as np
 
-    steps, h = 8, math.exp(1.15)
+    from ralu.runtime.models import get_model
+
+    steps, h = 8, get_model("flux-dev").base_shift(1024, 1024)
     sigmas = stage_sigmas(steps, 0.0, 1.0, h)
     base = np.linspace(1.0, 1.0 / steps, steps)
     expected = np.append(h * base / (1 + (h - 1) * base), 0.0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ralu.runtime import sd3_tokens as st
+from ralu.runtime.tokens import patchify, unpatchify
 from sd3_models import SD3_MEDIUM_LIKE, SD35_MEDIUM_LIKE, TEXT_DIM, POOLED_DIM, tiny_transformer
 
 VARIANTS = {"sd3-medium-like": SD3_MEDIUM_LIKE, "sd3.5-medium-like": SD35_MEDIUM_LIKE}
@@ -32,17 +33,17 @@ def test_full_grid_equals_forward(transformer, skip_layers):
     latent, text, pooled, timestep = _inputs()
     reference = transformer(latent, text, pooled, timestep, return_dict=False, skip_layers=skip_layers)[0]
     positions = st.grid_positions(transformer, 6, 5)
-    tokens = st.token_forward(transformer, st.patchify(latent, 2), positions, text, pooled, timestep, skip_layers=skip_layers)
+    tokens = st.token_forward(transformer, patchify(latent, 2), positions, text, pooled, timestep, skip_layers=skip_layers)
     assert tokens.shape == (2, 30, 16, 2, 2)
-    assert torch.allclose(st.unpatchify(tokens, 6, 5), reference, atol=1e-5, rtol=0)
+    assert torch.allclose(unpatchify(tokens, 12, 10), reference, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
 def test_token_set_is_order_free_and_per_image(transformer):
     """Permuting tokens (differently per image) permutes the output: a set function."""
     latent, text, pooled, timestep = _inputs()
-    reference = st.patchify(transformer(latent, text, pooled, timestep, return_dict=False)[0], 2)
-    patches = st.patchify(latent, 2)
+    reference = patchify(transformer(latent, text, pooled, timestep, return_dict=False)[0], 2)
+    patches = patchify(latent, 2)
     positions = st.grid_positions(transformer, 6, 5)
     order = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(b)) for b in range(2)])
     gather = order[:, :, None, None, None].expand(-1, -1, 16, 2, 2)
@@ -53,9 +54,13 @@ def test_token_set_is_order_free_and_per_image(transformer):
 @torch.no_grad()
 def test_patchify_roundtrip_and_layout():
     latent = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    tokens = st.patchify(latent, 2)
+    tokens = patchify(latent, 2)
     assert tokens.shape == (2, 6, 3, 2, 2)
-    assert torch.equal(st.unpatchify(tokens, 2, 3), latent)
+    assert torch.equal(unpatchify(tokens, 4, 6), latent)
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        patchify(latent, 4)
+    with pytest.raises(ValueError, match="cannot fill a 4x4 latent"):
+        unpatchify(tokens, 4, 4)
     # token 4 = row 1, column 1: latent pixels rows 2-3, columns 2-3
     assert torch.equal(tokens[:, 4], latent[:, :, 2:4, 2:4])
 
@@ -104,11 +109,11 @@ def test_stored_table_off_formula_falls_back_to_interpolation():
 
 def test_clear_errors(transformer):
     latent, text, pooled, timestep = _inputs()
-    patches = st.patchify(latent, 2)
+    patches = patchify(latent, 2)
     with pytest.raises(ValueError, match="position table covers"):
         st.token_forward(transformer, patches, st.grid_positions(transformer, 6, 5) + 100, text, pooled, timestep)
     with pytest.raises(ValueError, match="patch size"):
-        st.token_forward(transformer, st.patchify(latent, 1), torch.zeros(2, 120, 2), text, pooled, timestep)
+        st.token_forward(transformer, patchify(latent, 1), torch.zeros(2, 120, 2), text, pooled, timestep)
     with pytest.raises(ValueError, match="does not fit"):
         st.grid_positions(transformer, 49, 10)
     with pytest.raises(TypeError, match="SD3"):
@@ -119,7 +124,7 @@ def test_clear_errors(transformer):
 def test_precomputed_position_embeddings_equal_positions(transformer):
     """A sampler computes the embeddings once per stage (``position_embeds``): same output."""
     latent, text, pooled, timestep = _inputs()
-    patches = st.patchify(latent, 2)
+    patches = patchify(latent, 2)
     positions = st.grid_positions(transformer, 6, 5) + torch.tensor([0.5, 0.0])  # fractional rows
     embeds = st.position_embedding(transformer, positions)
     want = st.token_forward(transformer, patches, positions, text, pooled, timestep)

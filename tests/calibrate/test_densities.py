@@ -16,10 +16,11 @@ from ralu.calibrate.densities import (
     target_density,
     visited_timesteps,
 )
-from ralu.calibrate.search import NTDMObjective, StageLayout
+from ralu.calibrate.presets import preset
+from ralu.calibrate.search import StageLayout, NTDMObjective
 from ralu.runtime.schedule import stage_sigmas, stage_starts
 
-LAYOUTS = [((5, 6, 7), (0.3, 0.45, 1.0), 1 / 6.317**2), ((2, 3, 5), (0.2, 0.3, 1.0), 1 / 6.261**2), ((4, 9), (0.4, 1.0), 0.2)]
+LAYOUTS = [(p.steps, p.ends, p.c) for p in (preset("flux-dev-4x"), preset("flux-dev-7x"))] + [((4, 9), (0.4, 1.0), 0.2)]
 
 
 def arrays(steps, ends, c, shifts):

@@ -52,10 +52,10 @@ def test_paper_optimizer_follows_the_published_optimizer_on_any_layout(steps, en
 
 
 def test_paper_optimizer_reproduces_published_flux_4x():
-    result = optimise_paper(NTDMObjective(FLUX_4X, h0=3.0))
-    np.testing.assert_allclose(result.shifts, (5.019, 2.589, 2.226), atol=2e-3)
-    assert result.z == pytest.approx(6.317, abs=2e-3)
-    assert result.js_distance == pytest.approx(0.017461, abs=2e-6)
+    result = optimise_paper(NTDMObjective(FLUX_4X, h0=PAPER_H0))
+    np.testing.assert_allclose(result.shifts, PUBLISHED_4X.shifts, atol=2e-3)
+    assert result.z == pytest.approx(PUBLISHED_4X.z, abs=2e-3)
+    assert result.js_distance == pytest.approx(PUBLISHED_4X.js_distance, abs=2e-6)
 
 
 def test_paper_optimizer_reproduces_published_flux_7x():

@@ -7,9 +7,9 @@ import pytest
 
 from ralu.calibrate import cli, plot
 from ralu.calibrate.calibration import calibrate
-from ralu.calibrate.flops import flops_speedup
+from ralu.calibrate.flops.pricing import flops_speedup
 from ralu.calibrate.layout_search import BUDGET_SLACK
-from ralu.calibrate.shipped import PRESETS
+from ralu.calibrate.presets import PAPER_H0, PRESETS, preset
 from ralu.runtime.schedule import load_schedule, shipped_schedules
 
 
@@ -20,16 +20,17 @@ def run(argv, capsys):
 
 
 def test_given_layout_with_paper_optimizer_reproduces_published_7x(tmp_path, capsys):
-    out = tmp_path / "p7.json"
-    code, stdout, _ = run(["--model", "flux", "--steps", 2, 3, 5, "--ends", 0.2, 0.3, 1.0, "--up-ratio", 0.1, "--optimizer", "paper", "--h0", 3, "--out", out, "--quiet"], capsys)
+    out, seven = tmp_path / "p7.json", preset("flux-dev-7x")
+    layout = ["--steps", *seven.steps, "--ends", *seven.ends, "--up-ratio", seven.up_ratio]
+    code, stdout, _ = run(["--model", "flux", *layout, "--optimizer", "paper", "--h0", PAPER_H0, "--out", out, "--quiet"], capsys)
     assert code == 0
     schedule = load_schedule(out)
-    assert [s.steps for s in schedule.stages] == [2, 3, 5]
-    assert schedule.stages[1].shift == pytest.approx(2.856, abs=2e-3)
-    assert schedule.z == pytest.approx(6.261, abs=2e-3)
-    assert schedule.divergence.js_distance == pytest.approx(0.026638, abs=2e-6)
-    assert schedule.flops_speedup.linear == pytest.approx(7.02, abs=0.01)
-    assert schedule.calibration.layout == "given" and schedule.calibration.h0 == 3.0
+    assert [s.steps for s in schedule.stages] == list(seven.steps)
+    assert schedule.stages[1].shift == pytest.approx(seven.shifts[1], abs=2e-3)
+    assert schedule.z == pytest.approx(seven.z, abs=2e-3)
+    assert schedule.divergence.js_distance == pytest.approx(seven.js_distance, abs=2e-6)
+    assert schedule.flops_speedup.linear == pytest.approx(seven.speedup, abs=0.01)
+    assert schedule.calibration.layout == "given" and schedule.calibration.h0 == PAPER_H0
     for word in ("stage", "JS distance", "speed-up", "Z = 1/sqrt(c)", "took"):
         assert word in stdout
 
@@ -129,4 +130,4 @@ def test_every_shipped_schedule_loads_with_its_plot():
         assert (schedule.flops_speedup.total, schedule.flops_speedup.linear) == pytest.approx((fresh.total, fresh.linear))
         if name.endswith("-searched"):
             assert schedule.flops_speedup.linear >= schedule.calibration.target_speedup
-        assert (plot.Path(__file__).resolve().parent.parent / "reports" / "schedules" / f"{name}.png").is_file()
+        assert (plot.Path(__file__).resolve().parents[2] / "reports" / "schedules" / f"{name}.png").is_file()

@@ -11,11 +11,13 @@ import math
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
-from ralu.calibrate import flops
-from ralu.calibrate.flops import (
+from ralu.calibrate.flops import cli, counting, pricing, report
+from ralu.calibrate.flops.pricing import (
+    ZERO,
     Flops,
     baseline_flops,
     flops_speedup,
@@ -26,7 +28,8 @@ from ralu.calibrate.flops import (
     transformer_flops,
     vae_decode_flops,
 )
-from ralu.calibrate.models import MODELS
+from ralu.calibrate.presets import PAPER_BASELINE_TFLOPS, PAPER_SIZE, PRESETS, REFERENCE_EDGE_DECODE_TFLOPS, preset
+from ralu.runtime.models import MODELS
 
 T = 1e12
 
@@ -42,24 +45,24 @@ def relative(a: float, b: float) -> float:
 
 def test_table_matches_fresh_flux_count_at_unfitted_size():
     # 1330 image tokens (the FLUX 7x mixed stage) is neither a fit nor the check size.
-    assert 1330 not in flops.TRANSFORMER_FIT_TOKENS + (flops.TRANSFORMER_CHECK_TOKENS,)
-    fresh = flops.count_transformer_forward("flux-dev", 1330)
-    table = flops.transformer_forward_flops("flux-dev", 1330)
+    assert 1330 not in counting.TRANSFORMER_FIT_TOKENS + (counting.TRANSFORMER_CHECK_TOKENS,)
+    fresh = counting.count_transformer_forward("flux-dev", 1330)
+    table = pricing.transformer_forward_flops("flux-dev", 1330)
     assert relative(table.total, fresh.total) < 1e-9
     assert relative(table.linear, fresh.linear) < 1e-9
 
 
 def test_table_matches_fresh_vae_and_text_counts():
-    fresh = flops.count_vae_decode("flux-dev", 64, 64)  # the 512-px edge decode
+    fresh = counting.count_vae_decode("flux-dev", 64, 64)  # the 512-px edge decode
     table = vae_decode_flops("flux-dev", 512, 512)
     assert relative(table.total, fresh.total) < 1e-9
     assert relative(table.linear, fresh.linear) < 1e-9
-    t5 = next(e for e in flops.ARCHITECTURES["flux-dev"].text_encoders if e.label == "t5-xxl")
-    assert flops.count_text_encoder(t5) == flops.text_encoder_flops("flux-dev")["t5-xxl"]
+    t5 = next(e for e in MODELS["flux-dev"].architecture.text_encoders if e.label == "t5-xxl")
+    assert counting.count_text_encoder(t5) == pricing.text_encoder_flops("flux-dev")["t5-xxl"]
 
 
 def test_table_records_provenance_and_text_lengths():
-    table = flops.load_table()
+    table = pricing.load_table()
     assert set(table["versions"]) == {"torch", "diffusers", "transformers"}
     assert set(table["models"]) == set(MODELS)
     for name, entry in table["models"].items():
@@ -70,7 +73,7 @@ def test_text_tokens_match_the_encoders_that_feed_the_sequence():
     # FLUX's joint sequence is T5 only (CLIP gives the pooled vector); SD3 concatenates the
     # 77 CLIP tokens (L and bigG side by side in channels) with the T5 tokens.
     for name, spec in MODELS.items():
-        tokens = {e.label: e.tokens for e in flops.ARCHITECTURES[name].text_encoders}
+        tokens = {e.label: e.tokens for e in spec.architecture.text_encoders}
         expected = tokens["t5-xxl"] + (tokens["clip-l"] if spec.family == "sd3" else 0)
         assert spec.text_tokens == expected
 
@@ -90,7 +93,7 @@ def test_text_tokens_match_the_encoders_that_feed_the_sequence():
     ],
 )
 def test_method_golden_per_forward(model, tokens, total, linear, tolerance):
-    f = flops.transformer_forward_flops(model, tokens)
+    f = pricing.transformer_forward_flops(model, tokens)
     assert relative(f.total / T, total) < tolerance
     if linear is not None:
         assert relative(f.linear / T, linear) < tolerance
@@ -98,7 +101,7 @@ def test_method_golden_per_forward(model, tokens, total, linear, tolerance):
 
 
 def test_edge_decode_cost_matches_method():
-    assert relative(vae_decode_flops("flux-dev", 512, 512).linear / T, 2.48) < 2e-3
+    assert relative(vae_decode_flops("flux-dev", 512, 512).linear / T, REFERENCE_EDGE_DECODE_TFLOPS) < 2e-3
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,10 +111,10 @@ def test_edge_decode_cost_matches_method():
 
 def test_cfg_doubles_sd3_but_not_flux():
     for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large"):
-        assert transformer_flops(name, 1024) == flops.transformer_forward_flops(name, 1024) * 2
-        assert text_encode_flops(name) == sum(flops.text_encoder_flops(name).values(), flops.ZERO) * 2
-    assert transformer_flops("flux-dev", 1024) == flops.transformer_forward_flops("flux-dev", 1024)
-    assert text_encode_flops("flux") == sum(flops.text_encoder_flops("flux-dev").values(), flops.ZERO)
+        assert transformer_flops(name, 1024) == pricing.transformer_forward_flops(name, 1024) * 2
+        assert text_encode_flops(name) == sum(pricing.text_encoder_flops(name).values(), ZERO) * 2
+    assert transformer_flops("flux-dev", 1024) == pricing.transformer_forward_flops("flux-dev", 1024)
+    assert text_encode_flops("flux") == sum(pricing.text_encoder_flops("flux-dev").values(), ZERO)
 
 
 def test_one_stage_ralu_is_the_baseline():
@@ -123,7 +126,7 @@ def test_edge_decode_only_with_a_mixed_stage():
     three = ralu_breakdown("sd3", 1024, 1024, [3, 3, 6], 0.2)
     assert "vae_edge_decode" not in two
     assert three["vae_edge_decode"] == vae_decode_flops("sd3-medium", 512, 512)
-    assert sum(three.values(), flops.ZERO) == ralu_flops("sd3-medium", 1024, 1024, [3, 3, 6], 0.2)
+    assert sum(three.values(), ZERO) == ralu_flops("sd3-medium", 1024, 1024, [3, 3, 6], 0.2)
 
 
 def test_vae_decode_is_quadratic_in_area_with_attention():
@@ -141,39 +144,42 @@ def test_vae_decode_is_quadratic_in_area_with_attention():
 SPEEDUP_TOLERANCE = 5e-3
 
 
-@pytest.mark.parametrize(
-    "model, steps, up_ratio, paper_speedup, paper_tflops",
-    [
-        ("flux-dev", [2, 3, 5], 0.1, 7.02, 426.01),
-        ("sd3-medium", [3, 3, 6], 0.2, 3.02, 116.61),
-        ("sd3-medium", [5, 6, 9], 0.3, 1.94, None),
-    ],
-)
-def test_paper_layouts(model, steps, up_ratio, paper_speedup, paper_tflops):
-    speedup = flops_speedup(model, 1024, 1024, steps, up_ratio)
-    assert relative(speedup.linear, paper_speedup) < SPEEDUP_TOLERANCE
+# Every preset with a published speed-up but FLUX 5x, whose layout does not reproduce (below).
+REPRODUCED = [p for p in PRESETS if p.speedup is not None and p.name != "flux-dev-5x"]
+
+
+def test_the_reproduced_presets_are_the_papers_7x_3x_and_2x():
+    assert [p.name for p in REPRODUCED] == ["flux-dev-7x", "sd3-medium-2x", "sd3-medium-3x"]
+
+
+@pytest.mark.parametrize("paper", REPRODUCED, ids=[p.name for p in REPRODUCED])
+def test_paper_layouts(paper):
+    speedup = flops_speedup(paper.model, PAPER_SIZE, PAPER_SIZE, list(paper.steps), paper.up_ratio)
+    assert relative(speedup.linear, paper.speedup) < SPEEDUP_TOLERANCE
     assert speedup.total > speedup.linear  # attention shrinks faster than linear layers
-    if paper_tflops is not None:
-        cost = ralu_flops(model, 1024, 1024, steps, up_ratio)
-        assert relative(cost.linear / T, paper_tflops) < SPEEDUP_TOLERANCE
+    if paper.tflops is not None:
+        cost = ralu_flops(paper.model, PAPER_SIZE, PAPER_SIZE, list(paper.steps), paper.up_ratio)
+        assert relative(cost.linear / T, paper.tflops) < SPEEDUP_TOLERANCE
 
 
-@pytest.mark.parametrize("model, paper_tflops", [("flux-dev", 2991.0), ("sd3-medium", 351.66)])
-def test_paper_baselines(model, paper_tflops):
-    assert relative(baseline_flops(model, 1024, 1024).linear / T, paper_tflops) < 1e-3
+@pytest.mark.parametrize("model", sorted(PAPER_BASELINE_TFLOPS))
+def test_paper_baselines(model):
+    assert relative(baseline_flops(model, PAPER_SIZE, PAPER_SIZE).linear / T, PAPER_BASELINE_TFLOPS[model]) < 1e-3
 
 
 def test_flux_5x_layout_cannot_reach_the_papers_number():
     # Documented discrepancy: [4, 5, 6] at r = 0.2 is 5.05x; even r = 0 stays above the
     # paper's 540.47 TFLOPs, so the paper's 5x preset must use another step split.
-    speedup = flops_speedup("flux-dev", 1024, 1024, [4, 5, 6], 0.2)
+    five = preset("flux-dev-5x")
+    assert (five.steps, five.up_ratio) == ((4, 5, 6), 0.2)
+    speedup = flops_speedup("flux-dev", 1024, 1024, list(five.steps), five.up_ratio)
     assert speedup.linear == pytest.approx(5.048, abs=2e-3)
-    assert ralu_flops("flux-dev", 1024, 1024, [4, 5, 6], 0.0).linear / T > 540.47
+    assert ralu_flops("flux-dev", 1024, 1024, list(five.steps), 0.0).linear / T > five.tflops
 
 
 def test_max_speedup_is_finite_and_above_the_7x_target():
     ceiling = max_speedup("flux-dev", 1024, 1024, 0.1)
-    assert math.isfinite(ceiling.linear) and ceiling.linear > 7.02
+    assert math.isfinite(ceiling.linear) and ceiling.linear > preset("flux-dev-7x").speedup
     assert ceiling == flops_speedup("flux-dev", 1024, 1024, [1, 1, 1], 0.1)
 
 
@@ -220,38 +226,50 @@ def test_fit_quadratic_is_exact():
     def p(x):
         return 7 + Fraction(3, 2) * x + 5 * x * x
 
-    assert flops.fit_quadratic([3, 10, 40], [p(3), p(10), p(40)]) == (7, Fraction(3, 2), 5)
+    assert counting.fit_quadratic([3, 10, 40], [p(3), p(10), p(40)]) == (7, Fraction(3, 2), 5)
 
 
 def test_fit_rejects_a_non_quadratic_component():
     xs, check_x = (1, 2, 3), 4
     cubes = [Flops(float(x**3), float(x**3)) for x in xs]
     with pytest.raises(RuntimeError, match="not quadratic"):
-        flops._fit_component(xs, cubes, check_x, Flops(64.0, 64.0), "cube")
+        counting._fit_component(xs, cubes, check_x, Flops(64.0, 64.0), "cube")
 
 
 def test_missing_entry_is_counted_on_demand(monkeypatch, caplog):
-    shipped = json.loads(flops.table_path().read_text())["models"]["sd3-medium"]
-    monkeypatch.setattr(flops, "load_table", lambda: {"format": flops.TABLE_FORMAT, "models": {}})
-    flops.model_entry.cache_clear()
+    shipped = json.loads(pricing.table_path().read_text())["models"]["sd3-medium"]
+    monkeypatch.setattr(pricing, "load_table", lambda: {"format": pricing.TABLE_FORMAT, "models": {}})
+    pricing.model_entry.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="ralu.calibrate.flops"):
-            entry = flops.model_entry("sd3-medium")
+            entry = pricing.model_entry("sd3-medium")
         assert "counting it now" in caplog.text
         assert entry == shipped
     finally:
-        flops.model_entry.cache_clear()
+        pricing.model_entry.cache_clear()
 
 
 def test_import_does_not_load_torch():
     # The Optuna CLI prices schedules from the table; importing torch would cost seconds.
-    code = "import sys, ralu.calibrate.flops as f; f.ralu_flops('flux', 1024, 1024, [2, 3, 5], 0.1); print('torch' in sys.modules)"
+    code = "import sys; from ralu.calibrate.flops import pricing; pricing.ralu_flops('flux', 1024, 1024, [2, 3, 5], 0.1); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 def test_report_states_its_command(tmp_path):
     target = tmp_path / "flops.md"
-    assert flops.main(["--report", str(target)]) == 0
+    assert cli.main(["--report", str(target)]) == 0
     head = target.read_text().splitlines()[:4]
-    assert any(flops.REPORT_COMMAND in line for line in head)
+    assert any(report.REPORT_COMMAND in line for line in head)
+
+
+def test_committed_report_is_current():
+    committed = Path(__file__).resolve().parents[2] / "reports" / "flops.md"
+    assert committed.read_text(encoding="utf-8") == report.render_report()
+
+
+def test_module_command_runs():
+    # The command the report and the table name (`python -m ralu.calibrate.flops ...`).
+    result = subprocess.run([sys.executable, "-m", "ralu.calibrate.flops", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--write" in result.stdout and "--report" in result.stdout
+    assert pricing.RECOUNT_COMMAND == pricing.load_table()["generated_by"]

@@ -1,0 +1,292 @@
+"""The registry of models ralu knows: one typed record per model, and the rules that follow
+from it (base shift, resolution, token counts).
+
+Every fact about a model is declared here once and read from here by the runtime (schedule
+validation, stage plans), the calibrator (base shift h0, baselines) and the FLOPs cost model
+(the architecture configs it counts on the meta device).
+
+Standard library only: the runtime imports this module, and it must stay light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Family = Literal["flux", "sd3"]
+
+
+# ----------------------------------------------------------------------------------------
+# The base model's scheduler.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DynamicShift:
+    """FLUX.1's resolution-dependent time shift (``use_dynamic_shifting`` in diffusers'
+    ``FlowMatchEulerDiscreteScheduler``).
+
+    ``mu`` is linear in the image token count: ``base_shift`` at ``base_image_seq_len``
+    tokens, ``max_shift`` at ``max_image_seq_len`` (and extrapolated beyond).  The scheduler's
+    exponential time shift with ``mu`` equals the static shift ``exp(mu)``.
+    """
+
+    base_shift: float
+    max_shift: float
+    base_image_seq_len: int
+    max_image_seq_len: int
+
+    def mu(self, image_tokens: int) -> float:
+        """``mu`` at ``image_tokens`` (what diffusers' ``calculate_shift`` returns)."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return self.base_shift + slope * (image_tokens - self.base_image_seq_len)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """The base model's flow-matching scheduler, as its ``scheduler_config.json`` sets it."""
+
+    #: Static time shift.  Stored by FLUX.1-dev's config too, where dynamic shifting overrides it.
+    shift: float
+    #: The dynamic shift rule, or None when the static ``shift`` applies (SD3).
+    dynamic: DynamicShift | None = None
+    num_train_timesteps: int = 1000
+
+    def base_shift(self, image_tokens: int) -> float:
+        """h0: the shift of the base model's own sigma grid at ``image_tokens`` image tokens."""
+        if self.dynamic is None:
+            return self.shift
+        return math.exp(self.dynamic.mu(image_tokens))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments of diffusers' ``FlowMatchEulerDiscreteScheduler``."""
+        config: dict[str, Any] = {"num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
+        if self.dynamic is not None:
+            config.update(
+                use_dynamic_shifting=True,
+                base_shift=self.dynamic.base_shift,
+                max_shift=self.dynamic.max_shift,
+                base_image_seq_len=self.dynamic.base_image_seq_len,
+                max_image_seq_len=self.dynamic.max_image_seq_len,
+            )
+        return config
+
+
+# ----------------------------------------------------------------------------------------
+# The networks of a pipeline (diffusers / transformers constructor arguments).
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a pipeline and the sequence length it is run at."""
+
+    label: str
+    model_class: str  # a transformers class name
+    config: dict[str, Any]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The three networks of one pipeline, as configs (no weights)."""
+
+    transformer_class: str  # a diffusers class name
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoders: tuple[TextEncoder, ...]
+
+
+FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+SD3_MEDIUM_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+)
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = dict(
+    SD3_MEDIUM_TRANSFORMER, pos_embed_max_size=384, qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+)
+SD35_LARGE_TRANSFORMER: dict[str, Any] = dict(
+    SD3_MEDIUM_TRANSFORMER, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+    qk_norm="rms_norm",
+)
+
+#: FLUX.1 and SD3/SD3.5 ship VAEs of the same shape: 16 latent channels, four blocks (an 8x
+#: downsampling), no quant convs.  Only the latent scaling and shift differ (below).
+VAE_16CH: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+FLUX_VAE: dict[str, Any] = dict(VAE_16CH, scaling_factor=0.3611, shift_factor=0.1159)
+SD3_VAE: dict[str, Any] = dict(VAE_16CH, scaling_factor=1.5305, shift_factor=0.0609)
+
+CLIP_L: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+OPENCLIP_BIGG: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+T5_XXL: dict[str, Any] = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, is_encoder_decoder=False, use_cache=False,
+)
+
+_FLUX_TEXT = (
+    # FLUX uses CLIP-L for its pooled vector only, but the whole 77-token model runs.
+    TextEncoder("clip-l", "CLIPTextModel", CLIP_L, 77),
+    TextEncoder("t5-xxl", "T5EncoderModel", T5_XXL, 512),
+)
+_SD3_TEXT = (
+    TextEncoder("clip-l", "CLIPTextModelWithProjection", CLIP_L, 77),
+    TextEncoder("clip-bigg", "CLIPTextModelWithProjection", OPENCLIP_BIGG, 77),
+    TextEncoder("t5-xxl", "T5EncoderModel", T5_XXL, 256),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# The model record and the rules it implies.
+# ----------------------------------------------------------------------------------------
+
+#: Image tokens are 2x2 patches of the latent (FLUX packing, SD3 patch embedding).
+TOKEN_PATCH = 2
+
+
+def resolution_multiple(vae_scale_factor: int) -> int:
+    """What height and width must be multiples of: the latent (pixels / ``vae_scale_factor``)
+    is halved for the low-res stage, whose tokens are 2x2 patches."""
+    return 2 * TOKEN_PATCH * vae_scale_factor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything ralu needs to know about one model."""
+
+    #: Name a schedule file records ("flux-dev", "sd3-medium", ...).
+    name: str
+    #: Pipeline family that runs it.
+    family: Family
+    #: Steps of the baseline sampler (FLUX.1-dev 50, SD3 28: the paper's baselines).
+    base_steps: int
+    #: Whether the baseline runs classifier-free guidance (doubles every forward).
+    cfg: bool
+    #: Text tokens in the joint sequence (FLUX: T5 512; SD3: CLIP 77 + T5 256).
+    text_tokens: int
+    scheduler: Scheduler
+    architecture: Architecture = field(repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel, as diffusers derives it from the VAE's blocks."""
+        return 2 ** (len(self.architecture.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.architecture.vae["latent_channels"]
+
+    @property
+    def resolution_multiple(self) -> int:
+        return resolution_multiple(self.vae_scale_factor)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Image tokens of one full-resolution forward: the latent cut into 2x2 patches."""
+        check_resolution(height, width, self.resolution_multiple)
+        side = TOKEN_PATCH * self.vae_scale_factor
+        return (height // side) * (width // side)
+
+    def base_shift(self, height: int, width: int) -> float:
+        """h0: the shift of the base model's own schedule at this resolution (FLUX.1-dev:
+        exp(mu) = 3.158 at 1024x1024; SD3: 3.0 at any size)."""
+        return self.scheduler.base_shift(self.image_tokens(height, width))
+
+
+_SD3_SCHEDULER = Scheduler(shift=3.0)
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "flux-dev", "flux", base_steps=50, cfg=False, text_tokens=512,
+            scheduler=Scheduler(shift=3.0, dynamic=DynamicShift(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
+            architecture=Architecture("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, FLUX_VAE, _FLUX_TEXT),
+        ),
+        ModelSpec(
+            "sd3-medium", "sd3", base_steps=28, cfg=True, text_tokens=333, scheduler=_SD3_SCHEDULER,
+            architecture=Architecture("SD3Transformer2DModel", SD3_MEDIUM_TRANSFORMER, SD3_VAE, _SD3_TEXT),
+        ),
+        ModelSpec(
+            "sd3.5-medium", "sd3", base_steps=28, cfg=True, text_tokens=333, scheduler=_SD3_SCHEDULER,
+            architecture=Architecture("SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER, SD3_VAE, _SD3_TEXT),
+        ),
+        ModelSpec(
+            "sd3.5-large", "sd3", base_steps=28, cfg=True, text_tokens=333, scheduler=_SD3_SCHEDULER,
+            architecture=Architecture("SD3Transformer2DModel", SD35_LARGE_TRANSFORMER, SD3_VAE, _SD3_TEXT),
+        ),
+    )
+}
+
+#: Model names a schedule may name, and the pipeline family that runs them.
+MODEL_FAMILIES: dict[str, str] = {name: spec.family for name, spec in MODELS.items()}
+
+#: Short names accepted on the command line.
+ALIASES: dict[str, str] = {"flux": "flux-dev", "sd3": "sd3-medium"}
+
+#: A height or width every known model accepts (each model's multiple divides it).
+RESOLUTION_MULTIPLE: int = math.lcm(*(spec.resolution_multiple for spec in MODELS.values()))
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a model up by name or alias; unknown names get an error listing the choices."""
+    key = ALIASES.get(name, name)
+    if key not in MODELS:
+        choices = sorted(set(MODELS) | set(ALIASES))
+        raise ValueError(f"unknown model {name!r}. Fix: use one of {choices}")
+    return MODELS[key]
+
+
+def check_resolution(height: int, width: int, multiple: int = RESOLUTION_MULTIPLE) -> None:
+    """Height and width must be positive integer multiples of ``multiple`` (see
+    :func:`resolution_multiple`; 32 for an 8x VAE)."""
+    for label, value in (("height", height), ("width", width)):
+        # numpy integers pass; bools and floats do not.
+        if not hasattr(value, "__index__") or isinstance(value, bool) or value <= 0 or value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
+            raise ValueError(
+                f"{label}={value!r} must be a positive multiple of {multiple}: the latent is halved for the "
+                f"low-res stage and cut into 2x2 tokens. Fix: use e.g. {label}={nearest}"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Token counts of the stages (the same for every model: counts of 2x2 latent patches).
+# ----------------------------------------------------------------------------------------
+
+
+def upsampled_tokens(low_tokens: int, up_ratio: float) -> int:
+    """k = floor(r * M/4): low-res tokens the mixed stage replaces by their four children."""
+    return math.floor(up_ratio * low_tokens)
+
+
+def stage_image_tokens(full_tokens: int, up_ratio: float, n_stages: int) -> list[int]:
+    """Image tokens per stage: ``M/4, M/4 + 3k, M`` for three stages (k = floor(r M/4)).
+
+    With two stages there is no mixed stage (``M/4, M``); with one, full resolution only.
+    """
+    low = full_tokens // 4
+    if n_stages == 1:
+        return [full_tokens]
+    if n_stages == 2:
+        return [low, full_tokens]
+    if n_stages == 3:
+        return [low, low + 3 * upsampled_tokens(low, up_ratio), full_tokens]
+    raise ValueError(f"{n_stages} stages: the runtime knows 1, 2 or 3 (low, mixed, full resolution)")
