@@ -122,7 +122,6 @@ def calibrate(
 
     layout_kind: Literal["given", "searched"]
     if steps is None:
-        log(f"searching stage layouts for {speedup}x ({flops_convention} FLOPs), {trials} trials, seed {seed}")
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
             objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, trials=trials, seed=seed,

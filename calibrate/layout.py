@@ -149,6 +149,7 @@ def search_layout(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = shared.open_study(storage, study_name, seed)
     done = shared.count(study, optuna.trial.TrialState.COMPLETE)
+    log(f"searching stage layouts for {target}x ({convention} FLOPs), {trials} trials, seed {seed}")
     if storage is not None and len(study.trials):
         log(f"resuming study {study_name!r} in {storage}: {done} finished trials, {shared.count(study, optuna.trial.TrialState.RUNNING)} running elsewhere")
     callbacks = [MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))]

@@ -111,8 +111,15 @@ def _draw_token_maps(figure, grid_spec, schedule: Schedule) -> None:
                 ha="center", fontsize=8)
 
 
+#: One dot per model evaluation is drawn: beyond this many per stage the picture (and the
+#: time to draw it) stops making sense; calibrated schedules have at most a few dozen.
+MAX_DRAWN_STEPS = 1000
+
+
 def plot_schedule(schedule: Schedule, path: "str | Path") -> Path:
-    """Write the schedule's picture to ``path`` (PNG)."""
+    """Write the schedule's picture to ``path`` (PNG), atomically."""
+    if max(stage.steps for stage in schedule.stages) > MAX_DRAWN_STEPS:
+        raise ValueError(f"a stage of this schedule has {max(s.steps for s in schedule.stages)} steps; ralu-plot draws one dot per step, at most {MAX_DRAWN_STEPS} per stage. Fix: plot a schedule with fewer steps")
     figure = plt.figure(figsize=(11, 9))
     outer = figure.add_gridspec(3, 1, height_ratios=[3, 2.2, 1.6], hspace=0.45)
     _draw_distributions(figure.add_subplot(outer[0]), schedule)

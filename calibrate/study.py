@@ -119,13 +119,27 @@ def open_storage(storage: str) -> BaseStorage:
         raise ValueError(f"storage {storage!r} is neither a journal file nor a database URL. Fix: give {STORAGE_FORMS}")
     if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
         _check_folder(storage.removeprefix("sqlite:///"), storage)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
-    except Exception as error:  # SQLAlchemy's errors: a bad URL, a missing driver, no server
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
-        raise ValueError(f"cannot open storage {storage!r}: {first_line}. Fix: check the URL, the database server and its Python driver") from None
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+        except Exception as error:  # SQLAlchemy's errors: a bad URL, a missing driver, no server
+            if _creation_race(error) and attempt + 1 < _CREATE_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+            raise ValueError(f"cannot open storage {storage!r}: {first_line}. Fix: check the URL, the database server and its Python driver") from None
+    raise AssertionError("unreachable")
+
+
+#: Workers that start together race to create a new database's tables; the losers retry.
+_CREATE_ATTEMPTS = 5
+
+
+def _creation_race(error: Exception) -> bool:
+    message = str(error)
+    return "UNIQUE constraint failed" in message or "already exists" in message or "database is locked" in message
 
 
 def _check_folder(path: str, storage: str) -> None:
