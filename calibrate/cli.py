@@ -104,9 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # every input problem, ScheduleError included
         print(f"ralu-calibrate: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not _interrupted(error):
+            raise
         print(f"ralu-calibrate: interrupted; {_kept(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Ctrl-C, or an error raised while a library was handling Ctrl-C."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__context__
+    return False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,11 +160,12 @@ def _kept(args: argparse.Namespace) -> str:
     if args.storage is None:
         return "nothing was kept (without --storage the search lives in memory). Fix: rerun with --storage FILE.log --study-name NAME to make runs resumable"
     try:
-        from optuna.trial import TrialState
+        import optuna
 
-        from .study import count, open_study
+        from .study import count, open_storage
 
-        finished = count(open_study(args.storage, args.study_name, args.seed), TrialState.COMPLETE)
+        study = optuna.load_study(study_name=args.study_name, storage=open_storage(args.storage))
+        finished = count(study, optuna.trial.TrialState.COMPLETE)
     except Exception:  # the storage itself may be what was interrupted; the line must still come
         return f"finished trials are kept in {args.storage} (study {args.study_name!r}); rerun the same command to resume"
     return f"{finished} finished trials are kept in {args.storage} (study {args.study_name!r}); rerun the same command to resume"

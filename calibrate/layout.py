@@ -156,7 +156,8 @@ def search_layout(
     if on_trial:
         callbacks.append(lambda _study, trial: on_trial(trial))
     if trials > done:
-        study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
+        with shared.stop_on_ctrl_c(study):
+            study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
     shared.wait_for_running(study, log)
 
     feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]

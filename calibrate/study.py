@@ -25,7 +25,10 @@ several) work on one study:
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -209,3 +212,29 @@ def wait_for_running(study: optuna.Study, log: Callable[[str], None]) -> None:
             announced = True
         fail_stale_trials(study)
         time.sleep(POLL_INTERVAL)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(study: optuna.Study):
+    """The first Ctrl-C lets the running trial finish and be stored, then raises
+    ``KeyboardInterrupt``; a second one interrupts at once.  An interrupt in the middle of
+    Optuna's storage writes would leave the trial RUNNING (and Optuna raising a second
+    error while handling the first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def on_ctrl_c(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        study.stop()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt

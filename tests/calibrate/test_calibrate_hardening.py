@@ -329,7 +329,7 @@ def test_ctrl_c_reports_what_storage_kept_and_a_rerun_resumes(tmp_path):
     kept = int(last.split("interrupted; ")[1].split()[0])
     study = load_study(storage, "s")
     assert kept == sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 2
-    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)  # the interrupted trial is FAIL
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)  # the running trial was finished and stored
     assert not (tmp_path / "s.json").exists()
     rerun = subprocess.run(calibrate_command(*SEARCH, "--trials", kept + 1, "--storage", storage, "--study-name", "s", "--out", tmp_path / "s.json"), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
