@@ -182,9 +182,13 @@ def calibrate(
 
 
 def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond the float range
+        number = math.nan
+    if not math.isfinite(number):
         raise ValueError(f"{name}={value!r} must be a finite number. Fix: pass a plain number such as 3.0")
-    return float(value)
+    return number
 
 
 def _whole(name: str, value, low: int, high: int | None) -> int:

@@ -5,6 +5,7 @@ with several (and dying) workers."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 import math
 import os
 import signal
@@ -248,6 +249,7 @@ def test_overwritten_schedule_keeps_0644(tmp_path, capsys):
         (dict(steps=[2, 3, 5], ends=[0.2, 0.3, 1.0], grid=1), "grid=1"),
         (dict(steps=[2, 3, 5], ends=[0.2, 0.3, 1.0], optimizer="adam"), "optimizer='adam' is unknown"),
         (dict(speedup=math.nan), "speedup=nan"),
+        (dict(speedup=10**400), "must be a finite number"),
         (dict(speedup=7, trials=0), "trials=0"),
     ],
 )
@@ -465,7 +467,7 @@ def calibrate_argv(draw):
     return argv
 
 
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=120, deadline=timedelta(seconds=30), derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(argv=calibrate_argv())
 def test_fuzz_calibrate_arguments(argv, tmp_path_factory, capsys, monkeypatch):
     folder = tmp_path_factory.mktemp("fuzz")

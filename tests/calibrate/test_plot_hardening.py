@@ -4,6 +4,7 @@ exit 2 with one line, never a traceback or a leftover temporary file."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 import os
 import stat
 
@@ -135,7 +136,7 @@ SOURCES = st.sampled_from(["flux-dev-7x", "sd3-medium-3x-searched", "schema", "n
 OUTPUTS = st.sampled_from(["{tmp}/o.png", "{tmp}", "{tmp}/new/o.png", "/proc/self/o.png", "{tmp}/s.json/o.png", "{tmp}/o"])
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=25, deadline=timedelta(seconds=30), derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(source=SOURCES, out=OUTPUTS, extra=st.lists(st.sampled_from(["-o", "--out", "-x", "--help-me"]), max_size=1))
 def test_fuzz_plot_arguments(tmp_path_factory, capsys, source, out, extra):
     folder = tmp_path_factory.mktemp("fuzz")
