@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import numbers
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Literal
 
+import numpy as np
 from ralu.runtime.models import check_resolution, get_model
 from ralu.runtime.schedule import (
     Calibration,
@@ -20,6 +23,21 @@ from ralu.runtime.schedule import (
 
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .search import Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
+
+#: The divergence is computed in floating point: far outside this range of base shifts the
+#: target density overflows (FLUX's dynamic shift passes it at about 6000 px a side).
+H0_RANGE = (1e-6, 1e6)
+#: Largest Z = 1/sqrt(c) searched: at 1e4 every stage already restarts within 1e-4 of noise.
+Z_LIMIT = 1e4
+#: The base schedulers discretise 1000 training timesteps: more steps than that per stage
+#: (or in the baseline) only repeat timesteps, and the runtime plans one sigma per step.
+MAX_STEPS = 1000
+#: Largest height or width: far beyond what the supported models generate (about 2 MP).
+MAX_SIDE = 16384
+#: The runtime runs 1 (full), 2 (low, full) or 3 (low, mixed, full resolution) stages.
+MAX_STAGES = 3
+#: Seeds go to numpy's and Optuna's generators, which take 0 <= seed < 2**32.
+SEED_RANGE = (0, 2**32 - 1)
 
 
 def tool_version() -> str:
@@ -63,18 +81,34 @@ def calibrate(
     the model's real base shift at this resolution.
     """
     spec = get_model(model)
+    height = _whole("height", height, 1, MAX_SIDE)
+    width = _whole("width", width, 1, MAX_SIDE)
     check_resolution(height, width)
-    base_steps = base_steps or spec.base_steps
-    h0 = spec.base_shift(height, width) if h0 is None else float(h0)
-    if h0 <= 0:
-        raise ValueError(f"--h0 {h0} must be positive")
+    base_steps = spec.base_steps if base_steps is None else _whole("base_steps", base_steps, 1, MAX_STEPS)
+    h0 = _base_shift(spec, height, width, h0)
+    _choice("optimizer", optimizer, ("global", "paper"))
+    _choice("objective", objective, ("continuous", "discrete"))
+    _choice("flops_convention", flops_convention, ("total", "linear"))
+    trials = _whole("trials", trials, 1, None)
+    seed = _whole("seed", seed, *SEED_RANGE)
+    grid = None if grid is None else _whole("grid", grid, 2, 10**6)
+    z_bounds = _z_bounds(z_bounds)
     if speedup is None and steps is None:
         raise ValueError("give a target (--speedup X) or a layout (--steps N1 N2 N3 --ends e1 e2 1.0)")
     if (steps is None) != (ends is None):
         raise ValueError("--steps and --ends go together: one number of steps and one end per stage")
-    if up_ratio is not None and not 0.0 <= up_ratio <= 1.0:
-        raise ValueError(f"--up-ratio {up_ratio} must lie in [0, 1]")
+    if steps is not None and (storage is not None or study_name is not None):
+        raise ValueError("storage and study_name belong to the layout search, and a given layout (steps, ends) has none. Fix: drop --storage/--study-name, or search with --speedup alone")
+    if steps is not None:
+        steps, ends = _stage_steps(steps), _stage_ends(ends)
+        if len(steps) != len(ends):
+            raise ValueError(f"steps {steps} and ends {ends} differ in length. Fix: give one number of steps and one end per stage")
+    if up_ratio is not None:
+        up_ratio = _real("up_ratio", up_ratio)
+        if not 0.0 <= up_ratio <= 1.0:
+            raise ValueError(f"--up-ratio {up_ratio} must lie in [0, 1]")
     if speedup is not None:
+        speedup = _real("speedup", speedup)
         if speedup <= 1.0:
             raise ValueError(f"--speedup {speedup} must be greater than 1")
         n_stages = 3 if steps is None else len(steps)
@@ -88,11 +122,10 @@ def calibrate(
 
     layout_kind: Literal["given", "searched"]
     if steps is None:
-        log(f"searching stage layouts for {speedup}x ({flops_convention} FLOPs), {trials} trials, seed {seed}")
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
             objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, trials=trials, seed=seed,
-            storage=storage, study_name=study_name, show_progress=show_progress,
+            storage=storage, study_name=study_name, show_progress=show_progress, log=log,
         )
         layout, inner = found.layout, found.inner
         ratio = found.up_ratio
@@ -111,8 +144,9 @@ def calibrate(
     if speedup is not None and getattr(speed, flops_convention) < speedup:
         raise SpeedupUnreachable(f"steps {list(layout.steps)} with up_ratio {ratio} reach {getattr(speed, flops_convention):.2f}x ({flops_convention} FLOPs), below --speedup {speedup}. Fix: a smaller --up-ratio, fewer steps or a lower target")
 
-    starts = stage_starts(list(layout.ends), inner.c)
     problem = NTDMObjective(layout, h0, objective, grid, z_bounds)
+    _check_finite(problem, inner, h0)
+    starts = stage_starts(list(layout.ends), inner.c)
     schedule = {
         "version": 1,
         "model": spec.name,
@@ -139,3 +173,90 @@ def calibrate(
         ).model_dump(),
     }
     return schedule_from_dict(schedule, f"calibrated for {spec.name}")
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks: every input is refused up front with its name and a fix, rather than
+# truncated, overflowing mid-search, or turning into NaN in the written file.
+# ----------------------------------------------------------------------------------------
+
+
+def _real(name: str, value) -> float:
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond the float range
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={value!r} must be a finite number. Fix: pass a plain number such as 3.0")
+    return number
+
+
+def _whole(name: str, value, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} must be a whole number. Fix: pass an int such as {low}")
+    if value < low or (high is not None and value > high):
+        limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name}={value} must be {limit}. Fix: pass a value {limit}")
+    return int(value)
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is unknown. Fix: use one of {list(allowed)}")
+
+
+def _sequence(name: str, values) -> list:
+    # A string is a sequence too: "235" must not read as [2, 3, 5].
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name}={values!r} must be a list of numbers, one per stage. Fix: e.g. {name}=[2, 3, 5]")
+    return list(values)
+
+
+def _stage_steps(steps) -> list[int]:
+    steps = _sequence("steps", steps)
+    if not 1 <= len(steps) <= MAX_STAGES:
+        raise ValueError(f"steps {steps}: {len(steps)} stages, but the runtime runs 1 to {MAX_STAGES} (low, mixed, full resolution). Fix: give 1 to {MAX_STAGES} stages")
+    return [_whole("steps", n, 1, MAX_STEPS) for n in steps]
+
+
+def _stage_ends(ends) -> list[float]:
+    return [_real("ends", e) for e in _sequence("ends", ends)]
+
+
+def _z_bounds(bounds) -> tuple[float, float]:
+    bounds = _sequence("z_bounds", bounds)
+    if len(bounds) != 2:
+        raise ValueError(f"z_bounds {bounds} must be two numbers, LOW and HIGH. Fix: e.g. z_bounds=({Z_BOUNDS[0]:g}, {Z_BOUNDS[1]:g})")
+    low, high = (_real("z_bounds", z) for z in bounds)
+    if not Z_BOUNDS[0] <= low <= high <= Z_LIMIT:
+        raise ValueError(
+            f"Z bounds [{low:g}, {high:g}]: need {Z_BOUNDS[0]:g} <= LOW <= HIGH <= {Z_LIMIT:g} (Z = 1/sqrt(c) >= 2 keeps c <= 1/4; "
+            f"beyond {Z_LIMIT:g} every stage restarts from pure noise). Fix: e.g. --z-bounds {Z_BOUNDS[0]:g} {Z_BOUNDS[1]:g}; equal values fix Z"
+        )
+    return low, high
+
+
+def _base_shift(spec, height: int, width: int, h0) -> float:
+    if h0 is not None:
+        h0 = _real("h0", h0)
+        if not H0_RANGE[0] <= h0 <= H0_RANGE[1]:
+            raise ValueError(f"--h0 {h0:g} is outside [{H0_RANGE[0]:g}, {H0_RANGE[1]:g}], where the divergence can be computed. Fix: a base shift such as 3")
+        return h0
+    try:
+        own = spec.base_shift(height, width)
+    except OverflowError:
+        own = math.inf
+    if not H0_RANGE[0] <= own <= H0_RANGE[1]:
+        raise ValueError(
+            f"{spec.name}'s own base shift at {width}x{height} is {own:.3g}, outside [{H0_RANGE[0]:g}, {H0_RANGE[1]:g}] where the divergence "
+            "can be computed (dynamic shifting extrapolated far past its fitted range). Fix: a smaller --height/--width, or give --h0"
+        )
+    return own
+
+
+def _check_finite(problem: NTDMObjective, inner, h0: float) -> None:
+    """The search must not report a divergence computed from overflowed densities."""
+    target, realised = problem.distributions(np.array([*inner.shifts, inner.z]))
+    numbers_found = [*inner.shifts, inner.z, inner.js_distance]
+    if not (np.isfinite(target).all() and np.isfinite(realised).all() and all(math.isfinite(x) for x in numbers_found)):
+        raise ValueError(f"the divergence is not finite for h0 = {h0:g} and this layout (the densities overflow). Fix: a base shift --h0 nearer 3, or another layout")

@@ -11,13 +11,15 @@ from ralu.runtime.models import ALIASES, MODELS, get_model, stage_image_tokens
 from ralu.runtime.plan import STAGE_ROLES
 from ralu.runtime.schedule import Schedule, save_schedule
 
+from .clitools import OneLineParser, check_writable, one_line
+
 #: A restart below this fraction of the previous end keeps little of the earlier stages
 #: (the published presets restart at about 0.2 e_k; Z = 100 restarts at about 0.02 e_k).
 RESTART_WARNING = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ralu-calibrate",
         description="Calibrate a RALU schedule (NT-DM: per-stage shifts and noise strength minimising the "
         "Jensen-Shannon divergence to the base model's timestep distribution) and write it as JSON.",
@@ -41,19 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
     parser.add_argument("--trials", type=int, default=80, help="outer search trials (default 80)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage", help="Optuna storage shared by several processes: sqlite:///FILE.db or a journal FILE.log")
-    parser.add_argument("--study-name", help="Optuna study name (with --storage)")
+    parser.add_argument("--storage", help="Optuna storage shared by several processes (and resumed runs): a journal FILE.log or a database URL such as sqlite:///FILE.db; --trials counts the study's finished trials")
+    parser.add_argument("--study-name", "--study", dest="study_name", help="Optuna study name (with --storage)")
     parser.add_argument("--out", type=Path, help="schedule file to write (default: MODEL-SPEEDUPx.json in the current folder)")
     parser.add_argument("--plot", type=Path, help="also write a PNG of the timestep distributions")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def default_out(schedule: Schedule, target: float | None) -> Path:
+def default_out(model: str, target: float | None, steps: list[int] | None) -> Path:
     if target is not None:
-        return Path(f"{schedule.model}-{target:g}x.json")
-    steps = "-".join(str(stage.steps) for stage in schedule.stages)
-    return Path(f"{schedule.model}-steps{steps}.json")
+        return Path(f"{get_model(model).name}-{target:g}x.json")
+    return Path(f"{get_model(model).name}-steps{'-'.join(str(n) for n in steps or ())}.json")
 
 
 def summary(schedule: Schedule, seconds: float) -> str:
@@ -97,31 +98,76 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps has {len(args.steps)} values and --ends {len(args.ends)}: give one of each per stage")
     if args.optimizer == "paper" and args.objective == "discrete":
         print("ralu-calibrate: note: the discrete objective is piecewise constant; the paper's gradient method stays at its start. Use --optimizer global.", file=sys.stderr)
+    try:
+        return _run(args)
+    except ValueError as error:  # every input problem, ScheduleError included
+        print(f"ralu-calibrate: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except BaseException as error:
+        if not _interrupted(error):
+            raise
+        print(f"ralu-calibrate: interrupted; {_kept(args)}", file=sys.stderr)
+        return 130
 
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Ctrl-C, or an error raised while a library was handling Ctrl-C."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__context__
+    return False
+
+
+def _run(args: argparse.Namespace) -> int:
     from .calibration import calibrate
 
+    out = args.out or default_out(args.model, args.speedup, args.steps)
+    # Checked before the search, which may take minutes, not after it.
+    check_writable(out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
+        if args.plot.resolve() == out.resolve():
+            raise ValueError(f"--plot and --out are both {out}. Fix: give the picture its own file name")
     started = time.perf_counter()
+    schedule = calibrate(
+        args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
+        height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
+        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), flops_convention=args.flops,
+        trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
+        show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
+    )
     try:
-        schedule = calibrate(
-            args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
-            height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
-            optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), flops_convention=args.flops,
-            trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
-            show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
-        )
-    except ValueError as error:
-        print(f"ralu-calibrate: error: {error}", file=sys.stderr)
-        return 2
-    out = args.out or default_out(schedule, args.speedup)
-    save_schedule(schedule, out)
+        save_schedule(schedule, out)
+    except OSError as error:
+        raise ValueError(f"cannot write --out {out}: {error.strerror or error}. Fix: choose a writable file") from None
     print(summary(schedule, time.perf_counter() - started))
     print(f"wrote {out}")
     if args.plot:
         from .plot import plot_schedule
 
-        plot_schedule(schedule, args.plot)
+        try:
+            plot_schedule(schedule, args.plot)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"the schedule is written to {out}, but the plot failed: {one_line(error)}. Fix: ralu-plot {out} -o FILE.png") from None
         print(f"wrote {args.plot}")
     return 0
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves behind, for the one line that reports it."""
+    if args.storage is None:
+        return "nothing was kept (without --storage the search lives in memory). Fix: rerun with --storage FILE.log --study-name NAME to make runs resumable"
+    try:
+        import optuna
+
+        from .study import count, open_storage
+
+        study = optuna.load_study(study_name=args.study_name, storage=open_storage(args.storage))
+        finished = count(study, optuna.trial.TrialState.COMPLETE)
+    except Exception:  # the storage itself may be what was interrupted; the line must still come
+        return f"finished trials are kept in {args.storage} (study {args.study_name!r}); rerun the same command to resume"
+    return f"{finished} finished trials are kept in {args.storage} (study {args.study_name!r}); rerun the same command to resume"
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import optuna
+from optuna.study import MaxTrialsCallback
 
 from ralu.runtime.models import ModelSpec
 
+from . import study as shared
 from .flops import pricing as flops
-from .search import Z_BOUNDS, InnerResult, StageLayout, NTDMObjective, Objective, optimise
+from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, StageLayout, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
@@ -70,25 +72,6 @@ class LayoutSearchResult:
     history: list[dict] = field(default_factory=list)
 
 
-def open_study(storage: str | None, study_name: str | None, seed: int) -> optuna.Study:
-    """A minimising study; ``storage`` is an RDB URL (``sqlite:///x.db``) or a journal
-    file path (``journal:x.log`` or any path ending in ``.log``/``.jsonl``)."""
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=16)
-    if storage is None:
-        return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name)
-    if study_name is None:
-        raise ValueError("--storage needs --study-name, so that several processes (or a resumed run) find the same study")
-    if storage.startswith("journal:") or storage.endswith((".log", ".jsonl")):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        backend = JournalFileBackend(storage.removeprefix("journal:"))
-        storage_object = JournalStorage(backend)
-    else:
-        storage_object = storage
-    return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name, storage=storage_object, load_if_exists=True)
-
-
 def search_layout(
     spec: ModelSpec,
     height: int,
@@ -109,8 +92,13 @@ def search_layout(
     study_name: str | None = None,
     show_progress: bool = True,
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> LayoutSearchResult:
-    """Minimise the divergence over three-stage layouts subject to speed-up >= target."""
+    """Minimise the divergence over three-stage layouts subject to speed-up >= target.
+
+    ``trials`` is the number of finished trials the study ends with: with a shared
+    ``storage`` it counts those of earlier runs and of other workers (see
+    :mod:`ralu.calibrate.study`)."""
     # No stage can usefully take more steps than the whole budget allows at full cost.
     max_steps = max(1, math.ceil(base_steps / target) + 1)
     inner_cache: dict[tuple, tuple[InnerResult, float, flops.Flops] | None] = {}
@@ -132,6 +120,14 @@ def search_layout(
         first = round(trial.suggest_float("end_1", *FIRST_END_RANGE, step=END_STEP), 2)
         gap = round(trial.suggest_float("gap_2", *SECOND_GAP_RANGE, step=END_STEP), 2)
         ends = (first, round(first + gap, 2), 1.0)
+        twin = shared.find_twin(trial, f"steps {list(steps)} ends {list(ends)}")
+        if twin is not None:
+            # Evaluated already (by this or another worker): reuse, do not recompute.
+            for key, value in twin.user_attrs.items():
+                if key not in (shared.LAYOUT_ATTR, shared.SAME_AS_ATTR):
+                    trial.set_user_attr(key, value)
+            trial.set_user_attr(shared.SAME_AS_ATTR, twin.user_attrs.get(shared.SAME_AS_ATTR, twin.number))
+            return twin.value
         found = evaluate(steps, ends)
         if found is None:
             # Infeasible: rank by how far the cheapest ratio falls short, always above any
@@ -151,12 +147,20 @@ def search_layout(
         trial.set_user_attr("speedup_linear", speed.linear)
         return inner.js_distance
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, study_name, seed)
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    callbacks = [lambda _study, trial: on_trial(trial)] if on_trial else None
+    # Errors only: a trial interrupted by Ctrl-C would otherwise log its traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = shared.open_study(storage, study_name, seed)
+    done = shared.count(study, optuna.trial.TrialState.COMPLETE)
+    log(f"searching stage layouts for {target}x ({convention} FLOPs), {trials} trials, seed {seed}")
+    if storage is not None and len(study.trials):
+        log(f"resuming study {study_name!r} in {storage}: {done} finished trials, {shared.count(study, optuna.trial.TrialState.RUNNING)} running elsewhere")
+    callbacks = [MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))]
+    if on_trial:
+        callbacks.append(lambda _study, trial: on_trial(trial))
     if trials > done:
-        study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
+        with shared.stop_on_ctrl_c(study):
+            study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
+    shared.wait_for_running(study, log)
 
     feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not feasible:

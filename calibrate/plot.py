@@ -3,7 +3,7 @@ grids with the re-noised starts, and which tokens are at which resolution per st
 
 from __future__ import annotations
 
-import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -14,11 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ralu.runtime.models import get_model, stage_image_tokens  # noqa: E402
-from ralu.runtime.schedule import Schedule, ScheduleError, load_schedule  # noqa: E402
+from ralu.runtime.schedule import Schedule, ScheduleError, load_schedule, write_bytes_atomic  # noqa: E402
 
+from .clitools import OneLineParser, check_writable, one_line  # noqa: E402
 from .densities import realised_density, target_density  # noqa: E402
 
 STAGE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def stage_colour(k: int) -> str:
+    # Schedules with more stages than colours still plot: colours repeat.
+    return STAGE_COLOURS[k % len(STAGE_COLOURS)]
 STAGE_NAMES = {1: ("full res",), 2: ("low res", "full res"), 3: ("low res", "mixed", "full res")}
 
 
@@ -39,7 +45,7 @@ def _draw_distributions(axis, schedule: Schedule) -> None:
     target = target_density(t, schedule.calibration.h0, ends, starts)[0]
     realised = realised_density(t, steps, starts, ends, shifts)[0]
     for k, stage in enumerate(schedule.stages):
-        axis.axvspan(stage.start, stage.end, color=STAGE_COLOURS[k], alpha=0.08, lw=0)
+        axis.axvspan(stage.start, stage.end, color=stage_colour(k), alpha=0.08, lw=0)
     axis.plot(t, target, color="black", lw=2, label=f"P_target (base shift h0 = {schedule.calibration.h0:.3f} + overlaps)")
     axis.plot(t, realised, color="#d62728", lw=1.6, ls="--", label="P(t) realised by the stages")
     for transition in schedule.transitions:
@@ -60,9 +66,9 @@ def _draw_timesteps(axis, schedule: Schedule) -> None:
     for k, stage in enumerate(schedule.stages):
         y = n - k
         t = 1.0 - schedule.sigmas(k)
-        axis.plot([stage.start, stage.end], [y, y], color=STAGE_COLOURS[k], lw=1)
-        axis.plot(t[:-1], np.full(stage.steps, y), "o", color=STAGE_COLOURS[k], ms=6, label=f"stage {k + 1} ({names[k]}): {stage.steps} steps, shift {stage.shift:.2f}")
-        axis.plot(t[-1], y, "|", color=STAGE_COLOURS[k], ms=14, mew=2)
+        axis.plot([stage.start, stage.end], [y, y], color=stage_colour(k), lw=1)
+        axis.plot(t[:-1], np.full(stage.steps, y), "o", color=stage_colour(k), ms=6, label=f"stage {k + 1} ({names[k]}): {stage.steps} steps, shift {stage.shift:.2f}")
+        axis.plot(t[-1], y, "|", color=stage_colour(k), ms=14, mew=2)
     for transition in schedule.transitions:
         k = transition.after_stage
         axis.annotate(
@@ -100,39 +106,59 @@ def _draw_token_maps(figure, grid_spec, schedule: Schedule) -> None:
         axis.imshow(cells.reshape(side, side), cmap="Greys", vmin=-0.3, vmax=1.3)
         axis.set_xticks([])
         axis.set_yticks([])
-        axis.set_title(f"stage {k + 1}: {names[k]}\n{counts[k]} image tokens", fontsize=8, color=STAGE_COLOURS[k])
+        axis.set_title(f"stage {k + 1}: {names[k]}\n{counts[k]} image tokens", fontsize=8, color=stage_colour(k))
     figure.text(0.5, 0.015, f"dark = token at full resolution (4 tokens), light = low-res token; mixed stage upsamples the top r = {schedule.up_ratio:g} by edge score, chosen per image",
                 ha="center", fontsize=8)
 
 
+#: One dot per model evaluation is drawn: beyond this many per stage the picture (and the
+#: time to draw it) stops making sense; calibrated schedules have at most a few dozen.
+MAX_DRAWN_STEPS = 1000
+
+
 def plot_schedule(schedule: Schedule, path: "str | Path") -> Path:
-    """Write the schedule's picture to ``path`` (PNG)."""
+    """Write the schedule's picture to ``path`` (PNG), atomically."""
+    if max(stage.steps for stage in schedule.stages) > MAX_DRAWN_STEPS:
+        raise ValueError(f"a stage of this schedule has {max(s.steps for s in schedule.stages)} steps; ralu-plot draws one dot per step, at most {MAX_DRAWN_STEPS} per stage. Fix: plot a schedule with fewer steps")
     figure = plt.figure(figsize=(11, 9))
     outer = figure.add_gridspec(3, 1, height_ratios=[3, 2.2, 1.6], hspace=0.45)
     _draw_distributions(figure.add_subplot(outer[0]), schedule)
     _draw_timesteps(figure.add_subplot(outer[1]), schedule)
     _draw_token_maps(figure, outer[2].subgridspec(1, len(schedule.stages), wspace=0.4), schedule)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    try:
+        picture = io.BytesIO()
+        figure.savefig(picture, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return write_bytes_atomic(path, picture.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ralu-plot", description="Plot a RALU schedule's timestep distributions and stages.")
+    parser = OneLineParser(prog="ralu-plot", description="Plot a RALU schedule's timestep distributions and stages.")
     parser.add_argument("schedule", help="schedule file or shipped name (e.g. flux-dev-7x)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="PNG file to write")
     args = parser.parse_args(argv)
     try:
-        schedule = load_schedule(args.schedule)
-    except ScheduleError as error:
-        print(f"ralu-plot: error: {error}", file=sys.stderr)
+        check_writable(args.out, "-o")
+        schedule = _load(args.schedule)
+        print(f"wrote {plot_schedule(schedule, args.out)}")
+    except (ValueError, OSError) as error:
+        print(f"ralu-plot: error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(f"wrote {plot_schedule(schedule, args.out)}")
     return 0
+
+
+def _load(source: str) -> Schedule:
+    """:func:`load_schedule` with the failures of reading a file that is not a schedule at
+    all (binary, unreadable, nested too deep to parse) as one ``ValueError``."""
+    try:
+        return load_schedule(source)
+    except UnicodeDecodeError:
+        raise ValueError(f"schedule {source} is not a text file. Fix: pass a schedule JSON file written by ralu-calibrate") from None
+    except RecursionError:
+        raise ValueError(f"schedule {source} nests too deeply to be a schedule. Fix: pass a schedule JSON file written by ralu-calibrate") from None
+    except OSError as error:
+        raise ValueError(f"cannot read schedule {source}: {error.strerror or error}. Fix: check the path and its permissions") from None
 
 
 if __name__ == "__main__":

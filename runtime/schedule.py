@@ -476,21 +476,43 @@ def _parse_json(raw: bytes, where: str):
         raise ScheduleError(f"schedule {where} is not a usable JSON document ({_short(str(error))}). {fix}") from None
 
 
-def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a partial file."""
+def write_bytes_atomic(path: "str | os.PathLike", data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename:
+    readers see the old file or the new one, never a partial one.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it: an existing file keeps
+    its mode, a new one gets ``0o666`` less the umask (``mkstemp`` alone would leave 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_current_umask()
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
+            os.fchmod(stream.fileno(), mode)
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _current_umask() -> int:
+    # The umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
+    """:func:`write_bytes_atomic` for UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def save_schedule(schedule: "Schedule | dict", path: "str | os.PathLike") -> Path:
