@@ -1,4 +1,4 @@
-"""Timestep distributions of NT-DM (METHOD.md section 4) and the Jensen-Shannon measures.
+"""Timestep distributions of NT-DM (docs/method.md §4) and the Jensen-Shannon measures.
 
 Everything is in progress time t in [0, 1] (0 = noise, 1 = data).  Functions broadcast:
 stage parameters may carry leading batch axes (one row per candidate of a population

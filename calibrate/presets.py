@@ -1,6 +1,6 @@
 """What the RALU paper publishes: its stage presets and its reference figures.
 
-Source: METHOD.md sections 5 and 6.  The presets were calibrated by the paper at
+Source: docs/method.md §5 and §6.  The presets were calibrated by the paper at
 ``PAPER_H0 = 3`` (the published script's base shift for every model); FLOPs figures count
 linear and conv layers only (the paper's convention) at 1024x1024 against FLUX.1-dev with 50
 steps and SD3-medium with 28 steps plus classifier-free guidance.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: The base shift the published presets were calibrated with (METHOD.md 4: "uses 3.0").
+#: The base shift the published presets were calibrated with (docs/method.md §4).
 PAPER_H0 = 3.0
 
 #: Resolution all published figures are at.
@@ -26,7 +26,7 @@ PAPER_BASELINE_TFLOPS: dict[str, float] = {"flux-dev": 2991.0, "sd3-medium": 351
 #: The GPU the paper's wall-clock figures were measured on.
 PAPER_GPU = "A100"
 
-#: METHOD.md 6: the 512-px VAE decode of the edge detection, linear TFLOPs.
+#: docs/method.md §6: the 512-px VAE decode of the edge detection, linear TFLOPs.
 REFERENCE_EDGE_DECODE_TFLOPS = 2.48
 
 

@@ -2,7 +2,7 @@
 
     python -m ralu.calibrate.shipped
 
-Each paper layout (METHOD.md section 5) is calibrated with our global optimiser at the
+Each paper layout (docs/method.md §5) is calibrated with our global optimiser at the
 model's real base shift, and the outer search is run for the same speed-up target.
 """
 

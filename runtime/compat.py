@@ -1,4 +1,4 @@
-"""Switches that reproduce the published research script's choices (METHOD.md 3c).
+"""Switches that reproduce the published research script's choices (docs/method.md §3c).
 
 Each switch can be turned on alone, so that every difference from the correct method can
 be measured separately; ``paper_compat=True`` turns on all of them.  (The script's

@@ -1,4 +1,4 @@
-"""Edge-based token selection at the end of the low-res stage (METHOD.md section 2).
+"""Edge-based token selection at the end of the low-res stage (docs/method.md §2).
 
 Family-independent: the caller decodes the Tweedie estimate of the half-size latent with
 its VAE; this module turns decoded images into per-token edge scores and picks the top-k

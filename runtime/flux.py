@@ -57,7 +57,7 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
 
     Each stage takes Euler steps ``x <- x + v (sigma_next - sigma)`` on its own shifted grid
     (``Schedule.sigmas(k)``).  At each resolution change the latent is nearest-upsampled in
-    latent-pixel space and re-noised exactly (METHOD.md 3, :mod:`ralu.runtime.noise`), with
+    latent-pixel space and re-noised exactly (docs/method.md §3, :mod:`ralu.runtime.noise`), with
     one fixed-shape N(0, I) draw per image from the caller's generator: with a list of
     generators, image i of a batch equals image i generated alone.
 

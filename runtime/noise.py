@@ -1,4 +1,4 @@
-"""Noise injection at a resolution change (METHOD.md section 3), family-independent.
+"""Noise injection at a resolution change (docs/method.md §3), family-independent.
 
 At the transition from stage k (ending at progress time e) to stage k+1 (starting at s) the
 canvas (which already *is* the nearest-upsampled latent ``Up(x_e)``, see

@@ -89,7 +89,7 @@ def restart_time_z(end, z):
 
 
 def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoefficients:
-    """NT-DM noise matching at a resolution change (METHOD.md section 3).
+    """NT-DM noise matching at a resolution change (docs/method.md §3).
 
     ``delta = (1 - e) / sqrt(c)``, ``s = e / (delta + e)``, ``a = 1 / (delta + e)``,
     ``b = delta / (delta + e)``.

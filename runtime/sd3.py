@@ -107,7 +107,7 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
     (``Schedule.sigmas(k)``) with ``timestep = 1000 * sigma``; one transformer evaluation per
     step, the negative and positive halves of classifier-free guidance batched together and
     sharing their image's token selection.  At each resolution change the latent is
-    nearest-upsampled in latent-pixel space and re-noised exactly (METHOD.md 3,
+    nearest-upsampled in latent-pixel space and re-noised exactly (docs/method.md §3,
     :mod:`ralu.runtime.noise`) with one fixed-shape N(0, I) draw per image from the caller's
     generator: with a list of generators, image i of a batch equals image i generated alone.
 

@@ -1,4 +1,4 @@
-"""FLOPs cost model of the real architectures RALU runs on (METHOD.md section 6).
+"""FLOPs cost model of the real architectures RALU runs on (docs/method.md §6).
 
 Two conventions are kept side by side in :class:`~.pricing.Flops`:
 

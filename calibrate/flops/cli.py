@@ -15,7 +15,7 @@ from .report import render_report, summary_lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.flops", description="FLOPs cost model of the real architectures RALU runs on (METHOD.md section 6).")
+    parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.flops", description="FLOPs cost model of the real architectures RALU runs on (docs/method.md §6).")
     parser.add_argument("--write", action="store_true", help="recount every model and rewrite the shipped table")
     parser.add_argument("--table", type=Path, default=None, help="table path for --write (default: the package's)")
     parser.add_argument("--report", type=Path, default=None, help="write the Markdown report here")

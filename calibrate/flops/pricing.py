@@ -150,7 +150,7 @@ def _cfg_factor(spec: ModelSpec) -> int:
 
 def transformer_forward_flops(model: str, image_tokens: int) -> Flops:
     """One batch-1 transformer forward with the model's text tokens, WITHOUT CFG doubling
-    (the per-forward numbers of METHOD.md's table)."""
+    (the per-forward numbers of docs/method.md §6 table)."""
     if image_tokens < 1:
         raise ValueError(f"image_tokens={image_tokens} must be positive")
     return _evaluate(model_entry(get_model(model).name)["transformer"], image_tokens)

@@ -172,7 +172,7 @@ def _gap_section() -> list[str]:
         f"({100 * sd3_rest / PAPER_BASELINE_TFLOPS['sd3-medium']:.3f} %) remain.",
         "* The RALU 7x, 3x and 2x presets reproduce the paper's TFLOPs and speed-ups to about 0.1 %, "
         "with the 512-px edge decode counted once (three-stage layouts) and the full decode once. "
-        f"The edge decode costs {_tf(edge.linear)} linear TFLOPs here (METHOD.md: {REFERENCE_EDGE_DECODE_TFLOPS}); leaving it "
+        f"The edge decode costs {_tf(edge.linear)} linear TFLOPs here (docs/method.md §6: {REFERENCE_EDGE_DECODE_TFLOPS}); leaving it "
         f"out would put SD3 RALU 3x at {_tf(three.linear - edge.linear)} instead of the paper's {three_paper}.",
         f"* RALU 5x does NOT reproduce: steps {list(five.steps)} at r = {five.up_ratio} cost "
         f"{_tf(five_cost.linear)} linear TFLOPs ({PAPER_BASELINE_TFLOPS['flux-dev'] / (five_cost.linear / TERA):.2f}x "

@@ -1,4 +1,4 @@
-"""METHOD.md section 4: the densities, the target, and the Jensen-Shannon measures."""
+"""docs/method.md §4: the densities, the target, and the Jensen-Shannon measures."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of the FLOPs cost model: the shipped table against fresh counts, METHOD.md's golden
+"""Tests of the FLOPs cost model: the shipped table against fresh counts, docs/method.md's golden
 values, and the paper's end-to-end numbers."""
 
 import os
@@ -79,7 +79,7 @@ def test_text_tokens_match_the_encoders_that_feed_the_sequence():
 
 
 # ----------------------------------------------------------------------------------------
-# METHOD.md section 6.
+# docs/method.md §6.
 # ----------------------------------------------------------------------------------------
 
 

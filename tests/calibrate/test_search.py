@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import scipy
 
+from ralu.calibrate.presets import PAPER_H0, preset
 from ralu.calibrate.search import NTDMObjective, StageLayout, optimise_global, optimise_paper
 
-FLUX_4X = StageLayout((5, 6, 7), (0.3, 0.45, 1.0))
-FLUX_7X = StageLayout((2, 3, 5), (0.2, 0.3, 1.0))
+PUBLISHED_4X, PUBLISHED_5X, PUBLISHED_7X = (preset(f"flux-dev-{n}x") for n in (4, 5, 7))
+FLUX_4X = StageLayout(PUBLISHED_4X.steps, PUBLISHED_4X.ends)
+FLUX_7X = StageLayout(PUBLISHED_7X.steps, PUBLISHED_7X.ends)
 
 #: SciPy 1.15 replaced the Fortran L-BFGS-B by a C translation; from the same start and the
 #: same objective the two take different paths on this flat landscape (checked: 1.14.1 old,
@@ -59,24 +61,24 @@ def test_paper_optimizer_reproduces_published_flux_4x():
 
 
 def test_paper_optimizer_reproduces_published_flux_7x():
-    result = optimise_paper(NTDMObjective(FLUX_7X, h0=3.0))
-    np.testing.assert_allclose(result.shifts[1:], (2.856, 2.193), atol=2e-3)
-    assert result.z == pytest.approx(6.261, abs=2e-3)
-    assert result.js_distance == pytest.approx(0.026638, abs=2e-6)
+    result = optimise_paper(NTDMObjective(FLUX_7X, h0=PAPER_H0))
+    np.testing.assert_allclose(result.shifts[1:], PUBLISHED_7X.shifts[1:], atol=2e-3)
+    assert result.z == pytest.approx(PUBLISHED_7X.z, abs=2e-3)
+    assert result.js_distance == pytest.approx(PUBLISHED_7X.js_distance, abs=2e-6)
     # h1 (2 steps on [0, 0.2]) lies along an almost flat valley: SciPy >= 1.15 (and the
     # published script run under it) stops at 8.1395, older SciPy (the preset) at 8.1411.
-    assert result.shifts[0] == pytest.approx(8.141, abs=6e-3)
-    problem = NTDMObjective(FLUX_7X, h0=3.0)
-    assert problem([*result.shifts, result.z]) <= problem([8.141, 2.856, 2.193, 6.261])
+    assert result.shifts[0] == pytest.approx(PUBLISHED_7X.shifts[0], abs=6e-3)
+    problem = NTDMObjective(FLUX_7X, h0=PAPER_H0)
+    assert problem([*result.shifts, result.z]) <= problem([*PUBLISHED_7X.shifts, PUBLISHED_7X.z])
 
 
 def test_paper_optimizer_reproduces_published_flux_5x():
-    result = optimise_paper(NTDMObjective(StageLayout((4, 5, 6), (0.3, 0.45, 1.0)), h0=3.0))
-    assert result.z == pytest.approx(7.522, abs=2e-3)
+    result = optimise_paper(NTDMObjective(StageLayout(PUBLISHED_5X.steps, PUBLISHED_5X.ends), h0=PAPER_H0))
+    assert result.z == pytest.approx(PUBLISHED_5X.z, abs=2e-3)
     assert result.js_distance == pytest.approx(0.0163, abs=5e-5)
     # The printed preset came from the old L-BFGS-B; the new one (and the published script
     # under it, see PUBLISHED_RUNS_NEW_LBFGSB) stops 0.009 lower in h1 on the same objective.
-    np.testing.assert_allclose(result.shifts, (5.115, 2.642, 2.254), atol=1e-2 if NEW_LBFGSB else 2e-3)
+    np.testing.assert_allclose(result.shifts, PUBLISHED_5X.shifts, atol=1e-2 if NEW_LBFGSB else 2e-3)
 
 
 @pytest.mark.parametrize("layout, bound", [(FLUX_4X, 0.01690), (FLUX_7X, 0.02640)])
