@@ -10,7 +10,12 @@ from typing import Callable, Literal
 
 import numpy as np
 from ralu.runtime.models import check_resolution, get_model
+from ralu.runtime.plan import STAGE_ROLES
 from ralu.runtime.schedule import (
+    BASE_SHIFT_RANGE,
+    MAX_RESOLUTION,
+    MAX_STEPS,
+    Z_RANGE,
     Calibration,
     Divergence,
     FlopsSpeedup,
@@ -24,18 +29,13 @@ from ralu.runtime.schedule import (
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .search import Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
 
-#: The divergence is computed in floating point: far outside this range of base shifts the
-#: target density overflows (FLUX's dynamic shift passes it at about 6000 px a side).
-H0_RANGE = (1e-6, 1e6)
-#: Largest Z = 1/sqrt(c) searched: at 1e4 every stage already restarts within 1e-4 of noise.
-Z_LIMIT = 1e4
-#: The base schedulers discretise 1000 training timesteps: more steps than that per stage
-#: (or in the baseline) only repeat timesteps, and the runtime plans one sigma per step.
-MAX_STEPS = 1000
-#: Largest height or width: far beyond what the supported models generate (about 2 MP).
-MAX_SIDE = 16384
+#: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
+#: could not be saved is refused before any work.
+H0_RANGE = BASE_SHIFT_RANGE
+Z_LIMIT = Z_RANGE[1]
+MAX_SIDE = MAX_RESOLUTION
 #: The runtime runs 1 (full), 2 (low, full) or 3 (low, mixed, full resolution) stages.
-MAX_STAGES = 3
+MAX_STAGES = max(STAGE_ROLES)
 #: Seeds go to numpy's and Optuna's generators, which take 0 <= seed < 2**32.
 SEED_RANGE = (0, 2**32 - 1)
 

@@ -140,25 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_writable(args.out, "-o")
-        schedule = _load(args.schedule)
+        schedule = load_schedule(args.schedule)  # any unreadable or invalid file is a ScheduleError
         print(f"wrote {plot_schedule(schedule, args.out)}")
     except (ValueError, OSError) as error:
         print(f"ralu-plot: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _load(source: str) -> Schedule:
-    """:func:`load_schedule` with the failures of reading a file that is not a schedule at
-    all (binary, unreadable, nested too deep to parse) as one ``ValueError``."""
-    try:
-        return load_schedule(source)
-    except UnicodeDecodeError:
-        raise ValueError(f"schedule {source} is not a text file. Fix: pass a schedule JSON file written by ralu-calibrate") from None
-    except RecursionError:
-        raise ValueError(f"schedule {source} nests too deeply to be a schedule. Fix: pass a schedule JSON file written by ralu-calibrate") from None
-    except OSError as error:
-        raise ValueError(f"cannot read schedule {source}: {error.strerror or error}. Fix: check the path and its permissions") from None
 
 
 if __name__ == "__main__":

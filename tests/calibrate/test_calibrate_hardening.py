@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ralu.calibrate import cli
+from ralu.runtime.schedule import BASE_SHIFT_RANGE
 from ralu.calibrate.calibration import calibrate
 from ralu.calibrate.study import LAYOUT_ATTR, SAME_AS_ATTR, open_storage
 from ralu.runtime.schedule import load_schedule, write_text_atomic
@@ -75,7 +76,7 @@ def files_in(folder: Path) -> list[str]:
     [
         (["--z-bounds", 2, "inf"], ["z_bounds=inf", "finite"]),
         (["--h0", "inf"], ["h0=inf", "finite"]),
-        (["--height", 8192, "--width", 8192], ["own base shift at 8192x8192", "--h0"]),
+        (["--height", 8192, "--width", 8192], ["height=8192", "between 1 and 4096"]),
         (["--h0", 1e308], ["--h0 1e+308 is outside"]),
         (["--h0", 1e-300], ["--h0 1e-300 is outside"]),
         (["--steps", 2, 3, 100000000, "--ends", 0.2, 0.3, 1.0], ["steps=100000000 must be between 1 and 1000"]),
@@ -90,7 +91,7 @@ def test_inputs_that_wrote_bad_files_are_refused(tmp_path, capsys, extra, words)
 
 
 def test_h0_near_the_limits_still_gives_a_finite_nonzero_divergence(tmp_path, capsys):
-    for h0 in (1e-6, 1e6):
+    for h0 in BASE_SHIFT_RANGE:
         out = tmp_path / f"{h0}.json"
         code, _, err = run(FAST + ["--h0", h0, "--out", out], capsys)
         assert code == 0, err
@@ -105,7 +106,7 @@ def test_h0_near_the_limits_still_gives_a_finite_nonzero_divergence(tmp_path, ca
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--height", 1000000000], ["height=1000000000 must be between 1 and 16384"]),
+        (["--height", 1000000000], ["height=1000000000 must be between 1 and 4096"]),
         (["--z-bounds", 1e200, 1e200], ["Z bounds", "<= 10000"]),
         (["--speedup", "nan"], ["speedup=nan", "finite"]),
         (["--h0", "nan"], ["h0=nan", "finite"]),
