@@ -24,6 +24,13 @@ PIPELINES: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: Text components a family's pipeline needs to encode ``--prompt`` (SD3's T5 is optional).
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+
+
 class CLIError(Exception):
     """A user error: printed as one message, exit status 2."""
 
@@ -36,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json); nothing is downloaded")
     parser.add_argument("--schedule", required=True, help="shipped schedule name (e.g. flux-dev-7x) or path to a schedule JSON file")
     parser.add_argument("--prompt", required=True, help="text prompt")
-    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1)")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1; SD3: --guidance > 1)")
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true classifier-free guidance scale (> 1 enables it)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the schedule's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the schedule's)")
@@ -57,9 +64,12 @@ def pipeline_class(model_dir: Path):
     if not index.is_file():
         raise CLIError(f"{str(model_dir)!r} has no model_index.json, so it is not a diffusers pipeline folder. Fix: pass the folder that holds model_index.json")
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise CLIError(f"{index} is not a valid model_index.json ({error})") from None
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{index} is not a readable JSON model_index.json ({type(error).__name__}: {str(error).splitlines()[0]}). Fix: pass an intact pipeline folder (re-save or re-download it)") from None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(class_name, str):
+        raise CLIError(f"{index} names no pipeline class (no string _class_name). Fix: pass an intact pipeline folder (re-save or re-download it)")
     if class_name not in PIPELINES:
         raise CLIError(f"{str(model_dir)!r} holds a {class_name!r}; ralu-generate runs {sorted(set(PIPELINES) - {'RALUFluxPipeline', 'RALUStableDiffusion3Pipeline'})}")
     module_name, attribute, family = PIPELINES[class_name]
@@ -67,6 +77,15 @@ def pipeline_class(model_dir: Path):
         return getattr(importlib.import_module(module_name), attribute), family
     except (ImportError, AttributeError) as error:
         raise CLIError(f"{class_name} needs {module_name}.{attribute}, which is not available in this ralu installation ({error})") from None
+
+
+def check_text_components(model_dir: Path, family: str) -> None:
+    """The folder (its model_index.json already read by :func:`pipeline_class`) must hold the
+    text encoders and tokenizers ``--prompt`` needs: listed, and saved as subfolders."""
+    config = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+    missing = [name for name in TEXT_COMPONENTS[family] if not (isinstance(config.get(name), list) and None not in config[name] and (model_dir / name).is_dir())]
+    if missing:
+        raise CLIError(f"{str(model_dir)!r} lacks {'/'.join(missing)}, needed to encode --prompt. Fix: pass a complete pipeline folder (with its text encoders and tokenizers)")
 
 
 def png_name(schedule_arg: str, seed: int, index: int) -> str:
@@ -105,11 +124,14 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise CLIError("--true-cfg-scale is for FLUX; for SD3 use --guidance")
         if args.guidance is not None:
             call["guidance_scale"] = args.guidance
+        if args.negative_prompt is not None and args.guidance is not None and args.guidance <= 1.0:
+            raise CLIError("SD3 ignores a negative prompt without classifier-free guidance. Fix: use --guidance > 1 (e.g. 7.0), or drop --negative-prompt")
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    check_text_components(Path(args.model), family)
     try:
         pipe = cls.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, dtype_name))
     except (OSError, ValueError) as error:

@@ -61,12 +61,23 @@ class Plan:
         return 4 * self.grid[0] * self.grid[1]
 
 
-def check_resolution(height: int, width: int, multiple: int = RESOLUTION_MULTIPLE) -> None:
-    """Height and width must be positive multiples of ``multiple`` (32 for an 8x VAE: the
-    latent is halved for stage 1 and cut into 2x2 tokens)."""
+def pixel_size(label: str, value) -> int:
+    """``value`` as a whole number of pixels: ints, and floats with no fractional part (a
+    habit of callers that compute sizes, e.g. ``256.0``); anything else is refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{label}={value!r} must be an integer number of pixels. Fix: pass e.g. {label}=1024")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise ValueError(f"{label}={value!r} must be an integer number of pixels. Fix: pass e.g. {label}={max(1, round(value))}")
+    return int(value)
+
+
+def check_resolution(height, width, multiple: int = RESOLUTION_MULTIPLE) -> None:
+    """Height and width must be whole (:func:`pixel_size`), positive multiples of ``multiple``
+    (32 for an 8x VAE: the latent is halved for stage 1 and cut into 2x2 tokens)."""
     for label, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % multiple:
-            nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
+        value = pixel_size(label, value)
+        if value <= 0 or value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
             raise ValueError(
                 f"{label}={value!r} must be a positive multiple of {multiple}: the latent is halved for the "
                 f"low-res stage and cut into 2x2 tokens. Fix: use e.g. {label}={nearest}"
@@ -118,6 +129,7 @@ def count_images(prompt, prompt_embeds, num_images_per_prompt, generator) -> tup
 def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scale_factor: int = 8) -> Plan:
     """Check the request and lay out the stages of one call at ``height x width`` pixels."""
     check_resolution(height, width, 4 * vae_scale_factor)
+    height, width = pixel_size("height", height), pixel_size("width", width)
     check_schedule(schedule, family, height, width)
     grid = (height // (4 * vae_scale_factor), width // (4 * vae_scale_factor))
     low_tokens = grid[0] * grid[1]
