@@ -165,7 +165,7 @@ def test_half_size_latents_are_refused_in_both_families(pipe, family, flux_embed
 
 def test_docstrings_say_what_latents_fix(pipe):
     doc = " ".join(type(pipe).__doc__.split())
-    assert "``latents`` fix the initial noise only" in doc and "global RNG" in doc and "half-size noise is refused" in doc
+    assert "``latents`` fix the initial noise only" in doc and "global RNG" in doc and "Half-size noise is refused" in doc
 
 
 # ----------------------------------------------------------------------------------------
