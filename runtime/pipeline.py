@@ -50,12 +50,13 @@ def missing_schedule_message(family: str, height: int | None, width: int | None)
     """The error of a call without ``schedule=``: this family's shipped schedules (of the
     asked size, if any) and how to calibrate one for that size."""
     size = f"{height or 'H'}x{width or 'W'}"
-    names = shipped_for(family, height, width)
-    shipped = f"a shipped {family} schedule (one of {names})" if names else f"no shipped {family} schedule is made for {size}"
     calibrate = f"ralu-calibrate --model {family} --height {height or 'H'} --width {width or 'W'} --speedup S --out FILE.json"
+    names = shipped_for(family, height, width)
+    if not names:
+        return f"a schedule is required, and no shipped {family} schedule is made for {size}. Fix: run `{calibrate}` and pass schedule='FILE.json'"
     return (
-        f"a schedule is required: pass schedule= {shipped}, a path to a schedule JSON file, or a Schedule. "
-        f"Fix: to make one for {size}, run `{calibrate}` and pass schedule='FILE.json'"
+        f"a schedule is required. Fix: pass schedule= one of the shipped {family} schedules {names}, a path to a schedule "
+        f"JSON file or a Schedule; to make one for {size}, run `{calibrate}` and pass schedule='FILE.json'"
     )
 
 
