@@ -32,6 +32,10 @@ from .tokens import TokenLayout, initial_canvas
 #: ``output_type`` values of a call (the diffusers image processor's, and the latent).
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+#: ``stacklevel`` of a call's warnings, so they point at the caller's line: the helper that
+#: warns, ``__call__``, torch's ``no_grad`` wrapper, then the caller.
+CALLER_STACKLEVEL = 4
+
 
 def shipped_for(family: str, height: int | None = None, width: int | None = None) -> list[str]:
     """Names of the shipped schedules of ``family`` (and of ``height x width`` where given)."""
@@ -216,7 +220,7 @@ class RALUPipelineMixin:
                 f"{len(plan.stages) - 1} stage change(s) comes from the global RNG when no generator is given, "
                 "so this call is not reproducible. Fix: pass generator=torch.Generator().manual_seed(...) as well",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=CALLER_STACKLEVEL,
             )
 
     def warn_ignored_negative(self, negative_given: bool, guidance_on: bool, guidance: str, fix: str) -> None:
@@ -227,7 +231,7 @@ class RALUPipelineMixin:
                 f"the negative prompt is ignored: {type(self).__name__} uses it only with {guidance}. "
                 f"Fix: {fix}, or drop the negative prompt",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=CALLER_STACKLEVEL,
             )
 
     def begin_call(self, plan: Plan, guidance_scale: float, joint_attention_kwargs: dict | None) -> None:
