@@ -140,6 +140,7 @@ def test_latents_without_a_generator_warn_once_per_call(pipe, family, flux_embed
     messages = latents_warnings(record)
     assert len(messages) == 2  # one per call, not one per step or stage
     assert "not reproducible" in messages[0] and "Fix: pass generator=" in messages[0]
+    assert {w.filename for w in record if "latents=" in str(w.message)} == {__file__}
     # The warning is honest: the transition noise came from the global RNG.
     assert not torch.equal(first, second)
 
@@ -249,7 +250,9 @@ def test_ignored_negative_prompt_warns_in_both_families(pipe, family, flux_embed
     call = dict(schedule=schedule, output_type="latent", **guidance_off(family))
     with pytest.warns(UserWarning, match="the negative prompt is ignored") as record:
         with_negative = pipe(**text(family, flux_embeds, negative=True), **call, generator=torch.Generator().manual_seed(4)).images
-    message = next(str(w.message) for w in record if "negative prompt" in str(w.message))
+    warning = next(w for w in record if "negative prompt" in str(w.message))
+    message = str(warning.message)
+    assert warning.filename == __file__  # points at the caller's line
     assert "Fix: pass " + ("true_cfg_scale" if family == "flux" else "guidance_scale") + " > 1" in message
     without = pipe(**text(family, flux_embeds, negative=False), **call, generator=torch.Generator().manual_seed(4)).images
     assert torch.equal(with_negative, without)  # ignored, as the diffusers base pipeline does
