@@ -30,6 +30,13 @@ PIPELINES: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: Text components a family's pipeline needs to encode ``--prompt`` (SD3's T5 is optional).
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+
+
 class CLIError(Exception):
     """A user error: printed as one message, exit status 2."""
 
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts file: one prompt per line, or *.jsonl with {\"prompt\", \"seed\", \"negative_prompt\"} per line; "
         "runs data-parallel under torchrun / accelerate launch, writes OUT/manifest.jsonl and skips images already made",
     )
-    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1); with --prompts, for lines without their own")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1; SD3: --guidance > 1); with --prompts, for lines without their own")
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true classifier-free guidance scale (> 1 enables it)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the schedule's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the schedule's)")
@@ -70,9 +77,12 @@ def pipeline_class(model_dir: Path):
     if not index.is_file():
         raise CLIError(f"{str(model_dir)!r} has no model_index.json, so it is not a diffusers pipeline folder. Fix: pass the folder that holds model_index.json")
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise CLIError(f"{index} is not a valid model_index.json ({error})") from None
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{index} is not a readable JSON model_index.json ({type(error).__name__}: {str(error).splitlines()[0]}). Fix: pass an intact pipeline folder (re-save or re-download it)") from None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(class_name, str):
+        raise CLIError(f"{index} names no pipeline class (no string _class_name). Fix: pass an intact pipeline folder (re-save or re-download it)")
     if class_name not in PIPELINES:
         raise CLIError(f"{str(model_dir)!r} holds a {class_name!r}; ralu-generate runs {sorted(set(PIPELINES) - {'RALUFluxPipeline', 'RALUStableDiffusion3Pipeline'})}")
     module_name, attribute, family = PIPELINES[class_name]
@@ -80,6 +90,15 @@ def pipeline_class(model_dir: Path):
         return getattr(importlib.import_module(module_name), attribute), family
     except (ImportError, AttributeError) as error:
         raise CLIError(f"{class_name} needs {module_name}.{attribute}, which is not available in this ralu installation ({error})") from None
+
+
+def check_text_components(model_dir: Path, family: str) -> None:
+    """The folder (its model_index.json already read by :func:`pipeline_class`) must hold the
+    text encoders and tokenizers ``--prompt`` needs: listed, and saved as subfolders."""
+    config = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+    missing = [name for name in TEXT_COMPONENTS[family] if not (isinstance(config.get(name), list) and None not in config[name] and (model_dir / name).is_dir())]
+    if missing:
+        raise CLIError(f"{str(model_dir)!r} lacks {'/'.join(missing)}, needed to encode --prompt. Fix: pass a complete pipeline folder (with its text encoders and tokenizers)")
 
 
 def png_name(schedule_arg: str, seed: int, index: int) -> str:
@@ -130,6 +149,8 @@ def prepare(args: argparse.Namespace) -> Setup:
 def check_negative_prompt(setup: Setup, args: argparse.Namespace, negative_prompt: str | None, where: str = "") -> None:
     if setup.family == "flux" and negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
         raise CLIError(f"FLUX ignores a negative prompt without true CFG{where}. Fix: add --true-cfg-scale (e.g. 4.0), or drop the negative prompt")
+    if setup.family == "sd3" and negative_prompt is not None and args.guidance is not None and args.guidance <= 1.0:
+        raise CLIError(f"SD3 ignores a negative prompt without classifier-free guidance{where}. Fix: use --guidance > 1 (e.g. 7.0), or drop the negative prompt")
 
 
 def choose_device(args: argparse.Namespace, launcher_device: str | None = None) -> tuple[str, str]:
@@ -147,6 +168,7 @@ def choose_device(args: argparse.Namespace, launcher_device: str | None = None) 
 def load_pipeline(setup: Setup, args: argparse.Namespace, device: str, dtype_name: str):
     import torch
 
+    check_text_components(Path(args.model), setup.family)
     try:
         pipe = setup.cls.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, dtype_name))
     except (OSError, ValueError) as error:

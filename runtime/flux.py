@@ -76,6 +76,22 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
     another model family, with more than 3 stages, or malformed, raises
     :class:`ralu.runtime.ScheduleError` before any compute.
 
+    ``latents``: only the full-size initial noise FluxPipeline takes, ``(B, (H/16)(W/16), 64)`` (packed);
+    RALU derives the low-res stage's noise from it.  Half-size noise is refused with a
+    ValueError, in every family: it is also a valid latent of a smaller image, and
+    ``latents`` keep the meaning they have in the base pipeline.  ``latents`` fix the initial noise only: the noise
+    injected at each stage change is drawn from ``generator``, or from the global RNG
+    without one (then the call warns that it is not reproducible).  For a reproducible run
+    pass ``generator``; with ``latents`` and the same ``generator`` seed a run is repeated
+    exactly.  Without ``schedule=`` the error lists this family's shipped schedules (of the
+    asked size) and the ``ralu-calibrate`` command that makes one for that size.
+    ``height`` / ``width`` may be integral floats (``256.0``).  ``save_pretrained`` records
+    ``FluxPipeline`` as the folder's class, so the generic loaders (``DiffusionPipeline``,
+    ``AutoPipelineForText2Image``) read it, and this class's ``from_pretrained`` too.
+
+    Negative prompt, as FluxPipeline: used only with true CFG (``true_cfg_scale > 1``);
+    given without it, it is ignored with a warning (as in the SD3 pipeline).
+
     ``paper_compat``: ``True`` reproduces the published research script's choices
     (token repetition, N(0, I) on tokens not upsampled, clip to [0, 1] before Canny, one
     reused correlated draw from the global RNG); a list of names from
@@ -166,10 +182,12 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
         )
         has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        negative_given = any(value is not None for value in (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
+        self.warn_ignored_negative(negative_given, true_cfg_scale > 1, "true CFG (true_cfg_scale > 1)", "pass true_cfg_scale > 1 (e.g. 4.0)")
         if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
         _, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
-        self.check_latents(latents, plan, images)
+        self.check_latents(latents, plan, images, generator)
 
         self.begin_call(plan, guidance_scale, joint_attention_kwargs or {})
         device = self._execution_device
@@ -237,15 +255,18 @@ class _FluxStageModel(RALUStageModel):
             "joint_attention_kwargs": self.pipe.joint_attention_kwargs,
             "return_dict": False,
         }
-        with self.transformer.cache_context(context):
-            if img_ids.ndim == 2:
+        if img_ids.ndim == 2:
+            with self.transformer.cache_context(context):
                 return self.transformer(img_ids=img_ids, **kwargs)[0]
-            # Fallback for non-default attention processors: one forward per image.
-            outputs = []
-            for b in range(batch):
-                one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key != "txt_ids" else value) for key, value in kwargs.items()}
+        # Fallback for non-default attention processors: one forward per image, each in its
+        # own cache context, so a cache (FirstBlockCache, ...) never hands one image's
+        # residual to another.
+        outputs = []
+        for b in range(batch):
+            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key != "txt_ids" else value) for key, value in kwargs.items()}
+            with self.transformer.cache_context(f"{context}:{b}"):
                 outputs.append(self.transformer(img_ids=img_ids[b], **one)[0])
-            return torch.cat(outputs, dim=0)
+        return torch.cat(outputs, dim=0)
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):

@@ -11,6 +11,7 @@ Standard library only: the runtime imports this module, and it must stay light.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -254,13 +255,25 @@ def get_model(name: str) -> ModelSpec:
     return MODELS[key]
 
 
-def check_resolution(height: int, width: int, multiple: int = RESOLUTION_MULTIPLE) -> None:
-    """Height and width must be positive integer multiples of ``multiple`` (see
-    :func:`resolution_multiple`; 32 for an 8x VAE)."""
+def pixel_size(label: str, value) -> int:
+    """``value`` as a whole number of pixels: integers (numpy's too), and floats with no
+    fractional part (a habit of callers that compute sizes, e.g. ``256.0``); anything else,
+    booleans included, is refused with a one-line ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{label}={value!r} must be an integer number of pixels. Fix: pass e.g. {label}=1024")
+    if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        suggestion = max(1, round(value)) if math.isfinite(value) else 1024
+        raise ValueError(f"{label}={value!r} must be an integer number of pixels. Fix: pass e.g. {label}={suggestion}")
+    return int(value)
+
+
+def check_resolution(height, width, multiple: int = RESOLUTION_MULTIPLE) -> None:
+    """Height and width must be whole (:func:`pixel_size`), positive multiples of ``multiple``
+    (see :func:`resolution_multiple`; 32 for an 8x VAE)."""
     for label, value in (("height", height), ("width", width)):
-        # numpy integers pass; bools and floats do not.
-        if not hasattr(value, "__index__") or isinstance(value, bool) or value <= 0 or value % multiple:
-            nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
+        value = pixel_size(label, value)
+        if value <= 0 or value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
             raise ValueError(
                 f"{label}={value!r} must be a positive multiple of {multiple}: the latent is halved for the "
                 f"low-res stage and cut into 2x2 tokens. Fix: use e.g. {label}={nearest}"

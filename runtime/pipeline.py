@@ -14,6 +14,8 @@ the latent image) with :meth:`RALUPipelineMixin.latents_to_canvas` and
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -21,14 +23,46 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
+from .models import pixel_size
 from .plan import Plan, make_plan
 from .profiling import section
 from .sampler import Result, StageModel, StepInfo, run_stages
-from .schedule import load_schedule
-from .tokens import TokenLayout, initial_canvas, upsample_nearest
+from .schedule import ScheduleError, load_schedule, shipped_schedules
+from .tokens import TokenLayout, initial_canvas
 
 #: ``output_type`` values of a call (the diffusers image processor's, and the latent).
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+#: ``stacklevel`` of a call's warnings, so they point at the caller's line: the helper that
+#: warns, ``__call__``, torch's ``no_grad`` wrapper, then the caller.
+CALLER_STACKLEVEL = 4
+
+
+def shipped_for(family: str, height: int | None = None, width: int | None = None) -> list[str]:
+    """Names of the shipped schedules of ``family`` (and of ``height x width`` where given)."""
+    names = []
+    for name in shipped_schedules():
+        schedule = load_schedule(name)
+        if schedule.family != family:
+            continue
+        if (height is not None and schedule.height != height) or (width is not None and schedule.width != width):
+            continue
+        names.append(name)
+    return names
+
+
+def missing_schedule_message(family: str, height: int | None, width: int | None) -> str:
+    """The error of a call without ``schedule=``: this family's shipped schedules (of the
+    asked size, if any) and how to calibrate one for that size."""
+    size = f"{height or 'H'}x{width or 'W'}"
+    calibrate = f"ralu-calibrate --model {family} --height {height or 'H'} --width {width or 'W'} --speedup S --out FILE.json"
+    names = shipped_for(family, height, width)
+    if not names:
+        return f"a schedule is required, and no shipped {family} schedule is made for {size}. Fix: run `{calibrate}` and pass schedule='FILE.json'"
+    return (
+        f"a schedule is required. Fix: pass schedule= one of the shipped {family} schedules {names}, a path to a schedule "
+        f"JSON file or a Schedule; to make one for {size}, run `{calibrate}` and pass schedule='FILE.json'"
+    )
 
 
 def vae_decode(vae, latent: torch.Tensor) -> torch.Tensor:
@@ -89,6 +123,22 @@ class RALUPipelineMixin:
     #: After a call: the ``(B, k)`` low-res tokens upsampled early, or None.
     selected_tokens: torch.Tensor | None = None
 
+    # -- saving: folders the generic diffusers loaders can read -------------------------
+
+    @classmethod
+    def diffusers_base(cls) -> type:
+        """The diffusers pipeline class this RALU pipeline extends (FluxPipeline, ...)."""
+        return next(base for base in cls.__mro__ if base.__module__.startswith("diffusers."))
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, but naming the diffusers base class as
+        ``_class_name``: ``save_pretrained`` folders then load with ``DiffusionPipeline`` and
+        the Auto pipelines (they build the base class, which holds the same components), and
+        with the RALU class (``from_pretrained`` on a class builds that class)."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self.diffusers_base().__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
     # -- what a family supplies -----------------------------------------------------------
 
     @property
@@ -112,7 +162,12 @@ class RALUPipelineMixin:
     # -- checks (all before any compute) ----------------------------------------------------
 
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
-        """Check a request and lay out its stages (no compute)."""
+        """Check a request and lay out its stages (no compute).  ``height`` and ``width`` are
+        whole pixel counts (an integral float such as 256.0 is taken as 256)."""
+        height = None if height is None else pixel_size("height", height)
+        width = None if width is None else pixel_size("width", width)
+        if schedule is None:
+            raise ScheduleError(missing_schedule_message(self.family, height, width))
         schedule = load_schedule(schedule)
         height = schedule.height if height is None else height
         width = schedule.width if width is None else width
@@ -137,19 +192,47 @@ class RALUPipelineMixin:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         return plan, compat
 
-    def check_latents(self, latents: torch.Tensor | None, plan: Plan, images: int) -> None:
-        """Given ``latents`` are the full-size noise the base pipeline takes or, when the first
-        stage is low-res, that stage's half-size noise."""
+    def check_latents(self, latents: torch.Tensor | None, plan: Plan, images: int, generator=None) -> None:
+        """Given ``latents`` must be the full-size initial noise the base pipeline takes (the
+        low-res first stage derives its noise from them, 2x2 block sums / 2).  Half-size noise
+        is refused for every family: it is a valid latent of another resolution, so taking it
+        as stage-1 noise would silently mean something else than in the base pipeline.
+
+        ``latents`` fix only the initial noise: the noise injected at each stage change is
+        drawn from ``generator`` (the global RNG without one), so a call with ``latents`` and
+        no generator warns that it is not reproducible."""
         if latents is None:
             return
         latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
         full = self.latents_shape(images, latent_h, latent_w)
-        low = self.latents_shape(images, latent_h // 2, latent_w // 2) if plan.stages[0].role == "low" else None
-        if tuple(latents.shape) not in (full, low):
-            base = next(cls.__name__ for cls in type(self).__mro__ if cls.__module__.startswith("diffusers."))
+        if tuple(latents.shape) != full:
+            base = self.diffusers_base().__name__
+            why = ""
+            if plan.stages[0].role == "low" and tuple(latents.shape) == self.latents_shape(images, latent_h // 2, latent_w // 2):
+                why = " (half-size noise is not accepted: it is the noise of a smaller image)"
             raise ValueError(
-                f"latents of shape {tuple(latents.shape)}: expected {full} (full-size noise, as {base} takes)"
-                + (f" or {low} (the low-res first stage's half-size noise)" if low is not None else "")
+                f"latents of shape {tuple(latents.shape)}: expected {full}, the full-size initial noise {base} takes "
+                f"for {images} image(s) of {plan.schedule.height}x{plan.schedule.width}{why}. "
+                f"Fix: pass full-size noise of shape {full} (RALU derives the low-res stage's noise from it), or leave latents unset"
+            )
+        if len(plan.stages) > 1 and generator is None:
+            warnings.warn(
+                "latents= fixes only the initial noise: the noise added at each of the "
+                f"{len(plan.stages) - 1} stage change(s) comes from the global RNG when no generator is given, "
+                "so this call is not reproducible. Fix: pass generator=torch.Generator().manual_seed(...) as well",
+                UserWarning,
+                stacklevel=CALLER_STACKLEVEL,
+            )
+
+    def warn_ignored_negative(self, negative_given: bool, guidance_on: bool, guidance: str, fix: str) -> None:
+        """Warn (as the diffusers pipelines do: never refuse) when a negative prompt is given
+        but the ``guidance`` that would use it is off; ``fix`` says how to turn it on."""
+        if negative_given and not guidance_on:
+            warnings.warn(
+                f"the negative prompt is ignored: {type(self).__name__} uses it only with {guidance}. "
+                f"Fix: {fix}, or drop the negative prompt",
+                UserWarning,
+                stacklevel=CALLER_STACKLEVEL,
             )
 
     def begin_call(self, plan: Plan, guidance_scale: float, joint_attention_kwargs: dict | None) -> None:
@@ -166,18 +249,14 @@ class RALUPipelineMixin:
 
     def prepare_canvas(self, plan: Plan, latents: torch.Tensor | None, images: int, generator, device, dtype, compat: PaperCompat) -> torch.Tensor:
         """The first stage's canvas: from the full-size noise the base pipeline draws (from
-        the caller's generator, in ``dtype``) or from the given ``latents``."""
+        the caller's generator, in ``dtype``) or from the given full-size ``latents``."""
         latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
-        role = plan.stages[0].role
         if latents is None:
             noise = randn_tensor((images, self.latent_channels, latent_h, latent_w), generator=generator, device=device, dtype=dtype)
         with section("noise"):
             if latents is None:
-                return initial_canvas(noise.float(), role, compat)
-            latents = latents.to(device).float()
-            if tuple(latents.shape) == self.latents_shape(images, latent_h, latent_w):
-                return initial_canvas(self.latents_to_canvas(latents, latent_h, latent_w), role, compat)
-            return upsample_nearest(self.latents_to_canvas(latents, latent_h // 2, latent_w // 2))
+                return initial_canvas(noise.float(), plan.stages[0].role, compat)
+            return initial_canvas(self.latents_to_canvas(latents.to(device).float(), latent_h, latent_w), plan.stages[0].role, compat)
 
     def run_ralu_stages(
         self,

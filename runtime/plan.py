@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .models import check_resolution, resolution_multiple, stage_image_tokens, upsampled_tokens
+from .models import check_resolution, pixel_size, resolution_multiple, stage_image_tokens, upsampled_tokens
 from .schedule import Schedule, ScheduleError, TransitionCoefficients
 
 #: Stage roles by number of stages: low-res, mixed (edge tokens upsampled), full-res.
@@ -132,6 +132,7 @@ def make_plan(schedule: Schedule, family: str, height: int, width: int, vae_scal
     """Check the request and lay out the stages of one call at ``height x width`` pixels."""
     multiple = resolution_multiple(vae_scale_factor)
     check_resolution(height, width, multiple)
+    height, width = pixel_size("height", height), pixel_size("width", width)
     check_schedule(schedule, family, height, width)
     grid = (height // multiple, width // multiple)
     low_tokens = grid[0] * grid[1]

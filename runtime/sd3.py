@@ -139,6 +139,23 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
     A schedule of another family, with more than 3 stages, or malformed raises
     :class:`ralu.runtime.ScheduleError` before any compute.
 
+    ``latents``: only the full-size initial noise StableDiffusion3Pipeline takes, ``(B, 16, H/8, W/8)``;
+    RALU derives the low-res stage's noise from it.  Half-size noise is refused with a
+    ValueError, in every family: it is also a valid latent of a smaller image, and
+    ``latents`` keep the meaning they have in the base pipeline.  ``latents`` fix the initial noise only: the noise
+    injected at each stage change is drawn from ``generator``, or from the global RNG
+    without one (then the call warns that it is not reproducible).  For a reproducible run
+    pass ``generator``; with ``latents`` and the same ``generator`` seed a run is repeated
+    exactly.  Without ``schedule=`` the error lists this family's shipped schedules (of the
+    asked size) and the ``ralu-calibrate`` command that makes one for that size.
+    ``height`` / ``width`` may be integral floats (``256.0``).  ``save_pretrained`` records
+    ``StableDiffusion3Pipeline`` as the folder's class, so the generic loaders (``DiffusionPipeline``,
+    ``AutoPipelineForText2Image``) read it, and this class's ``from_pretrained`` too.
+
+    Negative prompt, as StableDiffusion3Pipeline: used only with classifier-free guidance
+    (``guidance_scale > 1``); given without it, it is ignored with a warning (as in the
+    FLUX pipeline with ``true_cfg_scale <= 1``).
+
     ``paper_compat``: ``True`` reproduces the published research script's choices (token
     repetition, N(0, I) on tokens not upsampled, clip to [0, 1] before Canny, one reused
     correlated draw from the global RNG); a list of names from
@@ -263,7 +280,9 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
             max_sequence_length=max_sequence_length,
         )
         batch_size, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
-        self.check_latents(latents, plan, images)
+        self.check_latents(latents, plan, images, generator)
+        negative_given = any(value is not None for value in (negative_prompt, negative_prompt_2, negative_prompt_3, negative_prompt_embeds, negative_pooled_prompt_embeds))
+        self.warn_ignored_negative(negative_given, guidance_scale > 1, "classifier-free guidance (guidance_scale > 1)", "pass guidance_scale > 1 (e.g. 7.0)")
 
         self.begin_call(plan, guidance_scale, joint_attention_kwargs)
         self._skip_layer_guidance_scale = skip_layer_guidance_scale

@@ -345,10 +345,13 @@ def test_num_images_per_prompt_and_output_types(sd3_pipe, three_stage):
         sd3_pipe(**inputs, schedule=three_stage, output_type="jpeg")
 
 
-def test_given_half_size_latents(sd3_pipe, three_stage):
+def test_given_full_size_latents_and_refused_half_size(sd3_pipe, three_stage):
     inputs = text_inputs(1)
-    noise = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
-    from_full = sd3_pipe(**inputs, schedule=three_stage, latents=noise, generator=generators(1), output_type="latent").images
+    gen = generators(1)
+    noise = sd3_pipe.prepare_latents(1, 16, SIZE, SIZE, torch.float32, "cpu", gen)
+    from_full = sd3_pipe(**inputs, schedule=three_stage, latents=noise, generator=gen, output_type="latent").images
+    drawn = sd3_pipe(**inputs, schedule=three_stage, generator=generators(1), output_type="latent").images
+    assert (from_full - drawn).abs().max().item() <= 1e-5
     half = noise.reshape(1, 16, SIZE // 16, 2, SIZE // 16, 2).sum(dim=(3, 5)) / 2
-    from_half = sd3_pipe(**inputs, schedule=three_stage, latents=half, generator=generators(1), output_type="latent").images
-    assert (from_full - from_half).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"half-size noise is not accepted.*Fix: pass full-size noise of shape \(1, 16, 16, 16\)"):
+        sd3_pipe(**inputs, schedule=three_stage, latents=half, generator=generators(1), output_type="latent")
