@@ -105,3 +105,12 @@ def fail(command: str, error: Exception | str) -> int:
     """One line on stderr and the usage-error exit code."""
     print(f"{command}: {error}", file=sys.stderr)
     return 2
+
+
+def render_from_json(argv: Sequence[str], module: str, render: Callable[[str], str]) -> int:
+    """``python -m MODULE REPORT_JSON``: print ``render(json_text)``, the report's Markdown."""
+    if len(argv) != 1:
+        print(f"usage: python -m {module} REPORT_JSON", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(Path(argv[0]).read_text()))
+    return 0

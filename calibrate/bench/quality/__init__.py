@@ -11,7 +11,7 @@ Metrics, per seed (one image per label, same labels and initial noise for every 
 
 * **PSNR / SSIM** against the 50-step baseline sample from the same initial noise and
   labels (fidelity to the full-step sampler), on [0, 1] RGB.  PSNR is capped at
-  :data:`PSNR_CAP` dB (identical images), so that every number is finite.  SSIM: gaussian
+  :data:`.config.PSNR_CAP` dB (identical images), so that every number is finite.  SSIM: gaussian
   window 11 x 11, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel, valid positions only.
 * **FD**: Frechet distance between the classifier's penultimate features of the generated
   images and of real procedural images (same, balanced label distribution): an FID
@@ -19,10 +19,10 @@ Metrics, per seed (one image per label, same labels and initial noise for every 
   sample size as the floor.
 * **accuracy**: fraction of images whose shape, colour and position the classifier reads
   back as conditioned (a GenEval analogue).
-* **edge artifacts**: the 2x2 *blocking index* (:func:`blocking_index`), grid-aligned
+* **edge artifacts**: the 2x2 *blocking index* (:func:`.metrics.blocking_index`), grid-aligned
   discontinuities of the kind nearest upsampling leaves, weighted by edge energy.
 
-Methods (exact definitions in :func:`plan_methods` and the report), at every budget:
+Methods (exact definitions in :func:`.methods.plan_methods` and the report), at every budget:
 the base model with fewer steps; Bottleneck Sampling (high-low-high with re-noising and
 larger shifts); naive two-stage upsampling (no re-noising); RALU with the published preset
 and ``paper_compat=True``; RALU with our calibration (exact noise, global optimum at the
@@ -37,4 +37,10 @@ really sees (recorded by a hook on the transformer), plus the 3 text tokens.  Th
 here; text encoding is a table lookup (no cost).
 
 Run ``ralu-bench quality`` (about 20-30 min on 2 CPU cores) or ``--quick`` (CI, < 1 min).
+
+Modules: :mod:`.args` (the command line, cheap), :mod:`.config` (presets, metrics, the
+configuration), :mod:`.metrics`, :mod:`.cost` (FLOPs), :mod:`.schedules` (the RALU rows'
+schedules), :mod:`.methods` (every row, matched cost), :mod:`.sampler` (images of every
+method), :mod:`.run` (the benchmark, sweep, winners and files), :mod:`.schema` (the typed
+report), :mod:`.report` (its Markdown), :mod:`.figures`.
 """

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from ralu.calibrate.bench.common import mean_std
 from ralu.calibrate.bench.quality.config import EXTRA_METRICS, METRICS, PSNR_CAP
+from ralu.calibrate.bench.quality.schema import MetricSummary
 from ralu.calibrate.testbed.classifier import agreement, features, predict
 from ralu.calibrate.testbed.evaluate import frechet_distance as fd
 
@@ -104,7 +105,8 @@ def evaluate_images(images, labels, baseline, classifier, real_features) -> dict
     return result
 
 
-def aggregate(per_seed: list[dict], real_features) -> dict:
+def aggregate(per_seed: list[dict], real_features) -> MetricSummary:
+    """Mean and spread across seeds of every metric, and FD of all seeds' images pooled."""
     out = {}
     for key, _, _ in METRICS + EXTRA_METRICS:
         if key in per_seed[0]:
@@ -113,4 +115,4 @@ def aggregate(per_seed: list[dict], real_features) -> dict:
             out[key] = out[f"{key}_std"] = None
     pooled = torch.cat([r["_features"] for r in per_seed]).numpy()
     out["fd_pooled"] = frechet_distance(pooled, real_features)
-    return out
+    return MetricSummary(**out)

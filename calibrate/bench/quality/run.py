@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from ralu.calibrate.bench.common import fail, json_text
+from ralu.calibrate.bench.common import fail, write_report
 from ralu.calibrate.bench.quality.config import (
     BASE_STEPS,
     METRICS,
@@ -24,12 +24,24 @@ from ralu.calibrate.bench.quality.config import (
     Config,
 )
 from ralu.calibrate.bench.quality.cost import TestbedCost
-from ralu.calibrate.bench.quality.figures import write_grid, write_plots
+from ralu.calibrate.bench.quality.figures import SampleGrid, write_grid, write_plots
 from ralu.calibrate.bench.quality.methods import plan_methods, ralu_method
 from ralu.calibrate.bench.quality.metrics import aggregate, evaluate_images
-from ralu.calibrate.bench.quality.report import render_markdown
+from ralu.calibrate.bench.quality.report import figure_paths, render_markdown
 from ralu.calibrate.bench.quality.sampler import TestbedSampler
 from ralu.calibrate.bench.quality.schedules import ours_schedule
+from ralu.calibrate.bench.quality.schema import (
+    BestZ,
+    GlobalOptimum,
+    MethodRow,
+    QualityReport,
+    Reference,
+    Sweep,
+    SweepLayout,
+    SweepPoint,
+    Testbed,
+    Winner,
+)
 from ralu.calibrate.testbed import data
 from ralu.calibrate.testbed.classifier import WEIGHTS as CLASSIFIER_DIR
 from ralu.calibrate.testbed.classifier import features, load_classifier
@@ -42,7 +54,6 @@ from ralu.calibrate.testbed.model import (
     testbed_h0,
     testbed_schedule,
 )
-from ralu.runtime.schedule import write_text_atomic
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -107,7 +118,8 @@ def weights_info(config: Config) -> dict:
     return info
 
 
-def run_benchmark(config: Config, command: str, log: Callable[[str], None] = print) -> dict:
+def run_benchmark(config: Config, command: str, log: Callable[[str], None] = print) -> tuple[QualityReport, SampleGrid]:
+    """Sample and measure every method (and the sweep); the report and the images of the sample grid."""
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -160,55 +172,54 @@ def run_benchmark(config: Config, command: str, log: Callable[[str], None] = pri
     rows = []
     for i, method in enumerate(methods):
         flops = cost.of(measured[i])
-        row = {
-            "method": method.key,
-            "label": method.label,
-            "budget": method.budget,
-            "flops_speedup_total": baseline_cost.total / flops.total,
-            "flops_speedup_linear": baseline_cost.linear / flops.linear,
-            "tflops_total": flops.total / 1e12,
-            "forwards": len(measured[i]),
-            **aggregate(per_method[i], real_features),
-            "seeds": list(config.seeds),
-            "images_per_seed": config.images,
-            "seconds": round(seconds[i], 1),
-            "details": method.details,
-        }
-        rows.append(row)
+        rows.append(MethodRow(
+            method=method.key,
+            label=method.label,
+            budget=method.budget,
+            flops_speedup_total=baseline_cost.total / flops.total,
+            flops_speedup_linear=baseline_cost.linear / flops.linear,
+            tflops_total=flops.total / 1e12,
+            forwards=len(measured[i]),
+            **aggregate(per_method[i], real_features).model_dump(),
+            seeds=list(config.seeds),
+            images_per_seed=config.images,
+            seconds=round(seconds[i], 1),
+            details=method.details,
+        ))
     ref_row = aggregate(reference, real_features)
-    reference_summary = {
-        "describe": f"{config.images} fresh real procedural images per seed (same labels) against the {config.real_images}-image real reference",
-        **{k: ref_row[k] for k in ("fd", "fd_std", "fd_pooled", "accuracy", "accuracy_std", "edge_artifacts", "edge_artifacts_std", "edge_artifacts_4x4", "edge_artifacts_4x4_std")},
-    }
+    reference_summary = Reference(
+        describe=f"{config.images} fresh real procedural images per seed (same labels) against the {config.real_images}-image real reference",
+        **ref_row.model_dump(include=set(Reference.model_fields)),
+    )
 
     sweep = run_sweep(config, sampler, classifier, real_features, baselines, schedules, log) if config.z_values else None
-    report = {
-        "command": command,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "wall_seconds": round(time.time() - started, 1),
-        "config": {k: v for k, v in asdict(config).items()},
-        "testbed": {
-            "size": config.size, "full_tokens": full, "half_tokens": full // 4, "text_tokens": TEXT_TOKENS, "h0": config.h0,
-            "guidance_scale": config.guidance_scale,
-            "forward_flops": {str(n): asdict(cost.forward(n)) for n in sorted(cost._cache)},
-            "baseline_tflops_total": baseline_cost.total / 1e12,
-            "edge_decode_flops": 0.0,
-            "weights": weights,
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
-        "reference": reference_summary,
-        "sweep": sweep,
-        "_grid": {
-            "order": [("real", 1, "real images, same labels")] + [(m.key, m.budget, m.label) for m in methods],
-            "images": [real_grid] + [grid[i] for i in range(len(methods))],
-        },
-    }
-    report["winners"] = winners(rows)
-    return report
+    report = QualityReport(
+        command=command,
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        wall_seconds=round(time.time() - started, 1),
+        config=asdict(config),
+        testbed=Testbed(
+            size=config.size, full_tokens=full, half_tokens=full // 4, text_tokens=TEXT_TOKENS, h0=config.h0,
+            guidance_scale=config.guidance_scale,
+            forward_flops={str(n): asdict(cost.forward(n)) for n in sorted(cost._cache)},
+            baseline_tflops_total=baseline_cost.total / 1e12,
+            edge_decode_flops=0.0,
+            weights=weights,
+            threads=torch.get_num_threads(),
+        ),
+        rows=rows,
+        reference=reference_summary,
+        sweep=sweep,
+        winners=winners(rows),
+    )
+    samples = SampleGrid(
+        order=[("real", 1, "real images, same labels")] + [(m.key, m.budget, m.label) for m in methods],
+        images=[real_grid] + [grid[i] for i in range(len(methods))],
+    )
+    return report, samples
 
 
-def run_sweep(config: Config, sampler: TestbedSampler, classifier, real_features, baselines: dict, schedules: dict, log) -> dict:
+def run_sweep(config: Config, sampler: TestbedSampler, classifier, real_features, baselines: dict, schedules: dict, log) -> Sweep:
     """Noise strength sweep at the preset layout of ``config.sweep_budget``: for every Z,
     shifts re-optimised with Z fixed, then RALU (exact noise) sampled and measured."""
     budget = config.sweep_budget
@@ -225,76 +236,70 @@ def run_sweep(config: Config, sampler: TestbedSampler, classifier, real_features
             labels = balanced_labels(config.images, seed)
             images, _ = sampler.generate(method, labels, seed)
             per_seed.append(evaluate_images(images, labels, baselines[seed], classifier, real_features))
-        point = {"z": z, "c": schedule.c, "js_distance": schedule.divergence.js_distance, "shifts": [s.shift for s in schedule.stages],
-                 "starts": [s.start for s in schedule.stages], **aggregate(per_seed, real_features)}
+        point = SweepPoint(z=z, c=schedule.c, js_distance=schedule.divergence.js_distance, shifts=[s.shift for s in schedule.stages],
+                           starts=[s.start for s in schedule.stages], **aggregate(per_seed, real_features).model_dump())
         points.append(point)
-        log(f"  sweep Z = {z:6.2f}  JS {point['js_distance']:.4f}  PSNR {point['psnr']:6.2f}  FD {point['fd']:7.2f}  acc {point['accuracy']:.3f}  "
-            f"blocking {point['edge_artifacts']:+.3f}  ({time.time() - t0:.1f} s)")
+        log(f"  sweep Z = {z:6.2f}  JS {point.js_distance:.4f}  PSNR {point.psnr:6.2f}  FD {point.fd:7.2f}  acc {point.accuracy:.3f}  "
+            f"blocking {point.edge_artifacts:+.3f}  ({time.time() - t0:.1f} s)")
     ours = schedules[budget]["ours"]
     p = PAPER_PRESETS[budget]
-    best = {
-        "divergence": min(points, key=lambda q: q["js_distance"])["z"],
-        "fd": min(points, key=lambda q: q["fd"])["z"],
-        "accuracy": max(points, key=lambda q: q["accuracy"])["z"],
-        "psnr": max(points, key=lambda q: q["psnr"])["z"],
-        "ssim": max(points, key=lambda q: q["ssim"])["z"],
-    }
-    return {
-        "budget": budget,
-        "layout": {"steps": list(p["steps"]), "ends": list(p["ends"]), "up_ratio": p["up_ratio"]},
-        "seeds": list(config.sweep_seeds),
-        "images_per_seed": config.images,
-        "global_optimum": {"z": ours.z, "js_distance": ours.divergence.js_distance},
-        "points": points,
-        "best_z": best,
-    }
+    best = BestZ(
+        divergence=min(points, key=lambda q: q.js_distance).z,
+        fd=min(points, key=lambda q: q.fd).z,
+        accuracy=max(points, key=lambda q: q.accuracy).z,
+        psnr=max(points, key=lambda q: q.psnr).z,
+        ssim=max(points, key=lambda q: q.ssim).z,
+    )
+    return Sweep(
+        budget=budget,
+        layout=SweepLayout(steps=list(p["steps"]), ends=list(p["ends"]), up_ratio=p["up_ratio"]),
+        seeds=list(config.sweep_seeds),
+        images_per_seed=config.images,
+        global_optimum=GlobalOptimum(z=ours.z, js_distance=ours.divergence.js_distance),
+        points=points,
+        best_z=best,
+    )
 
 
 
-def winners(rows: list[dict]) -> dict:
+def winners(rows: list[MethodRow]) -> dict[str, dict[str, Winner]]:
     """Per budget and metric: the best method, whether the runner-up is within the seed
     spread, and the best RALU row against the best peer."""
-    out: dict[str, Any] = {}
-    for budget in sorted({r["budget"] for r in rows if r["method"] != "baseline"}):
-        group = [r for r in rows if r["budget"] == budget and r["method"] != "baseline"]
+    out: dict[str, dict[str, Winner]] = {}
+    for budget in sorted({r.budget for r in rows if r.method != "baseline"}):
+        group = [r for r in rows if r.budget == budget and r.method != "baseline"]
         entry = {}
         for key, _, higher in METRICS:
-            ranked = sorted(group, key=lambda r: r[key], reverse=higher)
+            def value(r: MethodRow) -> float:
+                return getattr(r, key)
+
+            ranked = sorted(group, key=value, reverse=higher)
             best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
-            spread = max(best[f"{key}_std"] or 0.0, (second or {}).get(f"{key}_std") or 0.0)
-            ralu = [r for r in ranked if r["method"] in RALU_METHODS or r["method"].startswith("schedule:")]
-            peers = [r for r in ranked if r["method"] in PEER_METHODS]
-            entry[key] = {
-                "best": best["method"],
-                "value": best[key],
-                "runner_up": second["method"] if second else None,
-                "margin": abs(best[key] - second[key]) if second else None,
-                "separable": bool(second is not None and abs(best[key] - second[key]) > spread and len(best["seeds"]) > 1),
-                "best_ralu": ralu[0]["method"] if ralu else None,
-                "best_peer": peers[0]["method"] if peers else None,
-                "ralu_beats_peers": bool(ralu and peers and ((ralu[0][key] > peers[0][key]) == higher) and ralu[0][key] != peers[0][key]),
-            }
+            spread = max(getattr(best, f"{key}_std") or 0.0, (getattr(second, f"{key}_std") if second else None) or 0.0)
+            ralu = [r for r in ranked if r.method in RALU_METHODS or r.method.startswith("schedule:")]
+            peers = [r for r in ranked if r.method in PEER_METHODS]
+            entry[key] = Winner(
+                best=best.method,
+                value=value(best),
+                runner_up=second.method if second else None,
+                margin=abs(value(best) - value(second)) if second else None,
+                separable=bool(second is not None and abs(value(best) - value(second)) > spread and len(best.seeds) > 1),
+                best_ralu=ralu[0].method if ralu else None,
+                best_peer=peers[0].method if peers else None,
+                ralu_beats_peers=bool(ralu and peers and ((value(ralu[0]) > value(peers[0])) == higher) and value(ralu[0]) != value(peers[0])),
+            )
         out[str(budget)] = entry
     return out
 
 
 
-def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_reports(report: QualityReport, samples: SampleGrid, out_dir: Path) -> tuple[Path, Path]:
+    """The figures under ``out_dir/quality/``, then the Markdown and the JSON."""
     out_dir = Path(out_dir)
-    assets = out_dir / REPORT_NAME
-    grid = assets / "samples.png"
-    tradeoff = assets / "tradeoff.png"
-    sweep = assets / "sweep.png" if report.get("sweep") else None
-    write_grid(report, grid)
-    write_plots(report, tradeoff, sweep)
-    md_path = out_dir / f"{REPORT_NAME}.md"
-    json_path = out_dir / f"{REPORT_NAME}.json"
-    rel = lambda p: p.relative_to(out_dir).as_posix() if p else None  # noqa: E731
-    write_text_atomic(md_path, render_markdown(report, rel(grid), rel(tradeoff), rel(sweep)))
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    public["rows"] = [{k: v for k, v in r.items()} for r in report["rows"]]
-    write_text_atomic(json_path, json_text(public))
-    return md_path, json_path
+    figures = figure_paths(report)
+    write_grid(samples, out_dir / figures.grid)
+    write_plots(report, out_dir / figures.tradeoff, out_dir / figures.sweep if figures.sweep else None)
+    return write_report(out_dir, REPORT_NAME, render_markdown(report, figures), report.model_dump(mode="json"))
 
 
 
@@ -305,12 +310,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         return fail("ralu-bench quality", error)
     command = getattr(args, "command_line", "ralu-bench quality")
     try:
-        report = run_benchmark(config, command)
+        report, samples = run_benchmark(config, command)
     except FileNotFoundError as error:
         return fail("ralu-bench quality", error)
-    md_path, json_path = write_reports(report, args.out_dir)
-    for r in report["rows"]:
-        print(f"{r['method']:<20} {r['budget']:>3}x  speed-up {r['flops_speedup_total']:5.2f}x  PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.3f}  "
-              f"FD {r['fd']:7.2f}  acc {r['accuracy']:.3f}  blocking {r['edge_artifacts']:+.3f}")
+    md_path, json_path = write_reports(report, samples, args.out_dir)
+    for r in report.rows:
+        print(f"{r.method:<20} {r.budget:>3}x  speed-up {r.flops_speedup_total:5.2f}x  PSNR {r.psnr:6.2f}  SSIM {r.ssim:.3f}  "
+              f"FD {r.fd:7.2f}  acc {r.accuracy:.3f}  blocking {r.edge_artifacts:+.3f}")
     print(f"wrote {md_path} and {json_path}")
     return 0

@@ -17,7 +17,7 @@ For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
   selection, noise, token gather/scatter, positions) as a fraction of the RALU time;
 * peak memory of a RALU call relative to a baseline call (and the edge decode's own peak).
 
-Configurations (``--quick`` and ``--widths``): see :func:`make_config` and the report.  Peak
+Configurations (``--quick`` and ``--widths``): see :func:`.config.make_config` and the report.  Peak
 memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call;
 on CPU the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
 above the resident set before the call, with glibc told to serve every allocation of 64 KiB
@@ -25,4 +25,9 @@ or more with its own ``mmap`` (and to return freed memory), so that the resident
 the live tensors.  Memory is measured after all timing (that allocator setting slows
 allocation), on runs with one step per stage / one baseline step: every step of a stage
 allocates the same tensors, so the peak does not depend on the step count.
+
+Modules: :mod:`.args` (the command line, cheap), :mod:`.config` (configurations), :mod:`.models`
+(models and pipelines), :mod:`.cost` (FLOPs), :mod:`.measure` (timing, overhead, memory),
+:mod:`.run` (the benchmark and its files), :mod:`.schema` (the typed report), :mod:`.report`
+(its Markdown).
 """

@@ -22,6 +22,7 @@ from ralu.calibrate.bench.speed.models import (
     one_step_per_stage,
     torch_dtype,
 )
+from ralu.calibrate.bench.speed.schema import Throughput
 from ralu.runtime import sd3_tokens
 from ralu.runtime.profiling import MODEL_SECTION, OVERHEAD_SECTIONS, Profiler
 
@@ -106,7 +107,7 @@ def progress(message: str) -> None:
 
 
 
-def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token_counts: list[int]) -> list[dict]:
+def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token_counts: list[int]) -> list[Throughput]:
     """Median wall time of single transformer evaluations at each token count (text included,
     CFG batch), as the runtime makes them: FLUX's forward at any count; SD3's forward where the
     tokens form a native grid, else its token path (the mixed stage's).  This is the machine's
@@ -165,10 +166,10 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
                     cpu_seconds.append(cpu)
         flops = forward_flops(tokens)
         basis = median(cpu_seconds if on_cpu_time(config) else seconds)
-        rows.append({
-            "image_tokens": tokens, "path": path, "seconds": median(seconds), "cpu_seconds": median(cpu_seconds),
-            "tflops_total": flops.total / 1e12, "gflops_per_second": flops.total / basis / 1e9,
-        })
+        rows.append(Throughput(
+            image_tokens=tokens, path=path, seconds=median(seconds), cpu_seconds=median(cpu_seconds),
+            tflops_total=flops.total / 1e12, gflops_per_second=flops.total / basis / 1e9,
+        ))
     return rows
 
 

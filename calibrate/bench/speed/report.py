@@ -1,14 +1,31 @@
-"""The Markdown of ``reports/speed.md``."""
+"""``reports/speed.md`` from the typed :class:`~ralu.calibrate.bench.speed.schema.SpeedReport`.
+
+Each table is a list of columns, declared once.  ``python -m ralu.calibrate.bench.speed.report
+reports/speed.json`` prints the Markdown of a saved report (without torch).
+"""
 
 from __future__ import annotations
 
 import statistics
+import sys
+from dataclasses import dataclass
 
-from ralu.calibrate.bench.common import mark, mib, num, pct, times
+from ralu.calibrate.bench.common import (
+    Column,
+    mark,
+    mib,
+    num,
+    pct,
+    render_from_json,
+    table,
+    times,
+)
 from ralu.calibrate.bench.speed.schema import (
     OVERHEAD_LABELS,
     OVERHEAD_TARGET,
     WALL_FLOPS_TOLERANCE,
+    ScheduleRow,
+    SpeedReport,
 )
 
 #: Measured during development (see :func:`render_markdown`): the runtime changes of the
@@ -52,19 +69,191 @@ def _family_line(family: dict, size: int) -> str:
     )
 
 
-def render_markdown(report: dict) -> str:
-    config, rows, machine = report["config"], report["rows"], report["machine"]
+def _runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def _memory_ratio(row: ScheduleRow) -> str:
+    return "n/a" if row.peak_mem_ratio is None else f"{row.peak_mem_ratio:.2f} ({num(row.peak_mem_bound_ratio, 2)})"
+
+
+def _steps(values: list[int]) -> str:
+    return "/".join(map(str, values))
+
+
+# ----------------------------------------------------------------------------------------
+# The tables (CPU runs add the CPU-time columns).
+# ----------------------------------------------------------------------------------------
+
+
+def summary_columns(cpu: bool) -> list[Column]:
+    return [
+        Column("schedule", lambda r: r.schedule),
+        Column("steps", lambda r: _steps(r.steps)),
+        Column("r", lambda r: str(r.up_ratio)),
+        Column("real FLOPs total", lambda r: times(r.flops_speedup_total)),
+        Column("real FLOPs linear", lambda r: times(r.flops_speedup_linear)),
+        Column("paper", lambda r: times(r.paper_speedup_linear)),
+        Column("config FLOPs", lambda r: times(r.config_flops_speedup_total)),
+        Column("wall", lambda r: f"**{times(r.wall_speedup)}**"),
+        Column("wall / FLOPs", lambda r: num(r.wall_over_flops)),
+        *([Column("CPU time", lambda r: f"**{times(r.cpu_time_speedup)}**"), Column("CPU / FLOPs", lambda r: num(r.cpu_time_over_flops))] if cpu else []),
+        Column("overhead", lambda r: pct(r.overhead_fraction, 2)),
+        Column("peak memory ratio (bound)", _memory_ratio),
+    ]
+
+
+def target_columns(cpu: bool) -> list[Column]:
+    return [
+        Column("schedule", lambda r: r.schedule),
+        Column("overhead < 3 %", lambda r: mark(r.targets.overhead_under_3_percent)),
+        Column("wall within 10 % of FLOPs", lambda r: f"{mark(r.targets.wall_within_10_percent_of_flops)} ({num(r.wall_over_flops)})"),
+        *([Column("CPU time within 10 % of FLOPs", lambda r: f"{mark(r.targets.cpu_time_within_10_percent_of_flops)} ({num(r.cpu_time_over_flops)})")] if cpu else []),
+        Column("memory within bound", lambda r: mark(r.targets.memory_within_bound)),
+    ]
+
+
+def factor_columns(cpu: bool, basis: str) -> list[Column]:
+    return [
+        Column("schedule", lambda r: r.schedule),
+        Column("config FLOPs", lambda r: times(r.config_flops_speedup_total)),
+        Column("predicted by bare evaluations", lambda r: times(r.forward_time_speedup)),
+        Column(f"measured ({basis})", lambda r: times(r.cpu_time_speedup if cpu else r.wall_speedup)),
+        Column("machine factor", lambda r: num(r.machine_factor)),
+        Column("runtime factor", lambda r: num(r.runtime_factor)),
+    ]
+
+
+def _overhead_item(key: str):
+    def cell(row: ScheduleRow) -> str:
+        item = row.overhead.items[key]
+        return f"{1000 * item.seconds:.1f} ms ({pct(item.fraction, 2)})"
+
+    return cell
+
+
+OVERHEAD_COLUMNS: list[Column] = [
+    Column("schedule", lambda r: r.schedule),
+    Column("RALU s", lambda r: f"{r.overhead.total_seconds:.2f}"),
+    *(Column(label, _overhead_item(key)) for key, label in OVERHEAD_LABELS.items()),
+    Column("overhead", lambda r: f"**{pct(r.overhead.overhead_fraction, 2)}**"),
+    Column("transformer", lambda r: pct(r.overhead.transformer_seconds / r.overhead.total_seconds)),
+    Column("other", lambda r: pct(r.overhead.other_seconds / r.overhead.total_seconds, 2)),
+]
+
+
+@dataclass(frozen=True)
+class TimingLine:
+    """A line of the absolute timings: a plain pipeline or a schedule."""
+
+    method: str
+    tokens: str
+    tflops: float
+    median_seconds: float
+    seconds: list[float]
+    median_cpu_seconds: float
+    cpu_seconds: list[float]
+
+
+def timing_columns(cpu: bool) -> list[Column]:
+    return [
+        Column("method", lambda r: r.method),
+        Column("image tokens per stage", lambda r: r.tokens),
+        Column("config TFLOPs", lambda r: f"{r.tflops:.3f}"),
+        Column("median wall s", lambda r: f"{r.median_seconds:.2f}"),
+        Column("wall runs (s)", lambda r: _runs(r.seconds)),
+        *([Column("median CPU s", lambda r: f"{r.median_cpu_seconds:.2f}"), Column("CPU runs (s)", lambda r: _runs(r.cpu_seconds))] if cpu else []),
+    ]
+
+
+def timing_lines(report: SpeedReport) -> list[TimingLine]:
+    lines = [
+        TimingLine(f"plain {b.family} pipeline, {b.steps} steps", str(b.image_tokens), b.config_tflops, b.median_seconds, b.seconds, b.median_cpu_seconds, b.cpu_seconds)
+        for b in report.baselines.values()
+    ]
+    lines += [
+        TimingLine(r.schedule, _steps(r.stage_image_tokens), r.config_ralu_tflops_total, r.ralu_seconds, r.ralu_seconds_all,
+                   statistics.median(r.ralu_cpu_seconds_all), r.ralu_cpu_seconds_all)
+        for r in report.rows
+    ]
+    return lines
+
+
+@dataclass(frozen=True)
+class ThroughputLine:
+    """A line of the bare evaluations: a transformer forward or the edge decode."""
+
+    family: str
+    tokens: str
+    path: str
+    tflops: float
+    seconds: float
+    cpu_seconds: float
+    gflops_per_second: float
+
+
+THROUGHPUT_COLUMNS: list[Column] = [
+    Column("family", lambda r: r.family),
+    Column("image tokens", lambda r: r.tokens),
+    Column("evaluated by", lambda r: r.path),
+    Column("TFLOPs (total)", lambda r: f"{r.tflops:.4f}"),
+    Column("median wall s", lambda r: f"{r.seconds:.3f}"),
+    Column("median CPU s", lambda r: f"{r.cpu_seconds:.3f}"),
+    Column("GFLOP/s", lambda r: f"{r.gflops_per_second:.1f}"),
+]
+
+
+def throughput_lines(report: SpeedReport, cpu: bool) -> list[ThroughputLine]:
+    size = report.config['size']
+    lines = []
+    for family, entries in report.forward_throughput.items():
+        lines += [ThroughputLine(family, str(e.image_tokens), e.path, e.tflops_total, e.seconds, e.cpu_seconds, e.gflops_per_second) for e in entries]
+        decode = report.edge_decode[family]
+        basis = decode.cpu_seconds if cpu else decode.seconds
+        lines.append(ThroughputLine(family, f"edge decode, {size // 2}x{size // 2} image", "VAE decode", decode.config_tflops_total, decode.seconds,
+                                    decode.cpu_seconds, decode.config_tflops_total * 1e3 / basis))
+    return lines
+
+
+def baseline_memory_columns(report: SpeedReport) -> list[Column]:
+    return [
+        Column("family", lambda b: b.family),
+        Column("plain pipeline MiB", lambda b: mib(b.peak_bytes)),
+        Column("edge decode alone MiB", lambda b: mib(report.edge_decode[b.family].peak_bytes)),
+        Column("plain pipeline in all MiB", lambda b: mib(b.peak_total_bytes)),
+    ]
+
+
+MEMORY_COLUMNS: list[Column] = [
+    Column("schedule", lambda r: r.schedule),
+    Column("RALU MiB", lambda r: mib(r.peak_bytes)),
+    Column("ratio to plain", lambda r: num(r.peak_mem_ratio)),
+    Column("bound", lambda r: num(r.peak_mem_bound_ratio)),
+    Column("RALU in all MiB", lambda r: mib(r.peak_total_bytes)),
+    Column("ratio in all", lambda r: num(r.peak_mem_ratio_total)),
+]
+
+EDGE_SHARE_COLUMNS: list[Column] = [
+    Column("schedule", lambda r: r.schedule),
+    Column("real architecture, total", lambda r: pct(r.real_edge_decode_fraction_total, 2)),
+    Column("real, linear", lambda r: pct(r.real_edge_decode_fraction_linear, 2)),
+    Column("this configuration, total", lambda r: pct(r.config_edge_decode_fraction_total, 2)),
+]
+
+
+def render_markdown(report: SpeedReport) -> str:
+    config, rows, machine = report.config, report.rows, report.machine
     size = config["size"]
-    cpu = any(row["cpu_time_speedup"] is not None for row in rows)
+    cpu = any(row.cpu_time_speedup is not None for row in rows)
     basis = "CPU time" if cpu else "wall"
     lines = [
-        f"Regenerate: `{report['command']}`",
+        f"Regenerate: `{report.command}`",
         "",
         "# Speed of the RALU runtime (`ralu-bench speed`)",
         "",
         f"Configuration **{config['preset']}** on **{config['device']}** in **{config['dtype']}** at {size}x{size}; "
-        f"{config['repeats']} timed runs per method after a warm-up, medians; created {report['created']}; the whole "
-        f"benchmark took {report['elapsed_seconds'] / 60:.1f} min. Configuration and machine at the end.",
+        f"{config['repeats']} timed runs per method after a warm-up, medians; created {report.created}; the whole "
+        f"benchmark took {report.elapsed_seconds / 60:.1f} min. Configuration and machine at the end.",
         "",
         "## Summary",
         "",
@@ -75,25 +264,7 @@ def render_markdown(report: dict) -> str:
         "pipeline" + ("; *CPU time*: the same runs measured in process CPU time, which other processes on a shared"
                       " machine do not inflate (one thread: equal to wall time on an idle machine)." if cpu else "."),
         "",
-    ]
-    head = "| schedule | steps | r | real FLOPs total | real FLOPs linear | paper | config FLOPs | wall | wall / FLOPs |"
-    rule = "|---|---|---|---|---|---|---|---|---|"
-    if cpu:
-        head += " CPU time | CPU / FLOPs |"
-        rule += "---|---|"
-    lines += [head + " overhead | peak memory ratio (bound) |", rule + "---|---|"]
-    for row in rows:
-        memory = "n/a" if row["peak_mem_ratio"] is None else f"{row['peak_mem_ratio']:.2f} ({num(row['peak_mem_bound_ratio'], 2)})"
-        line = (
-            f"| {row['schedule']} | {'/'.join(map(str, row['steps']))} | {row['up_ratio']} | {times(row['flops_speedup_total'])} | "
-            f"{times(row['flops_speedup_linear'])} | {times(row['paper_speedup_linear'])} | {times(row['config_flops_speedup_total'])} | "
-            f"**{times(row['wall_speedup'])}** | {num(row['wall_over_flops'])} |"
-        )
-        if cpu:
-            line += f" **{times(row['cpu_time_speedup'])}** | {num(row['cpu_time_over_flops'])} |"
-        lines.append(line + f" {pct(row['overhead_fraction'], 2)} | {memory} |")
-
-    lines += [
+        *table(summary_columns(cpu), rows),
         "",
         "## Targets",
         "",
@@ -101,17 +272,7 @@ def render_markdown(report: dict) -> str:
         f"{100 * WALL_FLOPS_TOLERANCE:.0f} % of the same configuration's total-FLOPs speed-up; peak memory no higher than "
         "the plain pipeline's plus the edge decode's.",
         "",
-        "| schedule | overhead < 3 % | wall within 10 % of FLOPs |" + (" CPU time within 10 % of FLOPs |" if cpu else "") + " memory within bound |",
-        "|---|---|---|" + ("---|" if cpu else "") + "---|",
-    ]
-    for row in rows:
-        t = row["targets"]
-        line = f"| {row['schedule']} | {mark(t['overhead_under_3_percent'])} | {mark(t['wall_within_10_percent_of_flops'])} ({num(row['wall_over_flops'])}) |"
-        if cpu:
-            line += f" {mark(t['cpu_time_within_10_percent_of_flops'])} ({num(row['cpu_time_over_flops'])}) |"
-        lines.append(line + f" {mark(t['memory_within_bound'])} |")
-
-    lines += [
+        *table(target_columns(cpu), rows),
         "",
         "## Where measured and FLOPs speed-ups part",
         "",
@@ -122,14 +283,7 @@ def render_markdown(report: dict) -> str:
         "spend beyond the bare evaluations (RALU: noise, gather/scatter, positions, Canny; both: Euler updates,",
         "set-up).",
         "",
-        f"| schedule | config FLOPs | predicted by bare evaluations | measured ({basis}) | machine factor | runtime factor |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        measured = row["cpu_time_speedup"] if cpu else row["wall_speedup"]
-        lines.append(f"| {row['schedule']} | {times(row['config_flops_speedup_total'])} | {times(row['forward_time_speedup'])} | {times(measured)} | {num(row['machine_factor'])} | {num(row['runtime_factor'])} |")
-
-    lines += [
+        *table(factor_columns(cpu, basis), rows),
         "",
         "## Overhead, itemised",
         "",
@@ -137,40 +291,11 @@ def render_markdown(report: dict) -> str:
         "charged to the innermost), as a share of the RALU wall time; 'transformer' is the model evaluations, 'other'",
         "the rest of the call (Euler updates, pipeline set-up and checks).",
         "",
-        "| schedule | RALU s | " + " | ".join(OVERHEAD_LABELS.values()) + " | overhead | transformer | other |",
-        "|---|---|" + "---|" * len(OVERHEAD_LABELS) + "---|---|---|",
-    ]
-    for row in rows:
-        o = row["overhead"]
-        cells = [f"{1000 * o['items'][k]['seconds']:.1f} ms ({pct(o['items'][k]['fraction'], 2)})" for k in OVERHEAD_LABELS]
-        lines.append(
-            f"| {row['schedule']} | {o['total_seconds']:.2f} | " + " | ".join(cells)
-            + f" | **{pct(o['overhead_fraction'], 2)}** | {pct(o['transformer_seconds'] / o['total_seconds'])} | {pct(o['other_seconds'] / o['total_seconds'], 2)} |"
-        )
-
-    lines += [
+        *table(OVERHEAD_COLUMNS, rows),
         "",
         "## Absolute timings",
         "",
-        "| method | image tokens per stage | config TFLOPs | median wall s | wall runs (s) |" + (" median CPU s | CPU runs (s) |" if cpu else ""),
-        "|---|---|---|---|---|" + ("---|---|" if cpu else ""),
-    ]
-
-    def runs(values):
-        return ", ".join(f"{v:.2f}" for v in values)
-
-    for base in report["baselines"].values():
-        line = f"| plain {base['family']} pipeline, {base['steps']} steps | {base['image_tokens']} | {base['config_tflops']:.3f} | {base['median_seconds']:.2f} | {runs(base['seconds'])} |"
-        if cpu:
-            line += f" {base['median_cpu_seconds']:.2f} | {runs(base['cpu_seconds'])} |"
-        lines.append(line)
-    for row in rows:
-        line = f"| {row['schedule']} | {'/'.join(map(str, row['stage_image_tokens']))} | {row['config_ralu_tflops_total']:.3f} | {row['ralu_seconds']:.2f} | {runs(row['ralu_seconds_all'])} |"
-        if cpu:
-            line += f" {statistics.median(row['ralu_cpu_seconds_all']):.2f} | {runs(row['ralu_cpu_seconds_all'])} |"
-        lines.append(line)
-
-    lines += [
+        *table(timing_columns(cpu), timing_lines(report)),
         "",
         "## Bare evaluations by sequence length",
         "",
@@ -178,48 +303,24 @@ def render_markdown(report: dict) -> str:
         "native grid go through the runtime's token path, as in its mixed stage) and the bare edge decode, median",
         f"of the repeats after a warm-up; GFLOP/s on the {basis} basis.",
         "",
-        "| family | image tokens | evaluated by | TFLOPs (total) | median wall s | median CPU s | GFLOP/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for family, entries in report["forward_throughput"].items():
-        for entry in entries:
-            lines.append(f"| {family} | {entry['image_tokens']} | {entry['path']} | {entry['tflops_total']:.4f} | {entry['seconds']:.3f} | {entry['cpu_seconds']:.3f} | {entry['gflops_per_second']:.1f} |")
-        decode = report["edge_decode"][family]
-        decode_basis = decode["cpu_seconds"] if cpu else decode["seconds"]
-        lines.append(f"| {family} | edge decode, {size // 2}x{size // 2} image | VAE decode | {decode['config_tflops_total']:.4f} | {decode['seconds']:.3f} | {decode['cpu_seconds']:.3f} | {decode['config_tflops_total'] * 1e3 / decode_basis:.1f} |")
-
-    lines += [
+        *table(THROUGHPUT_COLUMNS, throughput_lines(report, cpu)),
         "",
         "## Peak memory",
         "",
-        f"Method: {report['memory_method'] or 'unavailable on this platform'}. Working memory of one call above what",
+        f"Method: {report.memory_method or 'unavailable on this platform'}. Working memory of one call above what",
         "was held before it (weights and prompt embeddings are resident in both cases), on runs with one step per",
         "stage (baseline: one step): every step of a stage allocates the same tensors. The bound is the plain",
         "pipeline's peak plus the bare edge decode's. 'In all': the peak with everything held (on CUDA the",
         "allocated memory, weights included; on CPU the whole process's resident set, libraries included).",
         "",
-        "| family | plain pipeline MiB | edge decode alone MiB | plain pipeline in all MiB |",
-        "|---|---|---|---|",
-    ]
-    for base in report["baselines"].values():
-        lines.append(f"| {base['family']} | {mib(base['peak_bytes'])} | {mib(report['edge_decode'][base['family']]['peak_bytes'])} | {mib(base.get('peak_total_bytes'))} |")
-    lines += ["", "| schedule | RALU MiB | ratio to plain | bound | RALU in all MiB | ratio in all |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            f"| {row['schedule']} | {mib(row['peak_bytes'])} | {num(row['peak_mem_ratio'])} | {num(row['peak_mem_bound_ratio'])} | "
-            f"{mib(row.get('peak_total_bytes'))} | {num(row.get('peak_mem_ratio_total'))} |"
-        )
-
-    lines += [
+        *table(baseline_memory_columns(report), list(report.baselines.values())),
+        "",
+        *table(MEMORY_COLUMNS, rows),
         "",
         "## The edge-detection decode's share of the FLOPs",
         "",
-        "| schedule | real architecture, total | real, linear | this configuration, total |",
-        "|---|---|---|---|",
+        *table(EDGE_SHARE_COLUMNS, rows),
     ]
-    for row in rows:
-        lines.append(f"| {row['schedule']} | {pct(row['real_edge_decode_fraction_total'], 2)} | {pct(row['real_edge_decode_fraction_linear'], 2)} | {pct(row['config_edge_decode_fraction_total'], 2)} |")
-
     vae = config["vae"]
     lines += [
         "",
@@ -248,7 +349,7 @@ def render_markdown(report: dict) -> str:
         f"* CPU: {machine['cpu']}, {machine['cpu_count']} logical CPUs; torch intra-op threads {machine['torch_threads']}"
         + (f"; GPU: {machine['gpu']}" if "gpu" in machine else ""),
         f"* torch {machine['torch']}, diffusers {machine['diffusers']}, Python {machine['python']}, {machine['platform']}",
-        f"* Load average (1, 5, 15 min) at the start {report['load_average']['start']}, at the end {report['load_average']['end']}.",
+        f"* Load average (1, 5, 15 min) at the start {report.load_average.start}, at the end {report.load_average.end}.",
     ]
     if OPTIMISATION_LOG:
         lines += ["", "## What the runtime changes bought (measured once during development, not regenerated)", "", *OPTIMISATION_LOG]
@@ -256,33 +357,33 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_repeats(report: dict) -> int:
-    return int(report["config"]["repeats"])
+def config_repeats(report: SpeedReport) -> int:
+    return int(report.config['repeats'])
 
 
-def _discussion(report: dict) -> list[str]:
-    rows = report["rows"]
+def _discussion(report: SpeedReport) -> list[str]:
+    rows = report.rows
     if not rows:
         return ["No schedule was measured."]
-    cpu = any(row["cpu_time_speedup"] is not None for row in rows)
+    cpu = any(row.cpu_time_speedup is not None for row in rows)
     out = []
-    over = [r["schedule"] for r in rows if not r["targets"]["overhead_under_3_percent"]]
-    worst = max(rows, key=lambda r: r["overhead_fraction"])
-    item, value = max(worst["overhead"]["items"].items(), key=lambda kv: kv[1]["seconds"])
+    over = [r.schedule for r in rows if not r.targets.overhead_under_3_percent]
+    worst = max(rows, key=lambda r: r.overhead_fraction)
+    item, value = max(worst.overhead.items.items(), key=lambda kv: kv[1].seconds)
     if over:
         out.append(f"* **Overhead**: above {100 * OVERHEAD_TARGET:.0f} % for {', '.join(over)}; the largest item is "
-                   f"{OVERHEAD_LABELS[item]} ({pct(value['fraction'], 2)} of {worst['schedule']}).")
+                   f"{OVERHEAD_LABELS[item]} ({pct(value.fraction, 2)} of {worst.schedule}).")
     else:
-        out.append(f"* **Overhead**: under {100 * OVERHEAD_TARGET:.0f} % for every schedule (largest {pct(worst['overhead_fraction'], 2)}, "
-                   f"{worst['schedule']}; mostly {OVERHEAD_LABELS[item]}, {pct(value['fraction'], 2)}).")
+        out.append(f"* **Overhead**: under {100 * OVERHEAD_TARGET:.0f} % for every schedule (largest {pct(worst.overhead_fraction, 2)}, "
+                   f"{worst.schedule}; mostly {OVERHEAD_LABELS[item]}, {pct(value.fraction, 2)}).")
     for key, label in (("wall_over_flops", "Wall-clock"), ("cpu_time_over_flops", "CPU-time")):
-        ratios = [r[key] for r in rows if r[key] is not None]
+        ratios = [getattr(r, key) for r in rows if getattr(r, key) is not None]
         if ratios:
             within = sum(abs(x - 1.0) <= WALL_FLOPS_TOLERANCE for x in ratios)
             out.append(f"* **{label} vs FLOPs**: {label.lower() if label == 'Wall-clock' else label} / FLOPs speed-up from {min(ratios):.3f} to {max(ratios):.3f}; "
                        f"{within} of {len(ratios)} schedules within {100 * WALL_FLOPS_TOLERANCE:.0f} %.")
-    machine = [r["machine_factor"] for r in rows if r["machine_factor"] is not None]
-    runtime = [r["runtime_factor"] for r in rows if r["runtime_factor"] is not None]
+    machine = [r.machine_factor for r in rows if r.machine_factor is not None]
+    runtime = [r.runtime_factor for r in rows if r.runtime_factor is not None]
     if machine and runtime:
         out.append(
             f"* **Why**: the machine factor spans {min(machine):.3f} to {max(machine):.3f}, the runtime factor "
@@ -291,57 +392,66 @@ def _discussion(report: dict) -> list[str]:
             "the edge decode at a lower rate than the transformer); above 1, the reverse. The runtime factor is "
             "what the RALU pipeline itself costs beyond bare evaluations."
         )
-    for family, entries in report["forward_throughput"].items():
+    for family, entries in report.forward_throughput.items():
         if len(entries) >= 2:
             low, full = entries[0], entries[-1]
             out.append(
-                f"* {family}: {low['gflops_per_second']:.1f} GFLOP/s at {low['image_tokens']} image tokens, "
-                f"{full['gflops_per_second']:.1f} GFLOP/s at {full['image_tokens']} (ratio {low['gflops_per_second'] / full['gflops_per_second']:.2f})."
+                f"* {family}: {low.gflops_per_second:.1f} GFLOP/s at {low.image_tokens} image tokens, "
+                f"{full.gflops_per_second:.1f} GFLOP/s at {full.image_tokens} (ratio {low.gflops_per_second / full.gflops_per_second:.2f})."
             )
     best = []
     for row in rows:
-        base = report["baselines"].get(f"{row['family']}-{row['base_steps']}")
-        if base and len(base["seconds"]) > 1:
-            best.append(min(base["seconds"]) / min(row["ralu_seconds_all"]) / row["config_flops_speedup_total"])
+        base = report.baselines.get(f"{row.family}-{row.base_steps}")
+        if base and len(base.seconds) > 1:
+            best.append(min(base.seconds) / min(row.ralu_seconds_all) / row.config_flops_speedup_total)
     if best:
         out.append(f"* **Best-of-{config_repeats(report)} wall-clock** (each method's least disturbed run): {min(best):.3f} to {max(best):.3f} "
                    "of the FLOPs speed-up. Noise on a shared machine only ever adds time, so the fastest run is the closest "
                    "to the code's own speed; the medians above are what the issue asks for.")
     if cpu:
         spreads = []
-        for base in report["baselines"].values():
-            if len(base["seconds"]) > 1:
-                spreads.append(f"{base['family']} baseline {min(base['seconds']):.1f} to {max(base['seconds']):.1f} s wall, "
-                               f"{min(base['cpu_seconds']):.1f} to {max(base['cpu_seconds']):.1f} s CPU")
+        for base in report.baselines.values():
+            if len(base.seconds) > 1:
+                spreads.append(f"{base.family} baseline {min(base.seconds):.1f} to {max(base.seconds):.1f} s wall, "
+                               f"{min(base.cpu_seconds):.1f} to {max(base.cpu_seconds):.1f} s CPU")
         if spreads:
             out.append("* **Noise**: run-to-run spread " + "; ".join(spreads) + ". Where wall and CPU time differ, other "
                        "processes held the cores; the CPU-time figures are the ones that describe the code.")
-    for family, share in report.get("attention_share", {}).items():
+    for family, share in report.attention_share.items():
         out.append(
-            f"* **Reduced widths move the FLOPs mix** ({family}): attention is {pct(share['config'])} of a full-resolution "
-            f"forward here, {pct(share['real'])} in the real model. Attention is quadratic in the sequence length, so this "
+            f"* **Reduced widths move the FLOPs mix** ({family}): attention is {pct(share.config)} of a full-resolution "
+            f"forward here, {pct(share.real)} in the real model. Attention is quadratic in the sequence length, so this "
             "configuration's FLOPs speed-ups differ from the real ones (compare the config and real columns); compare "
             "measured speed-ups with the config column."
         )
-    if report["config"]["device"] == "cpu":
+    if report.config['device'] == "cpu":
         out.append("* This report ran on a CPU only: GPU timings (bf16, real widths) come from `ralu-bench speed --device cuda`, "
                    "which writes the same report with absolute timings from one GPU.")
-    mem = [r["schedule"] for r in rows if r["targets"]["memory_within_bound"] is False]
+    mem = [r.schedule for r in rows if r.targets.memory_within_bound is False]
     if mem:
         out.append(f"* **Memory**: above the bound for {', '.join(mem)}.")
-    elif any(r["peak_mem_ratio"] is not None for r in rows):
-        top = max((r for r in rows if r["peak_mem_ratio"] is not None), key=lambda r: r["peak_mem_ratio"])
+    elif any(r.peak_mem_ratio is not None for r in rows):
+        top = max((r for r in rows if r.peak_mem_ratio is not None), key=lambda r: r.peak_mem_ratio)
         out.append(f"* **Memory**: within the plain pipeline plus the edge decode for every schedule (highest ratio "
-                   f"{top['peak_mem_ratio']:.2f}, {top['schedule']}, bound {num(top['peak_mem_bound_ratio'], 2)}).")
-        decode = max((v["peak_bytes"] or 0) for v in report["edge_decode"].values())
-        plain = min((b["peak_bytes"] or 0) for b in report["baselines"].values())
+                   f"{top.peak_mem_ratio:.2f}, {top.schedule}, bound {num(top.peak_mem_bound_ratio, 2)}).")
+        decode = max((v.peak_bytes or 0) for v in report.edge_decode.values())
+        plain = min((b.peak_bytes or 0) for b in report.baselines.values())
         if decode > plain:
-            weights = ", ".join(f"{family} {value / 2**30:.1f} GiB" for family, value in report.get("real_transformer_bf16_bytes", {}).items())
+            weights = ", ".join(f"{family} {value / 2**30:.1f} GiB" for family, value in report.real_transformer_bf16_bytes.items())
             out.append(
-                f"  The ratio is well above 1 because here the edge decode's working memory (a {report['config']['size'] // 2}x"
-                f"{report['config']['size'] // 2} image through the VAE) exceeds that of a reduced-width transformer step: the RALU "
+                f"  The ratio is well above 1 because here the edge decode's working memory (a {report.config['size'] // 2}x"
+                f"{report.config['size'] // 2} image through the VAE) exceeds that of a reduced-width transformer step: the RALU "
                 "peak *is* the edge decode. The ratio "
                 "counts working memory only; the weights, resident in both pipelines, are left out"
                 + (f" (real transformers in bf16: {weights}; on a GPU the ratio with weights is what `--device cuda` reports)." if weights else ".")
             )
     return out
+
+
+def render_json(text: str) -> str:
+    """The Markdown of a ``speed.json``."""
+    return render_markdown(SpeedReport.model_validate_json(text))
+
+
+if __name__ == "__main__":
+    sys.exit(render_from_json(sys.argv[1:], "ralu.calibrate.bench.speed.report", render_json))
