@@ -18,7 +18,7 @@ from ralu.calibrate.bench.quality import metrics as qmetrics
 from ralu.calibrate.bench.quality import schedules as qschedules
 from ralu.calibrate.bench.quality.sampler import TestbedSampler
 from ralu.calibrate.testbed import data
-from ralu.calibrate.testbed.model import testbed_h0
+from ralu.calibrate.testbed import model as testbed_model
 
 # ----------------------------------------------------------------------------------------
 # Metrics
@@ -103,7 +103,7 @@ def test_peers_are_matched_to_the_ralu_cost():
     from ralu.calibrate.testbed import model as tb
 
     cost = qcost.TestbedCost(tb.TRANSFORMER_CONFIG, 3)
-    h0 = testbed_h0()
+    h0 = testbed_model.testbed_h0()
     assert h0 == pytest.approx(math.exp(1.15))
     paper = qschedules.paper_schedule(7, 32)
     assert [s.steps for s in paper.stages] == [2, 3, 5] and paper.z == pytest.approx(6.261)
@@ -135,7 +135,7 @@ def test_staged_sampler_with_one_full_stage_is_flux_pipeline(tiny_testbed):
     sampler = TestbedSampler(pipe, batch_size=3, guidance_scale=3.5, size=32)
     labels = balanced_labels(3, 0)
     steps = 4
-    method = qmethods.Method("plain", 1, "plain", "staged", stages=[("full", qmethods.shifted_sigmas(steps, 1.0, 0.0, testbed_h0()))], forwards=[256] * steps)
+    method = qmethods.Method("plain", 1, "plain", "staged", stages=[("full", qmethods.shifted_sigmas(steps, 1.0, 0.0, testbed_model.testbed_h0()))], forwards=[256] * steps)
     ours, tokens = sampler.generate(method, labels, seed=0)
     reference = generate(pipe, labels, seed=0, num_inference_steps=steps, batch_size=3)
     assert tokens == [256] * steps

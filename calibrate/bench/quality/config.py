@@ -56,7 +56,6 @@ RALU_METHODS = ("ralu-paper", "ralu-ours", "ralu-searched")
 PEER_METHODS = ("base-steps", "bottleneck", "naive-upsample")
 
 
-
 @dataclass
 class Config:
     quick: bool = False

@@ -88,7 +88,6 @@ def frechet_distance(a, b) -> float:
         return fd(a, b)
 
 
-
 def evaluate_images(images, labels, baseline, classifier, real_features) -> dict:
     """Per-seed metrics of one image set (``baseline`` None: no fidelity metrics)."""
     feats = features(classifier, images)

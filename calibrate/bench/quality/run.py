@@ -98,7 +98,6 @@ def check_schedule_file(path: str) -> None:
         raise ValueError(f"--schedule {path}: {error}") from None
 
 
-
 def weights_info(config: Config) -> dict:
     transformer = Path(config.weights) if config.weights else TRANSFORMER_DIR
     classifier = Path(config.classifier) if config.classifier else CLASSIFIER_DIR
@@ -261,7 +260,6 @@ def run_sweep(config: Config, sampler: TestbedSampler, classifier, real_features
     )
 
 
-
 def winners(rows: list[MethodRow]) -> dict[str, dict[str, Winner]]:
     """Per budget and metric: the best method, whether the runner-up is within the seed
     spread, and the best RALU row against the best peer."""
@@ -292,7 +290,6 @@ def winners(rows: list[MethodRow]) -> dict[str, dict[str, Winner]]:
     return out
 
 
-
 def write_reports(report: QualityReport, samples: SampleGrid, out_dir: Path) -> tuple[Path, Path]:
     """The figures under ``out_dir/quality/``, then the Markdown and the JSON."""
     out_dir = Path(out_dir)
@@ -300,7 +297,6 @@ def write_reports(report: QualityReport, samples: SampleGrid, out_dir: Path) -> 
     write_grid(samples, out_dir / figures.grid)
     write_plots(report, out_dir / figures.tradeoff, out_dir / figures.sweep if figures.sweep else None)
     return write_report(out_dir, REPORT_NAME, render_markdown(report, figures), report.model_dump(mode="json"))
-
 
 
 def run_from_args(args: argparse.Namespace) -> int:

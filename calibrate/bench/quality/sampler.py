@@ -25,6 +25,8 @@ class TestbedSampler:
     FluxPipeline's conventions (packing, positions, timestep = sigma, guidance input).
     """
 
+    __test__ = False  # not a pytest class
+
     def __init__(self, pipe, batch_size: int, guidance_scale: float, size: int):
         self.pipe = pipe
         self.size = size

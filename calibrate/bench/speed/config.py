@@ -16,8 +16,6 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 VAE_SCALING = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 
 
-
-
 @dataclass(frozen=True)
 class FamilyConfig:
     """One model family as benchmarked: the transformer built, and its text conditioning."""

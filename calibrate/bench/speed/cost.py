@@ -71,14 +71,12 @@ def edge_decode_flops(config: BenchConfig, family: str):
     return count_flops(vae.decode, torch.empty(1, 16, side, side, device="meta"))
 
 
-
 def paper_speedup(schedule) -> float | None:
     steps = tuple(stage.steps for stage in schedule.stages)
     for layout in PAPER_LAYOUTS:
         if layout.model == schedule.model and layout.steps == steps and math.isclose(layout.up_ratio, schedule.up_ratio):
             return layout.speedup
     return None
-
 
 
 def real_transformer_bytes(family: FamilyConfig) -> int:

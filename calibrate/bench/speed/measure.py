@@ -32,7 +32,6 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-
 def timed(fn: Callable[[], Any], device) -> tuple[float, float, Any]:
     """Wall seconds and process CPU seconds of ``fn()`` (the device synchronised before and
     after), and its result.  With one CPU thread, CPU time is what the wall time would be on an
@@ -45,7 +44,7 @@ def timed(fn: Callable[[], Any], device) -> tuple[float, float, Any]:
 
 
 class MemoryMeter:
-    """Peak memory of a call above what was held before it (see the module docstring)."""
+    """Peak memory of a call above what was held before it (method: :mod:`ralu.calibrate.bench.speed`)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -104,7 +103,6 @@ class MemoryMeter:
 
 def progress(message: str) -> None:
     print(f"[ralu-bench speed {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
 
 
 def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token_counts: list[int]) -> list[Throughput]:
@@ -284,7 +282,6 @@ def overhead_summary(profiles: list[dict]) -> dict:
         "transformer_seconds": transformer,
         "other_seconds": total / runs - overhead - transformer,
     }
-
 
 
 def machine_info(config: BenchConfig) -> dict:

@@ -125,7 +125,6 @@ def build_family(config: BenchConfig, family: FamilyConfig) -> FamilyRun:
     return run
 
 
-
 def seeded_generator(config: BenchConfig):
     return torch.Generator(config.device).manual_seed(config.seed)
 

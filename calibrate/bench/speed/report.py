@@ -51,7 +51,6 @@ OPTIMISATION_LOG: list[str] = [
 ]
 
 
-
 def _family_line(family: dict, size: int) -> str:
     t = family["transformer"]
     if family["family"] == "flux":

@@ -52,7 +52,6 @@ def _ratio(a, b) -> float | None:
     return a / b if a and b else None
 
 
-
 def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     """Run everything; returns the report (what ``speed.json`` holds)."""
 
@@ -206,10 +205,8 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     )
 
 
-
 def write_reports(report: SpeedReport, out_dir: Path) -> tuple[Path, Path]:
     return write_report(out_dir, REPORT_NAME, render_markdown(report), report.model_dump(mode="json"))
-
 
 
 def run_from_args(args: argparse.Namespace) -> int:
