@@ -3,7 +3,12 @@
 * ``ralu-bench speed`` (:mod:`ralu.calibrate.bench.speed`): wall-clock speed-up of the RALU
   pipelines against plain diffusers pipelines, the runtime's own overhead itemised, peak
   memory, next to the FLOPs speed-ups; writes ``reports/speed.md`` and ``reports/speed.json``.
+* ``ralu-bench quality`` (:mod:`ralu.calibrate.bench.quality`): image quality of RALU against
+  its peers at matched FLOPs on the offline testbed; writes ``reports/quality.md``,
+  ``reports/quality.json`` and ``reports/quality/``.
 
-Subcommands are registered in :mod:`ralu.calibrate.bench.cli`.  Importing this package is
-cheap (no torch, no diffusers).
+Subcommands are registered in :mod:`ralu.calibrate.bench.cli`.  Importing this package, the
+subcommand packages and their ``args`` modules is cheap (no torch, no diffusers); the
+modules that run a benchmark import what they need at the top and are loaded only when it runs.
+Shared formats, tables and file writing: :mod:`ralu.calibrate.bench.common`.
 """

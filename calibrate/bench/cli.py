@@ -1,9 +1,10 @@
 """``ralu-bench``: benchmarks of the RALU runtime, one subcommand per benchmark.
 
-Each subcommand lives in its own module, which provides ``add_parser(subparsers)``: it adds
-its subparser and sets ``run=callable(args) -> exit code`` as a default.  Adding a benchmark
-is one more entry in :data:`SUBCOMMAND_MODULES`.  Modules are imported to build the parser,
-so they must import cheaply (torch and diffusers inside the functions that run).
+Each subcommand is two modules: a light one that declares its arguments (``HELP``,
+``EXAMPLES``, ``add_arguments(parser)``; importing it costs no torch) and the one that runs it
+(``run_from_args(args) -> exit code``), imported only when that subcommand runs.  The
+subcommand's description is the first paragraph of its package's docstring.  Adding a
+benchmark is one more entry in :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ import argparse
 import importlib
 import shlex
 import sys
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-#: Modules that register a subcommand, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("ralu.calibrate.bench.speed", "ralu.calibrate.bench.quality")
+
+class Subcommand(NamedTuple):
+    package: str  # its docstring describes the subcommand
+    arguments: str  # module with HELP, EXAMPLES and add_arguments(parser)
+    runner: str  # module with run_from_args(args) -> exit code
+
+
+#: The subcommands, in the order ``--help`` lists them.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    name: Subcommand(f"ralu.calibrate.bench.{name}", f"ralu.calibrate.bench.{name}.args", f"ralu.calibrate.bench.{name}.run")
+    for name in ("speed", "quality")
+}
 
 PROG = "ralu-bench"
 
@@ -26,8 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of the RALU runtime against plain diffusers pipelines; each writes a Markdown and a JSON report.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_parser(subparsers)
+    for name, sub in SUBCOMMANDS.items():
+        arguments = importlib.import_module(sub.arguments)
+        subparser = subparsers.add_parser(
+            name,
+            help=arguments.HELP,
+            description=(importlib.import_module(sub.package).__doc__ or "").split("\n\n")[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=arguments.EXAMPLES,
+        )
+        arguments.add_arguments(subparser)
     return parser
 
 
@@ -36,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     #: The command line as typed, for the reports' "regenerate" line.
     args.command_line = shlex.join([PROG, *argv])
-    return int(args.run(args) or 0)
+    runner = importlib.import_module(SUBCOMMANDS[args.command].runner)
+    return int(runner.run_from_args(args) or 0)
 
 
 if __name__ == "__main__":

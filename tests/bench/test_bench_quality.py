@@ -11,8 +11,14 @@ import math
 import pytest
 import torch
 
-from ralu.calibrate.bench import quality as q
+from ralu.calibrate.bench.quality import config as qconfig
+from ralu.calibrate.bench.quality import cost as qcost
+from ralu.calibrate.bench.quality import methods as qmethods
+from ralu.calibrate.bench.quality import metrics as qmetrics
+from ralu.calibrate.bench.quality import schedules as qschedules
+from ralu.calibrate.bench.quality.sampler import TestbedSampler
 from ralu.calibrate.testbed import data
+from ralu.calibrate.testbed import model as testbed_model
 
 # ----------------------------------------------------------------------------------------
 # Metrics
@@ -23,46 +29,46 @@ def test_psnr_on_known_inputs():
     a = torch.zeros(2, 3, 8, 8) - 1.0  # black in [-1, 1]
     b = a.clone()
     b[1] += 0.2  # +0.1 in [0, 1] everywhere: MSE 0.01 -> 20 dB
-    value = q.psnr(b, a)
-    assert value[0].item() == q.PSNR_CAP
+    value = qmetrics.psnr(b, a)
+    assert value[0].item() == qconfig.PSNR_CAP
     assert value[1].item() == pytest.approx(20.0, abs=1e-6)
-    assert q.psnr(-a, a)[0].item() == pytest.approx(0.0, abs=1e-9)  # black vs white: MSE 1
+    assert qmetrics.psnr(-a, a)[0].item() == pytest.approx(0.0, abs=1e-9)  # black vs white: MSE 1
 
 
 def test_ssim_on_known_inputs():
     images, _ = data.make_batch(3, 4)
-    assert torch.allclose(q.ssim(images, images), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(qmetrics.ssim(images, images), torch.ones(4, dtype=torch.float64))
     # a constant shift of the mean: luminance term only, (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
     flat = torch.zeros(1, 3, 16, 16)
     shifted = flat + 0.4  # 0.5 -> 0.7 in [0, 1]
     c1 = 0.01**2
     expected = (2 * 0.5 * 0.7 + c1) / (0.5**2 + 0.7**2 + c1)
-    assert q.ssim(shifted, flat).item() == pytest.approx(expected, rel=1e-6)
+    assert qmetrics.ssim(shifted, flat).item() == pytest.approx(expected, rel=1e-6)
     noisy = (images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
-    assert (q.ssim(noisy, images) < 0.9).all() and (q.ssim(noisy, images) > 0.0).all()
+    assert (qmetrics.ssim(noisy, images) < 0.9).all() and (qmetrics.ssim(noisy, images) > 0.0).all()
     # symmetric
-    assert torch.allclose(q.ssim(noisy, images), q.ssim(images, noisy))
+    assert torch.allclose(qmetrics.ssim(noisy, images), qmetrics.ssim(images, noisy))
 
 
 def test_blocking_index_separates_blocky_from_sharp():
     images, _ = data.make_batch(5, 32)
     blocky = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 2), scale_factor=2, mode="nearest")
     smooth = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 2), scale_factor=2, mode="bilinear", align_corners=False)
-    sharp_index = q.blocking_index(images)
-    blocky_index = q.blocking_index(blocky)
+    sharp_index = qmetrics.blocking_index(images)
+    blocky_index = qmetrics.blocking_index(blocky)
     assert blocky_index.min() > 0.99  # nothing changes inside a 2x2 block
     # Hard-edged renderings: one image's edges may happen to sit on the grid, but over a set
     # there is no grid-aligned structure.
     assert abs(sharp_index.mean()) < 0.1
     assert blocky_index.mean() > sharp_index.mean() + 0.8
-    assert 0.1 < q.blocking_index(smooth).mean() < 0.99  # bilinear upsampling: in between
-    assert q.blocking_index(torch.zeros(1, 3, 8, 8)).item() == 0.0  # flat image
+    assert 0.1 < qmetrics.blocking_index(smooth).mean() < 0.99  # bilinear upsampling: in between
+    assert qmetrics.blocking_index(torch.zeros(1, 3, 8, 8)).item() == 0.0  # flat image
 
 
 def test_frechet_distance_is_zero_for_identical_sets():
     features = torch.randn(300, 16, generator=torch.Generator().manual_seed(1)).numpy()
-    assert q.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
-    assert q.frechet_distance(features, features + 1.0) == pytest.approx(16.0, rel=1e-6)  # mean shift only
+    assert qmetrics.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    assert qmetrics.frechet_distance(features, features + 1.0) == pytest.approx(16.0, rel=1e-6)  # mean shift only
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,16 +102,16 @@ def tiny_testbed(tmp_path_factory):
 def test_peers_are_matched_to_the_ralu_cost():
     from ralu.calibrate.testbed import model as tb
 
-    cost = q.TestbedCost(tb.TRANSFORMER_CONFIG, 3)
-    h0 = q.testbed_h0()
+    cost = qcost.TestbedCost(tb.TRANSFORMER_CONFIG, 3)
+    h0 = testbed_model.testbed_h0()
     assert h0 == pytest.approx(math.exp(1.15))
-    paper = q.paper_schedule(7, 32)
+    paper = qschedules.paper_schedule(7, 32)
     assert [s.steps for s in paper.stages] == [2, 3, 5] and paper.z == pytest.approx(6.261)
     assert paper.divergence.js_distance == pytest.approx(0.026638, abs=2e-4)  # METHOD.md 5
-    target = cost.of(q.ralu_forwards(paper, 256)).total
-    assert q.ralu_forwards(paper, 256) == [64] * 2 + [64 + 3 * 6] * 3 + [256] * 5
-    bottleneck = q.bottleneck_method(7, target, cost, h0, 256, 64)
-    naive = q.naive_method(7, target, cost, h0, 256, 64, switch_t=0.3)
+    target = cost.of(qmethods.ralu_forwards(paper, 256)).total
+    assert qmethods.ralu_forwards(paper, 256) == [64] * 2 + [64 + 3 * 6] * 3 + [256] * 5
+    bottleneck = qmethods.bottleneck_method(7, target, cost, h0, 256, 64)
+    naive = qmethods.naive_method(7, target, cost, h0, 256, 64, switch_t=0.3)
     for method in (bottleneck, naive):
         got = cost.of(method.forwards).total
         assert abs(got - target) / target < 0.15
@@ -126,10 +132,10 @@ def test_staged_sampler_with_one_full_stage_is_flux_pipeline(tiny_testbed):
     from ralu.calibrate.testbed.model import load_pipeline
 
     pipe = load_pipeline(path=tiny_testbed / "transformer")
-    sampler = q.Sampler(pipe, batch_size=3, guidance_scale=3.5, size=32)
+    sampler = TestbedSampler(pipe, batch_size=3, guidance_scale=3.5, size=32)
     labels = balanced_labels(3, 0)
     steps = 4
-    method = q.Method("plain", 1, "plain", "staged", stages=[("full", q.shifted_sigmas(steps, 1.0, 0.0, q.testbed_h0()))], forwards=[256] * steps)
+    method = qmethods.Method("plain", 1, "plain", "staged", stages=[("full", qmethods.shifted_sigmas(steps, 1.0, 0.0, testbed_model.testbed_h0()))], forwards=[256] * steps)
     ours, tokens = sampler.generate(method, labels, seed=0)
     reference = generate(pipe, labels, seed=0, num_inference_steps=steps, batch_size=3)
     assert tokens == [256] * steps
@@ -198,9 +204,9 @@ def test_quick_metric_sanity(quick_run):
     _, report = quick_run
     rows = report["rows"]
     baseline = rows[0]
-    assert baseline["psnr"] == q.PSNR_CAP and baseline["ssim"] == pytest.approx(1.0)
+    assert baseline["psnr"] == qconfig.PSNR_CAP and baseline["ssim"] == pytest.approx(1.0)
     for row in rows[1:]:
-        assert row["psnr"] < q.PSNR_CAP and row["ssim"] < 1.0
+        assert row["psnr"] < qconfig.PSNR_CAP and row["ssim"] < 1.0
         assert 0.0 <= row["accuracy"] <= 1.0 and -1.0 <= row["edge_artifacts"] <= 1.0 and row["fd"] >= 0.0
     # the naive upsampling keeps its 2x2 blocks (nothing re-noises them): more blocking than the baseline
     for budget in (4, 7):
@@ -230,7 +236,7 @@ def test_committed_report_is_a_full_run_on_the_shipped_weights():
     from ralu.calibrate.testbed.location import transformer_dir
     from ralu.calibrate.testbed.model import training_record
 
-    path = Path(__file__).resolve().parents[1] / "reports" / "quality.json"
+    path = Path(__file__).resolve().parents[2] / "reports" / "quality.json"
     report = json.loads(path.read_text())
     assert report["command"].startswith("ralu-bench quality") and "--quick" not in report["command"]
     assert not report["config"]["quick"] and len(report["config"]["seeds"]) >= 3

@@ -1,0 +1,78 @@
+"""What the quality benchmark runs: the published presets, the peers' defaults, the metrics, and its configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REPORT_NAME = "quality"
+#: Steps of the baseline (FLUX.1-dev's 50).
+BASE_STEPS = 50
+#: PSNR of identical images (dB): the cap keeps every number finite in JSON.
+PSNR_CAP = 100.0
+#: Generator seed of the real reference images (disjoint from the sample seeds).
+REAL_SEED = 1_000_000_033
+
+#: Published presets (METHOD.md 5, FLUX, calibrated by the paper with h0 = 3).
+PAPER_PRESETS: dict[int, dict] = {
+    4: dict(steps=(5, 6, 7), ends=(0.3, 0.45, 1.0), shifts=(5.019, 2.589, 2.226), z=6.317, up_ratio=0.3),
+    5: dict(steps=(4, 5, 6), ends=(0.3, 0.45, 1.0), shifts=(5.115, 2.642, 2.254), z=7.522, up_ratio=0.2),
+    7: dict(steps=(2, 3, 5), ends=(0.2, 0.3, 1.0), shifts=(8.141, 2.856, 2.193), z=6.261, up_ratio=0.1),
+}
+PAPER_H0 = 3.0
+
+#: Bottleneck Sampling's FLUX defaults (METHOD.md 7): resolutions, steps, shifts relative to
+#: the base shift 3, and the noise level each stage restarts from.
+BOTTLENECK_ROLES = ("full", "half", "full")
+BOTTLENECK_STEPS = (6, 20, 8)
+BOTTLENECK_SHIFT_FACTORS = (9.0 / 3.0, 6.0 / 3.0, 9.0 / 3.0)
+BOTTLENECK_RESTARTS = (1.0, 0.8, 0.6)
+
+DEFAULT_Z_VALUES = (2.5, 4.0, 6.0, 9.0, 14.0, 22.0, 35.0, 55.0, 90.0)
+QUICK_Z_VALUES = (4.0, 35.0)
+
+#: Metrics: (key, label, True when higher is better).
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("psnr", "PSNR (dB)", True),
+    ("ssim", "SSIM", True),
+    ("fd", "FD", False),
+    ("accuracy", "accuracy", True),
+    ("edge_artifacts", "blocking", False),
+)
+
+#: Reported but not used to pick winners: blocking on the 4x4 grid of RALU's low-res tokens
+#: (seams between upsampled and not-upsampled cells).
+EXTRA_METRICS: tuple[tuple[str, str, bool], ...] = (("edge_artifacts_4x4", "blocking 4x4", False),)
+
+METHOD_LABELS = {
+    "baseline": "baseline (50 steps)",
+    "base-steps": "base model, fewer steps",
+    "bottleneck": "Bottleneck Sampling",
+    "naive-upsample": "naive two-stage upsampling",
+    "ralu-paper": "RALU, published preset (paper_compat)",
+    "ralu-ours": "RALU, ours (exact noise, global calibration)",
+    "ralu-searched": "RALU, searched layout",
+}
+RALU_METHODS = ("ralu-paper", "ralu-ours", "ralu-searched")
+PEER_METHODS = ("base-steps", "bottleneck", "naive-upsample")
+
+
+@dataclass
+class Config:
+    quick: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)
+    images: int = 128
+    budgets: tuple[int, ...] = (4, 7)
+    schedules: tuple[str, ...] = ()
+    z_values: tuple[float, ...] = DEFAULT_Z_VALUES
+    sweep_seeds: tuple[int, ...] = (0,)
+    sweep_budget: int = 4
+    trials: int = 80
+    real_images: int = 1000
+    grid_images: int = 12
+    batch_size: int = 64
+    threads: int | None = 2
+    weights: str | None = None
+    classifier: str | None = None
+    size: int = 32
+    h0: float = 0.0
+    guidance_scale: float = 3.5

@@ -1,0 +1,68 @@
+"""FLOPs of the testbed transformer, counted on the meta device, and the record of what each sampler ran."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from diffusers import FluxTransformer2DModel
+from ralu.calibrate.flops import Flops, count_flops
+
+
+class TestbedCost:
+    """FLOPs of one batch-1 forward of a testbed transformer (its own config) at ``n`` image
+    tokens plus ``text_tokens``, counted on the meta device and cached."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, transformer_config: dict, text_tokens: int):
+        self.config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
+        self.text_tokens = int(text_tokens)
+        self._cache: dict[int, Any] = {}
+        self._model = None
+
+    def forward(self, image_tokens: int):
+        image_tokens = int(image_tokens)
+        if image_tokens not in self._cache:
+            if self._model is None:
+                with torch.device("meta"):
+                    self._model = FluxTransformer2DModel.from_config(self.config)
+            c = self.config
+            meta = dict(device="meta")
+            inputs = dict(
+                hidden_states=torch.empty(1, image_tokens, c["in_channels"], **meta),
+                encoder_hidden_states=torch.empty(1, self.text_tokens, c["joint_attention_dim"], **meta),
+                pooled_projections=torch.empty(1, c["pooled_projection_dim"], **meta),
+                timestep=torch.empty(1, **meta),
+                img_ids=torch.empty(image_tokens, 3, **meta),
+                txt_ids=torch.empty(self.text_tokens, 3, **meta),
+                guidance=torch.empty(1, **meta) if c.get("guidance_embeds") else None,
+                return_dict=False,
+            )
+            self._cache[image_tokens] = count_flops(self._model, **inputs)
+        return self._cache[image_tokens]
+
+    def of(self, token_counts: Sequence[int]):
+        """Total FLOPs of one image through forwards at these token counts."""
+        return sum((self.forward(n) for n in token_counts), Flops(0.0, 0.0))
+
+
+class ForwardLog:
+    """Records the image-token count of every forward of a transformer (a pre-hook), so the
+    cost of any sampler is what it really ran."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.tokens: list[int] = []
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.tokens.append(int(hidden.shape[1]))
+
+    def __enter__(self) -> "ForwardLog":
+        self._handle = self.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()

@@ -1,0 +1,73 @@
+"""The RALU schedules of the table: the published preset, our calibration of its layout, our searched layout."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+from ralu.calibrate.bench.quality.config import BASE_STEPS, PAPER_H0, PAPER_PRESETS
+from ralu.calibrate.calibration import calibrate, tool_version
+from ralu.calibrate.flops import flops_speedup
+from ralu.calibrate.search import Z_BOUNDS, NTDMObjective, StageLayout
+from ralu.calibrate.testbed.model import testbed_schedule
+from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
+
+
+def paper_schedule(budget: int, size: int):
+    """The published preset for ``budget`` (METHOD.md 5) as a schedule at ``size`` px."""
+
+    p = PAPER_PRESETS[budget]
+    c = 1.0 / p["z"] ** 2
+    problem = NTDMObjective(StageLayout(p["steps"], p["ends"]), PAPER_H0)
+    distance = float(problem.distance(np.array([[*p["shifts"], p["z"]]]))[0])
+    speed = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"])
+    starts = stage_starts(list(p["ends"]), c)
+    data = {
+        "version": 1,
+        "model": "flux-dev",
+        "height": size,
+        "width": size,
+        "base_steps": BASE_STEPS,
+        "stages": [{"steps": n, "start": s, "end": e, "shift": h} for n, s, e, h in zip(p["steps"], starts, p["ends"], p["shifts"])],
+        "c": c,
+        "up_ratio": p["up_ratio"],
+        "divergence": {"js_distance": distance, "js_divergence": distance**2, "objective": "continuous"},
+        "flops_speedup": {"total": speed.total, "linear": speed.linear},
+        "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(p["ends"][:-1])],
+        "calibration": {
+            "optimizer": "published",
+            "layout": "given",
+            "target_speedup": None,
+            "flops_convention": "linear",
+            "seed": None,
+            "h0": PAPER_H0,
+            "grid": problem.grid,
+            "z_bounds": list(problem.z_bounds),
+            "tool_version": tool_version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        },
+    }
+    return schedule_from_dict(data, f"published FLUX {budget}x preset")
+
+
+def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", z_bounds: tuple[float, float] | None = None):
+    """Our calibration of the preset's layout at the testbed's h0 (global optimiser), at ``size`` px."""
+    p = PAPER_PRESETS[budget]
+    return calibrate(
+        "flux-dev", steps=list(p["steps"]), ends=list(p["ends"]), up_ratio=p["up_ratio"], height=size, width=size,
+        h0=h0, optimizer=optimizer, z_bounds=z_bounds or Z_BOUNDS, flops_convention="total",
+    )
+
+
+def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int = 0):
+    """Our outer layout search for the preset's budget, moved to the testbed's 32 px.
+
+    The search prices layouts with FLUX.1-dev's cost model, which at 32 px would be
+    dominated by FLUX's 512 text tokens; so it runs at 1024 px (4096 image tokens, the
+    resolution whose base shift equals the testbed's h0) for the preset's FLUX total-FLOPs
+    speed-up there, and the schedule is then moved to the testbed's size.
+    """
+    p = PAPER_PRESETS[budget]
+    target = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"]).total
+    found = calibrate("flux-dev", speedup=round(target, 3), h0=h0, flops_convention="total", trials=trials, seed=seed)
+    return testbed_schedule(found)

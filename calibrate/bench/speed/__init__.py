@@ -1,0 +1,33 @@
+"""``ralu-bench speed``: how fast the RALU runtime really is, and where its time goes.
+
+For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
+
+* the FLOPs speed-up on the real architectures (:mod:`ralu.calibrate.flops`, both
+  conventions) and the paper's figure where the paper has one;
+* the FLOPs speed-up of the configuration actually run (the same reduced models, counted with
+  :func:`ralu.calibrate.flops.count_flops` on the meta device at every stage's token count,
+  plus the edge-detection decode);
+* the measured wall-clock speed-up of ``RALUFluxPipeline`` / ``RALUStableDiffusion3Pipeline``
+  (built with ``from_pipe``) against the plain ``FluxPipeline`` / ``StableDiffusion3Pipeline``
+  with the schedule's base steps, in the same process, same prompt embeddings, same
+  resolution, ``output_type="latent"`` for both (no final decode in either): median of
+  ``--repeats`` runs after an untimed warm-up, baseline and RALU runs interleaved so that a
+  change of machine load hits both;
+* the runtime's own overhead (:mod:`ralu.runtime.profiling` sections: edge decode, edge
+  selection, noise, token gather/scatter, positions) as a fraction of the RALU time;
+* peak memory of a RALU call relative to a baseline call (and the edge decode's own peak).
+
+Configurations (``--quick`` and ``--widths``): see :func:`.config.make_config` and the report.  Peak
+memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call;
+on CPU the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
+above the resident set before the call, with glibc told to serve every allocation of 64 KiB
+or more with its own ``mmap`` (and to return freed memory), so that the resident set follows
+the live tensors.  Memory is measured after all timing (that allocator setting slows
+allocation), on runs with one step per stage / one baseline step: every step of a stage
+allocates the same tensors, so the peak does not depend on the step count.
+
+Modules: :mod:`.args` (the command line, cheap), :mod:`.config` (configurations), :mod:`.models`
+(models and pipelines), :mod:`.cost` (FLOPs), :mod:`.measure` (timing, overhead, memory),
+:mod:`.run` (the benchmark and its files), :mod:`.schema` (the typed report), :mod:`.report`
+(its Markdown).
+"""

@@ -1,0 +1,90 @@
+"""FLOPs of the configuration that runs, and of the real architectures beside it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from ralu.calibrate.bench.speed.config import (
+    BenchConfig,
+    FamilyConfig,
+    full_width_families,
+)
+from ralu.calibrate.bench.speed.models import build_transformer, build_vae
+from ralu.calibrate.flops import (
+    PAPER_LAYOUTS,
+    Flops,
+    count_flops,
+    evaluate_quadratic,
+    fit_quadratic,
+    transformer_forward_flops,
+)
+
+#: Square token grids the transformer polynomial is fitted at, and a non-square check grid.
+_FIT_GRIDS = ((8, 8), (16, 16), (24, 24))
+_CHECK_GRID = (12, 20)
+
+
+def _meta_inputs(family: FamilyConfig, rows: int, cols: int) -> dict:
+    batch, config = family.transformer_batch, family.transformer
+    meta = dict(device="meta")
+    common = dict(
+        encoder_hidden_states=torch.empty(batch, family.text_tokens, config["joint_attention_dim"], **meta),
+        pooled_projections=torch.empty(batch, config["pooled_projection_dim"], **meta),
+        timestep=torch.empty(batch, **meta),
+    )
+    if family.family == "flux":
+        tokens = rows * cols
+        return dict(
+            common, hidden_states=torch.empty(batch, tokens, config["in_channels"], **meta),
+            img_ids=torch.empty(tokens, 3, **meta), txt_ids=torch.empty(family.text_tokens, 3, **meta),
+            guidance=torch.empty(batch, **meta),
+        )
+    patch = config["patch_size"]
+    return dict(common, hidden_states=torch.empty(batch, config["in_channels"], rows * patch, cols * patch, **meta))
+
+
+def forward_flops_model(family: FamilyConfig) -> Callable[[int], Any]:
+    """``tokens -> Flops`` of one transformer evaluation of the benchmarked model (CFG batch
+    included), exact: counted on the meta device at three sizes, a quadratic through them,
+    checked at a fourth (the same method as :mod:`ralu.calibrate.flops`)."""
+    model = build_transformer(family, "meta")
+    xs = [rows * cols for rows, cols in _FIT_GRIDS]
+    counts = [count_flops(model, **_meta_inputs(family, rows, cols)) for rows, cols in _FIT_GRIDS]
+    check = count_flops(model, **_meta_inputs(family, *_CHECK_GRID))
+    coefficients = {}
+    for convention in ("total", "linear"):
+        fitted = [float(c) for c in fit_quadratic(xs, [getattr(c, convention) for c in counts])]
+        predicted = evaluate_quadratic(fitted, _CHECK_GRID[0] * _CHECK_GRID[1])
+        if abs(predicted - getattr(check, convention)) > 1e-9 * getattr(check, convention):
+            raise RuntimeError(f"{family.family} forward FLOPs ({convention}) are not quadratic in the token count")
+        coefficients[convention] = fitted
+    return lambda tokens: Flops(evaluate_quadratic(coefficients["total"], tokens), evaluate_quadratic(coefficients["linear"], tokens))
+
+
+def edge_decode_flops(config: BenchConfig, family: str):
+    """One half-size decode (the edge detection's) with the benchmarked VAE."""
+
+    vae = build_vae(config, family, "meta")
+    side = config.size // 16
+    return count_flops(vae.decode, torch.empty(1, 16, side, side, device="meta"))
+
+
+def paper_speedup(schedule) -> float | None:
+    steps = tuple(stage.steps for stage in schedule.stages)
+    for layout in PAPER_LAYOUTS:
+        if layout.model == schedule.model and layout.steps == steps and math.isclose(layout.up_ratio, schedule.up_ratio):
+            return layout.speedup
+    return None
+
+
+def real_transformer_bytes(family: FamilyConfig) -> int:
+    """Bytes of the real model's transformer weights in bfloat16 (counted on the meta device)."""
+    real = next(f for f in full_width_families() if f.family == family.family)
+    return 2 * sum(parameter.numel() for parameter in build_transformer(real, "meta").parameters())
+
+
+def real_attention_share(model: str, tokens: int) -> float:
+    flops = transformer_forward_flops(model, tokens)
+    return flops.attention / flops.total

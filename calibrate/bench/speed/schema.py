@@ -1,0 +1,157 @@
+"""What ``reports/speed.json`` holds: the report's typed rows and the targets they are judged by."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+REPORT_NAME = "speed"
+#: Targets of the issue: runtime overhead per image, wall-clock vs total-FLOPs speed-up.
+OVERHEAD_TARGET = 0.03
+WALL_FLOPS_TOLERANCE = 0.10
+
+#: The runtime's overhead sections, as the report names them.
+OVERHEAD_LABELS = {
+    "edge_decode": "edge decode (Tweedie, VAE)",
+    "edge_select": "Canny + top-k",
+    "noise": "noise",
+    "gather_scatter": "gather/scatter",
+    "positions": "positions",
+}
+
+
+class Record(BaseModel):
+    """A part of the report: exactly these fields, in this order in the JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OverheadItem(Record):
+    seconds: float  # mean per image
+    fraction: float  # of the summed RALU time
+
+
+class Overhead(Record):
+    """The runtime's own sections over all profiled runs of one schedule."""
+
+    runs: int
+    total_seconds: float
+    overhead_seconds: float
+    overhead_fraction: float
+    items: dict[str, OverheadItem]
+    transformer_seconds: float
+    other_seconds: float
+
+
+class Targets(Record):
+    overhead_under_3_percent: bool
+    wall_within_10_percent_of_flops: bool
+    cpu_time_within_10_percent_of_flops: bool | None
+    memory_within_bound: bool | None
+
+
+class ScheduleRow(Record):
+    """One measured schedule: FLOPs speed-ups (real and as run), timings, overhead, memory."""
+
+    schedule: str
+    family: str
+    model: str
+    steps: list[int]
+    up_ratio: float
+    base_steps: int
+    stage_image_tokens: list[int]
+    flops_speedup_total: float
+    flops_speedup_linear: float
+    paper_speedup_linear: float | None
+    real_edge_decode_fraction_total: float
+    real_edge_decode_fraction_linear: float
+    config_flops_speedup_total: float
+    config_flops_speedup_linear: float
+    config_edge_decode_fraction_total: float
+    config_ralu_tflops_total: float
+    baseline_seconds: float
+    ralu_seconds: float
+    ralu_seconds_all: list[float]
+    ralu_cpu_seconds_all: list[float]
+    wall_speedup: float
+    wall_over_flops: float
+    cpu_time_speedup: float | None
+    cpu_time_over_flops: float | None
+    timing_basis: str  # "cpu" or "wall"
+    forward_time_speedup: float | None
+    machine_factor: float | None
+    runtime_factor: float | None
+    overhead_fraction: float
+    overhead: Overhead
+    peak_mem_ratio: float | None
+    peak_mem_bound_ratio: float | None
+    peak_bytes: int | None
+    peak_total_bytes: int | None
+    peak_mem_ratio_total: float | None
+    targets: Targets
+
+
+class Baseline(Record):
+    """The plain pipeline at one step count."""
+
+    family: str
+    steps: int
+    seconds: list[float]
+    median_seconds: float
+    cpu_seconds: list[float]
+    median_cpu_seconds: float
+    image_tokens: int
+    config_tflops: float
+    peak_bytes: int | None
+    peak_total_bytes: int | None
+
+
+class EdgeDecode(Record):
+    """The half-size VAE decode of the edge detection, alone."""
+
+    config_tflops_total: float
+    config_tflops_linear: float
+    seconds: float
+    cpu_seconds: float
+    peak_bytes: int | None
+
+
+class Throughput(Record):
+    """Bare transformer evaluations at one token count."""
+
+    image_tokens: int
+    path: str  # "forward" or "token path"
+    seconds: float
+    cpu_seconds: float
+    tflops_total: float
+    gflops_per_second: float
+
+
+class AttentionShare(Record):
+    config: float
+    real: float
+
+
+class LoadAverage(Record):
+    start: list[float] | None
+    end: list[float] | None
+
+
+class SpeedReport(Record):
+    """``reports/speed.json``."""
+
+    command: str
+    config: dict[str, Any]  # the BenchConfig, families with their derived cfg and batch
+    rows: list[ScheduleRow]
+    baselines: dict[str, Baseline]  # by "family-steps"
+    edge_decode: dict[str, EdgeDecode]  # by family
+    forward_throughput: dict[str, list[Throughput]]  # by family
+    real_transformer_bf16_bytes: dict[str, int]
+    attention_share: dict[str, AttentionShare]
+    memory_method: str | None
+    machine: dict[str, Any]
+    load_average: LoadAverage
+    timing: str
+    elapsed_seconds: float
+    created: str

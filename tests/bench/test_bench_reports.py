@@ -1,0 +1,56 @@
+"""The committed reports and their typed models: ``reports/speed.json`` and
+``reports/quality.json`` load into the report models and write back byte for byte, and the
+Markdown rendered from them is the committed Markdown (one definition of every table)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ralu.calibrate.bench.common import json_text
+from ralu.calibrate.bench.quality import report as quality_report
+from ralu.calibrate.bench.quality.schema import QualityReport
+from ralu.calibrate.bench.speed import report as speed_report
+from ralu.calibrate.bench.speed.schema import SpeedReport
+
+REPORTS = Path(__file__).resolve().parents[2] / "reports"
+MODELS = {"speed": SpeedReport, "quality": QualityReport}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_committed_json_round_trips_through_the_typed_report(name):
+    text = (REPORTS / f"{name}.json").read_text()
+    assert json_text(MODELS[name].model_validate_json(text).model_dump(mode="json")) == text
+
+
+def test_speed_markdown_is_rendered_from_its_json():
+    report = SpeedReport.model_validate_json((REPORTS / "speed.json").read_text())
+    assert speed_report.render_markdown(report) == (REPORTS / "speed.md").read_text()
+
+
+def test_quality_markdown_is_rendered_from_its_json():
+    report = QualityReport.model_validate_json((REPORTS / "quality.json").read_text())
+    figures = quality_report.figure_paths(report)
+    assert quality_report.render_markdown(report, figures) == (REPORTS / "quality.md").read_text()
+    assert all((REPORTS / path).is_file() for path in (figures.grid, figures.tradeoff, figures.sweep))
+
+
+def test_typed_rows_refuse_unknown_keys():
+    from pydantic import ValidationError
+
+    text = (REPORTS / "speed.json").read_text().replace('"schedule":', '"shedule":', 1)
+    with pytest.raises(ValidationError):
+        SpeedReport.model_validate_json(text)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_render_from_json_on_the_command_line(name):
+    done = subprocess.run([sys.executable, "-m", f"ralu.calibrate.bench.{name}.report", str(REPORTS / f"{name}.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == (REPORTS / f"{name}.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", f"ralu.calibrate.bench.{name}.report"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "usage" in bad.stderr
