@@ -22,7 +22,7 @@ from ralu.calibrate.testbed.location import (
     weights_dir,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
