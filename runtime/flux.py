@@ -76,18 +76,9 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
     another model family, with more than 3 stages, or malformed, raises
     :class:`ralu.runtime.ScheduleError` before any compute.
 
-    ``latents``: only the full-size initial noise FluxPipeline takes, ``(B, (H/16)(W/16), 64)`` (packed);
-    RALU derives the low-res stage's noise from it.  Half-size noise is refused with a
-    ValueError, in every family: it is also a valid latent of a smaller image, and
-    ``latents`` keep the meaning they have in the base pipeline.  ``latents`` fix the initial noise only: the noise
-    injected at each stage change is drawn from ``generator``, or from the global RNG
-    without one (then the call warns that it is not reproducible).  For a reproducible run
-    pass ``generator``; with ``latents`` and the same ``generator`` seed a run is repeated
-    exactly.  Without ``schedule=`` the error lists this family's shipped schedules (of the
-    asked size) and the ``ralu-calibrate`` command that makes one for that size.
-    ``height`` / ``width`` may be integral floats (``256.0``).  ``save_pretrained`` records
-    ``FluxPipeline`` as the folder's class, so the generic loaders (``DiffusionPipeline``,
-    ``AutoPipelineForText2Image``) read it, and this class's ``from_pretrained`` too.
+    ``latents`` is the full-size initial noise ``(B, (H/16)(W/16), 64)`` (packed); what it fixes (and what it does not),
+    sizes, saving and the error without a schedule are common to every RALU pipeline: see
+    :class:`ralu.runtime.pipeline.RALUPipelineMixin`.
 
     Negative prompt, as FluxPipeline: used only with true CFG (``true_cfg_scale > 1``);
     given without it, it is ignored with a warning (as in the SD3 pipeline).

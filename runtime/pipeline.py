@@ -110,6 +110,22 @@ class RALUPipelineMixin:
     the algorithm: checks (:meth:`check_ralu_inputs`, the base's ``check_inputs``,
     :meth:`check_latents`), :meth:`begin_call`, text conditioning (the family's own),
     :meth:`prepare_canvas`, :meth:`run_ralu_stages` with the family's stage model, :meth:`finish`.
+
+    What every RALU pipeline promises its caller:
+
+    * ``latents``: only the full-size initial noise the base pipeline takes; RALU derives the
+      low-res stage's noise from it.  Half-size noise is refused with a ValueError: it is also
+      a valid latent of a smaller image, and ``latents`` keep their base-pipeline meaning.
+      ``latents`` fix the initial noise only: the noise injected at each stage change is
+      drawn from ``generator``, or from the global RNG without one (then the call warns that
+      it is not reproducible).  With ``latents`` and the same ``generator`` seed a run is
+      repeated exactly.
+    * Without ``schedule=`` the error lists this family's shipped schedules (of the asked
+      size) and the ``ralu-calibrate`` command that makes one for that size.
+    * ``height`` / ``width`` may be integral floats (``256.0``).
+    * ``save_pretrained`` records the diffusers base class as the folder's class, so the
+      generic loaders (``DiffusionPipeline``, ``AutoPipelineForText2Image``) read the folder,
+      and the RALU class's ``from_pretrained`` too.
     """
 
     family: str

@@ -22,6 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cli_checks
+from cli_checks import run_main
+
 from ralu.calibrate import cli
 from ralu.runtime.schedule import BASE_SHIFT_RANGE
 from ralu.calibrate.calibration import calibrate
@@ -35,22 +38,11 @@ SEARCH = ["--model", "sd3", "--speedup", 3, "--optimizer", "paper", "--quiet"]
 
 
 def run(argv, capsys):
-    """main() in-process: (exit code, stdout, stderr), argparse exits included."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(cli.main, argv, capsys)
 
 
 def assert_one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ralu-calibrate: error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+    cli_checks.assert_one_line_error("ralu-calibrate", code, err, *words)
 
 
 def assert_valid_file(path: Path):

@@ -12,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cli_checks
+from cli_checks import run_main
+
 from ralu.calibrate import plot
 from ralu.runtime.schedule import stage_starts, transition
 
@@ -19,20 +22,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run(argv, capsys):
-    try:
-        code = plot.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(plot.main, argv, capsys)
 
 
 def assert_one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ralu-plot: error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+    cli_checks.assert_one_line_error("ralu-plot", code, err, *words)
 
 
 def schedule_with(steps, ends, c=0.01, shift=3.0) -> dict:
