@@ -80,10 +80,20 @@ def test_vae_and_resolution_rule():
     assert FLUX.architecture.transformer["in_channels"] == 4 * FLUX.latent_channels
 
 
-@pytest.mark.parametrize("height, width", [(1000, 1024), (1024, 0), (1024, 1024.0), (True, 1024)])
+@pytest.mark.parametrize("height, width", [(1000, 1024), (1024, 0), (1000.0, 1024)])
 def test_check_resolution_rejects_with_the_fix(height, width):
     with pytest.raises(ValueError, match=r"must be a positive multiple of 32.*Fix: use e\.g\."):
         check_resolution(height, width)
+
+
+@pytest.mark.parametrize("height, width", [(True, 1024), (1024, 1024.5), (1024, "1024"), (float("nan"), 1024)])
+def test_check_resolution_rejects_what_is_not_a_whole_number_of_pixels(height, width):
+    with pytest.raises(ValueError, match=r"must be an integer number of pixels.*Fix: pass e\.g\."):
+        check_resolution(height, width)
+
+
+def test_check_resolution_accepts_integral_floats():
+    check_resolution(1024.0, np.float32(512.0))
 
 
 def test_check_resolution_accepts_numpy_integers():
