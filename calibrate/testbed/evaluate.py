@@ -24,7 +24,7 @@ from . import data
 from .classifier import Classifier, agreement, attribute_logits, features, label_probability, labels_from_logits, load_classifier
 from .conditioning import encode_labels
 from .location import CLASSIFIER, ENV_VAR, REPOSITORY_FOLDER, TRANSFORMER, classifier_dir
-from .model import GUIDANCE_SCALE, load_pipeline, training_record
+from .model import BASE_STEPS, GUIDANCE_SCALE, load_pipeline, training_record
 
 
 def balanced_labels(n: int, seed: int = 0) -> torch.Tensor:
@@ -47,7 +47,7 @@ def generate(
     pipe,
     labels: torch.Tensor,
     seed: int = 0,
-    num_inference_steps: int | None = 50,
+    num_inference_steps: int | None = BASE_STEPS,
     guidance_scale: float = GUIDANCE_SCALE,
     batch_size: int = 64,
     size: int = data.IMAGE_SIZE,
@@ -86,7 +86,7 @@ def generate(
 def sample_accuracy(
     pipe,
     n: int = 200,
-    steps: int | None = 50,
+    steps: int | None = BASE_STEPS,
     seed: int = 0,
     classifier: Classifier | None = None,
     batch_size: int = 64,
@@ -163,7 +163,7 @@ def _percent(x: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.testbed.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="samples (balanced over the 96 classes)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=BASE_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--batch-size", type=int, default=50)

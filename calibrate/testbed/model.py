@@ -34,6 +34,7 @@ as the negative prompt (10 % of training conditioning is the null prompt).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+from ralu.runtime.models import get_model
 
 from .conditioning import JOINT_DIM, POOLED_DIM
 from .data import IMAGE_SIZE
@@ -67,16 +69,15 @@ TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(8, 12, 12),
 )
 
-#: FLUX.1-dev's scheduler with token counts scaled 1/16 (see the module docstring).
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=64,
-    max_image_seq_len=256,
+#: FLUX.1-dev's scheduler and mu rule at the testbed's token counts (see the module docstring).
+_FLUX_SCHEDULER = get_model("flux-dev").scheduler
+SCHEDULER = dataclasses.replace(
+    _FLUX_SCHEDULER, dynamic=dataclasses.replace(_FLUX_SCHEDULER.dynamic, base_image_seq_len=64, max_image_seq_len=256)
 )
+SCHEDULER_CONFIG = SCHEDULER.config()
+
+#: Sampling steps by default: FLUX.1-dev's baseline.
+BASE_STEPS = get_model("flux-dev").base_steps
 
 #: Guidance value for sampling (any value in the trained range [1, 5] gives the same model).
 GUIDANCE_SCALE = 3.5
@@ -199,11 +200,7 @@ def load_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = N
 
 def scheduler_shift(tokens: int) -> float:
     """exp(mu) of the testbed scheduler at ``tokens`` image tokens (FluxPipeline's calculate_shift)."""
-    import math
-
-    c = SCHEDULER_CONFIG
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return math.exp(c["base_shift"] + slope * (tokens - c["base_image_seq_len"]))
+    return SCHEDULER.base_shift(tokens)
 
 
 def testbed_h0() -> float:

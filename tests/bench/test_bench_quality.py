@@ -107,7 +107,7 @@ def test_peers_are_matched_to_the_ralu_cost():
     assert h0 == pytest.approx(math.exp(1.15))
     paper = qschedules.paper_schedule(7, 32)
     assert [s.steps for s in paper.stages] == [2, 3, 5] and paper.z == pytest.approx(6.261)
-    assert paper.divergence.js_distance == pytest.approx(0.026638, abs=2e-4)  # METHOD.md 5
+    assert paper.divergence.js_distance == pytest.approx(0.026638, abs=2e-4)  # docs/method.md §5
     target = cost.of(qmethods.ralu_forwards(paper, 256)).total
     assert qmethods.ralu_forwards(paper, 256) == [64] * 2 + [64 + 3 * 6] * 3 + [256] * 5
     bottleneck = qmethods.bottleneck_method(7, target, cost, h0, 256, 64)

@@ -31,7 +31,7 @@ Peers' step counts are chosen so that their total FLOPs match the RALU preset's 
 as integers allow; every row reports its own measured FLOPs speed-up.
 
 Cost: the testbed transformer's forward is counted with
-:func:`ralu.calibrate.flops.count_flops` on the meta device at every token count a forward
+:func:`ralu.calibrate.flops.counting.count_flops` on the meta device at every token count a forward
 really sees (recorded by a hook on the transformer), plus the 3 text tokens.  The testbed's
 "VAE" is the identity, so RALU's edge-detection decode and the final decode cost nothing
 here; text encoding is a table lookup (no cost).

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ralu.calibrate.presets import PRESETS, PublishedPreset
+from ralu.runtime.models import get_model
+
 REPORT_NAME = "quality"
-#: Steps of the baseline (FLUX.1-dev's 50).
-BASE_STEPS = 50
+#: Steps of the baseline (FLUX.1-dev's).
+BASE_STEPS = get_model("flux-dev").base_steps
 #: PSNR of identical images (dB): the cap keeps every number finite in JSON.
 PSNR_CAP = 100.0
 #: Generator seed of the real reference images (disjoint from the sample seeds).
 REAL_SEED = 1_000_000_033
 
-#: Published presets (METHOD.md 5, FLUX, calibrated by the paper with h0 = 3).
-PAPER_PRESETS: dict[int, dict] = {
-    4: dict(steps=(5, 6, 7), ends=(0.3, 0.45, 1.0), shifts=(5.019, 2.589, 2.226), z=6.317, up_ratio=0.3),
-    5: dict(steps=(4, 5, 6), ends=(0.3, 0.45, 1.0), shifts=(5.115, 2.642, 2.254), z=7.522, up_ratio=0.2),
-    7: dict(steps=(2, 3, 5), ends=(0.2, 0.3, 1.0), shifts=(8.141, 2.856, 2.193), z=6.261, up_ratio=0.1),
-}
-PAPER_H0 = 3.0
+#: The published FLUX presets by budget (docs/method.md §5, calibrated by the paper with h0 =
+#: ``PAPER_H0``): the budgets of the table are named after them.
+PAPER_PRESETS: dict[int, PublishedPreset] = {int(p.target): p for p in PRESETS if p.model == "flux-dev"}
 
-#: Bottleneck Sampling's FLUX defaults (METHOD.md 7): resolutions, steps, shifts relative to
+#: Bottleneck Sampling's FLUX defaults (docs/method.md §7): resolutions, steps, shifts relative to
 #: the base shift 3, and the noise level each stage restarts from.
 BOTTLENECK_ROLES = ("full", "half", "full")
 BOTTLENECK_STEPS = (6, 20, 8)
@@ -44,7 +43,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 EXTRA_METRICS: tuple[tuple[str, str, bool], ...] = (("edge_artifacts_4x4", "blocking 4x4", False),)
 
 METHOD_LABELS = {
-    "baseline": "baseline (50 steps)",
+    "baseline": f"baseline ({BASE_STEPS} steps)",
     "base-steps": "base model, fewer steps",
     "bottleneck": "Bottleneck Sampling",
     "naive-upsample": "naive two-stage upsampling",

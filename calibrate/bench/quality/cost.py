@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import FluxTransformer2DModel
-from ralu.calibrate.flops import Flops, count_flops
+from ralu.calibrate.flops.counting import count_flops
+from ralu.calibrate.flops.pricing import Flops
 
 
 class TestbedCost:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from ralu.calibrate.bench.quality.config import METHOD_LABELS, METRICS  # noqa: E402
+from ralu.calibrate.bench.quality.config import BASE_STEPS, METHOD_LABELS, METRICS  # noqa: E402
 from ralu.calibrate.bench.quality.schema import QualityReport  # noqa: E402
 from ralu.calibrate.testbed.evaluate import image_grid  # noqa: E402
 
@@ -69,7 +69,7 @@ def write_plots(report: QualityReport, tradeoff: Path, sweep_path: Path | None) 
         return
     points = sweep.points
     z = [p.z for p in points]
-    panels = [("fd", "FD (lower better)"), ("accuracy", "accuracy"), ("psnr", "PSNR vs 50 steps (dB)"), ("edge_artifacts", "blocking index"), ("js_distance", "JS distance (calibration objective)")]
+    panels = [("fd", "FD (lower better)"), ("accuracy", "accuracy"), ("psnr", f"PSNR vs {BASE_STEPS} steps (dB)"), ("edge_artifacts", "blocking index"), ("js_distance", "JS distance (calibration objective)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         ax.errorbar(z, [getattr(p, key) for p in points], yerr=[getattr(p, f"{key}_std", None) or 0.0 for p in points], marker="o", capsize=3)

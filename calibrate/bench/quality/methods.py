@@ -25,8 +25,9 @@ from ralu.calibrate.bench.quality.schedules import (
     paper_schedule,
     searched_schedule,
 )
-from ralu.calibrate.models import stage_image_tokens
+from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE
 from ralu.calibrate.testbed.model import testbed_schedule
+from ralu.runtime.models import stage_image_tokens
 from ralu.runtime.schedule import stage_sigmas
 
 
@@ -164,11 +165,11 @@ def plan_methods(config: "Config", cost: TestbedCost, log: Callable[[str], None]
         methods.append(Method("base-steps", budget, METHOD_LABELS["base-steps"], "pipeline", steps=n, forwards=[full] * n,
                               details={"steps": [n], "describe": f"plain FluxPipeline, {n} steps, shift h0 = {h0:.4f}"}))
         methods.append(bottleneck_method(budget, target, cost, h0, full, half))
-        methods.append(naive_method(budget, target, cost, h0, full, half, switch_t=PAPER_PRESETS[budget]["ends"][-2]))
-        methods.append(ralu_method("ralu-paper", budget, paper, full, True, extra={"source": "METHOD.md 5 published preset (h0 = 3)"}))
+        methods.append(naive_method(budget, target, cost, h0, full, half, switch_t=PAPER_PRESETS[budget].ends[-2]))
+        methods.append(ralu_method("ralu-paper", budget, paper, full, True, extra={"source": f"docs/method.md §5 published preset (h0 = {PAPER_H0:g})"}))
         methods.append(ralu_method("ralu-ours", budget, ours, full, False, extra={"source": f"calibrate(preset layout, h0 = {h0:.4f}, {optimizer})"}))
         methods.append(ralu_method("ralu-searched", budget, searched, full, False,
-                                   extra={"source": f"calibrate(speedup, h0 = {h0:.4f}, total FLOPs, {config.trials} trials) at 1024 px, moved to {size} px"}))
+                                   extra={"source": f"calibrate(speedup, h0 = {h0:.4f}, total FLOPs, {config.trials} trials) at {PAPER_SIZE} px, moved to {size} px"}))
     for path in config.schedules:
         schedule = testbed_schedule(path)
         forwards = ralu_forwards(schedule, full)

@@ -18,6 +18,7 @@ from ralu.calibrate.bench.quality.config import (
     REPORT_NAME,
 )
 from ralu.calibrate.bench.quality.schema import QualityReport
+from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE
 
 
 def figure_paths(report: QualityReport) -> FigurePaths:
@@ -128,7 +129,7 @@ def render_markdown(report: QualityReport, figures: FigurePaths) -> str:
         "## Set-up",
         "",
         f"- Images: {cfg['size']}x{cfg['size']} RGB, {tb.full_tokens} image tokens at full size, {tb.half_tokens} at half size, "
-        f"{tb.text_tokens} text tokens; the testbed scheduler's base shift h0 = {tb.h0:.4f} (FLUX.1-dev's at 1024 px); guidance input {tb.guidance_scale}.",
+        f"{tb.text_tokens} text tokens; the testbed scheduler's base shift h0 = {tb.h0:.4f} (FLUX.1-dev's at {PAPER_SIZE} px); guidance input {tb.guidance_scale}.",
         f"- Transformer weights: `{w.get('transformer')}`"
         + (f" (`{rec.get('command')}`, {rec.get('steps_done')} steps, file time {w.get('transformer_modified')})" if rec else " (no training record found)") + ".",
         f"- Classifier: `{w.get('classifier')}`" + (f" (`{w['classifier_record'].get('command')}`)" if w.get("classifier_record") else "") + ".",
@@ -158,7 +159,7 @@ def render_markdown(report: QualityReport, figures: FigurePaths) -> str:
         "",
         "Matched cost: at each budget the peers' step counts are the integers whose total FLOPs come closest to the RALU "
         "preset's (the published layout, shared by \"ours\"); the searched layout has its own cost.  Bottleneck Sampling as run "
-        "here (METHOD.md 7, our reading): the FLUX defaults' steps 6/20/8 scaled to the budget, shifts 9/6/9 relative to the base 3 "
+        "here (docs/method.md §7, our reading): the FLUX defaults' steps 6/20/8 scaled to the budget, shifts 9/6/9 relative to the base 3 "
         "applied as 3, 2, 3 x h0, stage k runs from its restart noise level (1, 0.8, 0.6) to the next one (the last to 0); at each change "
         "the Tweedie estimate x0 = x - sigma v is resized (2x2 mean down, nearest up) and re-noised with fresh noise, "
         "x = (1 - sigma) x0 + sigma eps.  The published implementation may place its stage ends and choose its filters differently.",
@@ -217,9 +218,9 @@ def render_markdown(report: QualityReport, figures: FigurePaths) -> str:
         "on a 16x16 image, where edges are coarse.  Upsampling acts on pixels directly, so blocking artifacts are visible in the "
         "images instead of being smoothed by a decoder.",
         "- RALU schedules are calibrated for FLUX.1-dev's timestep distribution at the testbed's h0 (3.158); the published preset "
-        "used h0 = 3.  The searched layout comes from the outer search priced with FLUX.1-dev's cost model at 1024 px, so its "
+        f"used h0 = {PAPER_H0:g}.  The searched layout comes from the outer search priced with FLUX.1-dev's cost model at {PAPER_SIZE} px, so its "
         "testbed cost differs from the preset's; each row reports its own.",
-        f"- Blocking is {num_std(report.rows[0].edge_artifacts, None, 3)} for the 50-step baseline itself against "
+        f"- Blocking is {num_std(report.rows[0].edge_artifacts, None, 3)} for the {BASE_STEPS}-step baseline itself against "
         f"{num_std(report.reference.edge_artifacts, None, 3)} for real images: the model's own 2x2 token grid leaves structure; judge "
         "a sampler's blocking against the baseline's, not against 0.",
         "- FD from a few dozen images per seed is biased upwards and noisy (see the real-vs-real floor); compare methods, "

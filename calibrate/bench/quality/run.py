@@ -245,7 +245,7 @@ def run_sweep(config: Config, sampler: TestbedSampler, classifier, real_features
     )
     return Sweep(
         budget=budget,
-        layout=SweepLayout(steps=list(p["steps"]), ends=list(p["ends"]), up_ratio=p["up_ratio"]),
+        layout=SweepLayout(steps=list(p.steps), ends=list(p.ends), up_ratio=p.up_ratio),
         seeds=list(config.sweep_seeds),
         images_per_seed=config.images,
         global_optimum=GlobalOptimum(z=ours.z, js_distance=ours.divergence.js_distance),

@@ -5,35 +5,36 @@ from __future__ import annotations
 import datetime as _dt
 
 import numpy as np
-from ralu.calibrate.bench.quality.config import BASE_STEPS, PAPER_H0, PAPER_PRESETS
+from ralu.calibrate.bench.quality.config import BASE_STEPS, PAPER_PRESETS
 from ralu.calibrate.calibration import calibrate, tool_version
-from ralu.calibrate.flops import flops_speedup
+from ralu.calibrate.flops.pricing import flops_speedup
+from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE
 from ralu.calibrate.search import Z_BOUNDS, NTDMObjective, StageLayout
 from ralu.calibrate.testbed.model import testbed_schedule
 from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
 
 
 def paper_schedule(budget: int, size: int):
-    """The published preset for ``budget`` (METHOD.md 5) as a schedule at ``size`` px."""
+    """The published preset for ``budget`` (docs/method.md §5) as a schedule at ``size`` px."""
 
     p = PAPER_PRESETS[budget]
-    c = 1.0 / p["z"] ** 2
-    problem = NTDMObjective(StageLayout(p["steps"], p["ends"]), PAPER_H0)
-    distance = float(problem.distance(np.array([[*p["shifts"], p["z"]]]))[0])
-    speed = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"])
-    starts = stage_starts(list(p["ends"]), c)
+    c = p.c
+    problem = NTDMObjective(StageLayout(p.steps, p.ends), PAPER_H0)
+    distance = float(problem.distance(np.array([[*p.shifts, p.z]]))[0])
+    speed = flops_speedup(p.model, PAPER_SIZE, PAPER_SIZE, list(p.steps), p.up_ratio)
+    starts = stage_starts(list(p.ends), c)
     data = {
         "version": 1,
-        "model": "flux-dev",
+        "model": p.model,
         "height": size,
         "width": size,
         "base_steps": BASE_STEPS,
-        "stages": [{"steps": n, "start": s, "end": e, "shift": h} for n, s, e, h in zip(p["steps"], starts, p["ends"], p["shifts"])],
+        "stages": [{"steps": n, "start": s, "end": e, "shift": h} for n, s, e, h in zip(p.steps, starts, p.ends, p.shifts)],
         "c": c,
-        "up_ratio": p["up_ratio"],
+        "up_ratio": p.up_ratio,
         "divergence": {"js_distance": distance, "js_divergence": distance**2, "objective": "continuous"},
         "flops_speedup": {"total": speed.total, "linear": speed.linear},
-        "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(p["ends"][:-1])],
+        "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(p.ends[:-1])],
         "calibration": {
             "optimizer": "published",
             "layout": "given",
@@ -54,7 +55,7 @@ def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", 
     """Our calibration of the preset's layout at the testbed's h0 (global optimiser), at ``size`` px."""
     p = PAPER_PRESETS[budget]
     return calibrate(
-        "flux-dev", steps=list(p["steps"]), ends=list(p["ends"]), up_ratio=p["up_ratio"], height=size, width=size,
+        p.model, steps=list(p.steps), ends=list(p.ends), up_ratio=p.up_ratio, height=size, width=size,
         h0=h0, optimizer=optimizer, z_bounds=z_bounds or Z_BOUNDS, flops_convention="total",
     )
 
@@ -68,6 +69,6 @@ def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int 
     speed-up there, and the schedule is then moved to the testbed's size.
     """
     p = PAPER_PRESETS[budget]
-    target = flops_speedup("flux-dev", 1024, 1024, list(p["steps"]), p["up_ratio"]).total
-    found = calibrate("flux-dev", speedup=round(target, 3), h0=h0, flops_convention="total", trials=trials, seed=seed)
+    target = flops_speedup(p.model, PAPER_SIZE, PAPER_SIZE, list(p.steps), p.up_ratio).total
+    found = calibrate(p.model, speedup=round(target, 3), h0=h0, flops_convention="total", trials=trials, seed=seed)
     return testbed_schedule(found)

@@ -5,7 +5,7 @@ For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
 * the FLOPs speed-up on the real architectures (:mod:`ralu.calibrate.flops`, both
   conventions) and the paper's figure where the paper has one;
 * the FLOPs speed-up of the configuration actually run (the same reduced models, counted with
-  :func:`ralu.calibrate.flops.count_flops` on the meta device at every stage's token count,
+  :func:`ralu.calibrate.flops.counting.count_flops` on the meta device at every stage's token count,
   plus the edge-detection decode);
 * the measured wall-clock speed-up of ``RALUFluxPipeline`` / ``RALUStableDiffusion3Pipeline``
   (built with ``from_pipe``) against the plain ``FluxPipeline`` / ``StableDiffusion3Pipeline``

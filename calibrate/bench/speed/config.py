@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ralu.calibrate.flops import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER, VAE_16CH
+from ralu.calibrate.presets import PAPER_SIZE
 from ralu.runtime import shipped_schedules
+from ralu.runtime.models import ModelSpec, get_model
 
-FLUX_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096,
-)
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-#: VAE latent scaling and shift of FLUX.1 and SD3 (they cost nothing, but keep the decode honest).
-VAE_SCALING = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+#: The VAE config keys that set the latent scaling, which differs between FLUX.1 and SD3 while
+#: the VAE's shape does not: :func:`vae_shape` leaves them out, ``build_vae`` sets them per model.
+LATENT_SCALING_KEYS = ("scaling_factor", "shift_factor")
+
+
+def vae_shape(model: str) -> dict:
+    """The registry's VAE config of ``model`` without its latent scaling."""
+    return {k: v for k, v in get_model(model).architecture.vae.items() if k not in LATENT_SCALING_KEYS}
+
+
+def latent_scaling(model: str) -> dict:
+    """``scaling_factor`` and ``shift_factor`` of the model's VAE (they cost nothing, but keep
+    the decode honest)."""
+    vae = get_model(model).architecture.vae
+    return {k: vae[k] for k in LATENT_SCALING_KEYS}
 
 
 @dataclass(frozen=True)
@@ -29,9 +38,21 @@ class FamilyConfig:
     guidance_scale: float
 
     @property
+    def spec(self) -> ModelSpec:
+        return get_model(self.model)
+
+    @property
     def cfg(self) -> bool:
         """Classifier-free guidance doubles every transformer batch (SD3)."""
-        return self.family == "sd3"
+        return self.spec.cfg
+
+    def image_tokens(self, size: int) -> int:
+        """Image tokens of one full-resolution forward at ``size x size``."""
+        return self.spec.image_tokens(size, size)
+
+    def half_latent_side(self, size: int) -> int:
+        """Side of the half-size latent the edge detection decodes."""
+        return size // (2 * self.spec.vae_scale_factor)
 
     @property
     def transformer_batch(self) -> int:
@@ -58,38 +79,46 @@ class BenchConfig:
 
 
 def _vae(block_out_channels, layers_per_block, groups) -> dict:
+    """The real VAE's shape (FLUX.1's and SD3's are the same) at other widths."""
     return dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, latent_channels=16, norm_num_groups=groups,
-        use_quant_conv=False, use_post_quant_conv=False,
+        vae_shape("flux-dev"), block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        norm_num_groups=groups,
     )
 
 
 def reduced_families(quick: bool) -> tuple[FamilyConfig, FamilyConfig]:
     """The real block patterns (FLUX 19 dual + 38 single blocks, SD3-medium 24 joint blocks)
     at one 32-wide attention head; ``quick``: 1 + 2 FLUX blocks, 2 SD3 blocks, short text."""
+    flux_spec, sd3_spec = get_model("flux-dev"), get_model("sd3-medium")
     flux = dict(
-        patch_size=1, in_channels=64, num_layers=1 if quick else 19, num_single_layers=2 if quick else 38,
+        # FLUX packs 2x2 latent pixels into one token.
+        patch_size=1, in_channels=4 * flux_spec.latent_channels, num_layers=1 if quick else 19, num_single_layers=2 if quick else 38,
         attention_head_dim=32, num_attention_heads=1, joint_attention_dim=64, pooled_projection_dim=64,
         guidance_embeds=True, axes_dims_rope=(8, 12, 12),
     )
     sd3 = dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=2 if quick else 24, attention_head_dim=32,
-        num_attention_heads=1, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        out_channels=16, pos_embed_max_size=192,
+        sample_size=128, patch_size=2, in_channels=sd3_spec.latent_channels, num_layers=2 if quick else 24,
+        attention_head_dim=32, num_attention_heads=1, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=sd3_spec.latent_channels, pos_embed_max_size=192,
     )
     return (
-        FamilyConfig("flux", "flux-dev", flux, text_tokens=32 if quick else 512, text_dim=64, pooled_dim=64, guidance_scale=3.5),
-        FamilyConfig("sd3", "sd3-medium", sd3, text_tokens=24 if quick else 333, text_dim=64, pooled_dim=64, guidance_scale=7.0),
+        FamilyConfig("flux", "flux-dev", flux, text_tokens=32 if quick else flux_spec.text_tokens, text_dim=64, pooled_dim=64, guidance_scale=3.5),
+        FamilyConfig("sd3", "sd3-medium", sd3, text_tokens=24 if quick else sd3_spec.text_tokens, text_dim=64, pooled_dim=64, guidance_scale=7.0),
     )
 
 
 def full_width_families() -> tuple[FamilyConfig, FamilyConfig]:
     """FLUX.1-dev and SD3-medium at their real sizes (random weights)."""
-    return (
-        FamilyConfig("flux", "flux-dev", dict(FLUX_DEV_TRANSFORMER), text_tokens=512, text_dim=4096, pooled_dim=768, guidance_scale=3.5),
-        FamilyConfig("sd3", "sd3-medium", dict(SD3_MEDIUM_TRANSFORMER), text_tokens=333, text_dim=4096, pooled_dim=2048, guidance_scale=7.0),
+    return (_real_family("flux", "flux-dev", guidance_scale=3.5), _real_family("sd3", "sd3-medium", guidance_scale=7.0))
+
+
+def _real_family(family: str, model: str, guidance_scale: float) -> FamilyConfig:
+    """``model`` as the registry declares it: its transformer, text length and embedding widths."""
+    spec = get_model(model)
+    transformer = dict(spec.architecture.transformer)
+    return FamilyConfig(
+        family, model, transformer, text_tokens=spec.text_tokens, text_dim=transformer["joint_attention_dim"],
+        pooled_dim=transformer["pooled_projection_dim"], guidance_scale=guidance_scale,
     )
 
 
@@ -135,7 +164,7 @@ def make_config(
     if quick:
         families, vae, size, preset = reduced_families(True), _vae((8, 8, 8, 8), 1, 4), 256, "quick"
     elif widths == "full":
-        families, vae, size, preset = full_width_families(), dict(VAE_16CH), 1024, "full-width"
+        families, vae, size, preset = full_width_families(), vae_shape("flux-dev"), PAPER_SIZE, "full-width"
     else:
-        families, vae, size, preset = reduced_families(False), _vae((8, 16, 32, 32), 2, 8), 1024, "reduced-width"
+        families, vae, size, preset = reduced_families(False), _vae((8, 16, 32, 32), 2, 8), PAPER_SIZE, "reduced-width"
     return BenchConfig(preset, device, dtype, widths, size, repeats, threads, chosen, families, vae)

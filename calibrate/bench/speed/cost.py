@@ -12,14 +12,13 @@ from ralu.calibrate.bench.speed.config import (
     full_width_families,
 )
 from ralu.calibrate.bench.speed.models import build_transformer, build_vae
-from ralu.calibrate.flops import (
-    PAPER_LAYOUTS,
+from ralu.calibrate.flops.counting import count_flops, fit_quadratic
+from ralu.calibrate.flops.pricing import (
     Flops,
-    count_flops,
     evaluate_quadratic,
-    fit_quadratic,
     transformer_forward_flops,
 )
+from ralu.calibrate.presets import presets_with_speedup
 
 #: Square token grids the transformer polynomial is fitted at, and a non-square check grid.
 _FIT_GRIDS = ((8, 8), (16, 16), (24, 24))
@@ -67,14 +66,14 @@ def edge_decode_flops(config: BenchConfig, family: str):
     """One half-size decode (the edge detection's) with the benchmarked VAE."""
 
     vae = build_vae(config, family, "meta")
-    side = config.size // 16
-    return count_flops(vae.decode, torch.empty(1, 16, side, side, device="meta"))
+    side = config.family(family).half_latent_side(config.size)
+    return count_flops(vae.decode, torch.empty(1, vae.config.latent_channels, side, side, device="meta"))
 
 
 def paper_speedup(schedule) -> float | None:
     steps = tuple(stage.steps for stage in schedule.stages)
-    for layout in PAPER_LAYOUTS:
-        if layout.model == schedule.model and layout.steps == steps and math.isclose(layout.up_ratio, schedule.up_ratio):
+    for layout in presets_with_speedup(schedule.model):
+        if layout.steps == steps and math.isclose(layout.up_ratio, schedule.up_ratio):
             return layout.speedup
     return None
 

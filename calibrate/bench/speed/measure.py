@@ -120,6 +120,8 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
+    # SD3's latent: the model's channels, cut by the transformer into patch x patch tokens.
+    channels, patch = family.spec.latent_channels, family.transformer.get("patch_size")
     rows = []
     for tokens in token_counts:
         common = dict(
@@ -140,7 +142,7 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
                 return transformer(**inputs, return_dict=False)
         elif _grid(tokens, transformer.pos_embed.pos_embed_max_size) is not None:
             rows_, cols = _grid(tokens, transformer.pos_embed.pos_embed_max_size)
-            inputs = dict(common, hidden_states=rand(batch, 16, 2 * rows_, 2 * cols))
+            inputs = dict(common, hidden_states=rand(batch, channels, patch * rows_, patch * cols))
             path = "forward"
 
             def evaluate():
@@ -149,7 +151,7 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
             side = math.isqrt(tokens - 1) + 1
             positions = sd3_tokens.grid_positions(transformer, side, side, device=device)[:tokens]
             embeds = sd3_tokens.position_embedding(transformer, positions)
-            patches = rand(batch, tokens, 16, 2, 2)
+            patches = rand(batch, tokens, channels, patch, patch)
             path = "token path"
 
             def evaluate():
@@ -174,8 +176,8 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
 def edge_decode_seconds(config: BenchConfig, run: FamilyRun) -> dict:
     """Median wall and CPU time of the half-size VAE decode alone (first call a warm-up)."""
     device, dtype = torch.device(config.device), torch_dtype(config.dtype)
-    side = config.size // 16
-    latent = torch.randn(1, 16, side, side, generator=torch.Generator("cpu").manual_seed(config.seed)).to(device=device, dtype=dtype)
+    side = run.config.half_latent_side(config.size)
+    latent = torch.randn(1, run.config.spec.latent_channels, side, side, generator=torch.Generator("cpu").manual_seed(config.seed)).to(device=device, dtype=dtype)
     seconds, cpu_seconds = [], []
     with torch.no_grad():
         for index in range(config.repeats + 1):
@@ -250,8 +252,8 @@ def measure_memory(config: BenchConfig, run: FamilyRun, meter: MemoryMeter) -> d
     """Peak working memory of a baseline step, a half-size edge decode, and each schedule
     (one step per stage)."""
     device, dtype = torch.device(config.device), torch_dtype(config.dtype)
-    side = config.size // 16
-    latent = torch.randn(1, 16, side, side, generator=torch.Generator("cpu").manual_seed(0)).to(device=device, dtype=dtype)
+    side = run.config.half_latent_side(config.size)
+    latent = torch.randn(1, run.config.spec.latent_channels, side, side, generator=torch.Generator("cpu").manual_seed(0)).to(device=device, dtype=dtype)
     working, total = {}, {}
     working["baseline"], total["baseline"] = meter.measure(lambda: call_baseline(config, run, 1))
     with torch.no_grad():

@@ -13,13 +13,7 @@ from diffusers import (
     FluxPipeline,
     StableDiffusion3Pipeline,
 )
-from ralu.calibrate.bench.speed.config import (
-    FLUX_SCHEDULER,
-    SD3_SCHEDULER,
-    VAE_SCALING,
-    BenchConfig,
-    FamilyConfig,
-)
+from ralu.calibrate.bench.speed.config import BenchConfig, FamilyConfig, latent_scaling
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline, load_schedule
 from ralu.runtime.schedule import Schedule
 
@@ -61,9 +55,9 @@ def build_transformer(family: FamilyConfig, device=None):
 
 
 def build_vae(config: BenchConfig, family: str, device=None):
-    scaling, shift = VAE_SCALING[family]
+    """The benchmarked VAE with the latent scaling of ``family``'s real model."""
     with torch.device(device or "meta"):
-        vae = AutoencoderKL(**config.vae, scaling_factor=scaling, shift_factor=shift)
+        vae = AutoencoderKL(**{**config.vae, **latent_scaling(config.family(family).model)})
     return vae.eval()
 
 
@@ -96,15 +90,12 @@ def build_family(config: BenchConfig, family: FamilyConfig) -> FamilyRun:
     def embeds(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
+    scheduler = FlowMatchEulerDiscreteScheduler(**family.spec.scheduler.config())
     if family.family == "flux":
-
-        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
         base = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
         ralu = RALUFluxPipeline.from_pipe(base, dtype=dtype)  # from_pipe casts to float32 unless told
         inputs = dict(prompt_embeds=embeds(1, family.text_tokens, family.text_dim), pooled_prompt_embeds=embeds(1, family.pooled_dim))
     else:
-
-        scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
         base = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
             text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,

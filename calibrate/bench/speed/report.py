@@ -27,6 +27,8 @@ from ralu.calibrate.bench.speed.schema import (
     ScheduleRow,
     SpeedReport,
 )
+from ralu.calibrate.presets import PAPER_SIZE
+from ralu.runtime.models import get_model
 
 #: Measured during development (see :func:`render_markdown`): the runtime changes of the
 #: speed work, before/after on the reduced-width CPU configuration.  Not regenerated: the
@@ -58,7 +60,7 @@ def _family_line(family: dict, size: int) -> str:
     else:
         cls, blocks = "SD3Transformer2DModel", f"{t['num_layers']} joint blocks"
     width = t["num_attention_heads"] * t["attention_head_dim"]
-    full = (size // 16) ** 2
+    full = get_model(family["model"]).image_tokens(size, size)
     cfg = "; classifier-free guidance (the transformer batch is doubled, as in the real pipeline)" if family["cfg"] else ""
     return (
         f"* **{family['family']}** (schedules `{family['model']}-*`): `{cls}` with {blocks}, "
@@ -321,14 +323,17 @@ def render_markdown(report: SpeedReport) -> str:
         *table(EDGE_SHARE_COLUMNS, rows),
     ]
     vae = config["vae"]
+    # The benchmarked VAE has the real one's shape (FLUX.1's and SD3's are the same) at other widths.
+    real = get_model(config["families"][0]["model"])
+    real_vae, edge_side = real.architecture.vae, size // (2 * real.vae_scale_factor)
     lines += [
         "",
         "## Configuration",
         "",
         *(_family_line(family, size) for family in config["families"]),
         f"* VAE: `AutoencoderKL` with the real layout (4 decoder up blocks, {vae['layers_per_block']} layers per block, "
-        f"16 latent channels, mid-block attention) at block widths {list(vae['block_out_channels'])} (real: "
-        f"[128, 256, 512, 512]), {vae['norm_num_groups']} norm groups; the edge decode turns a {size // 16}x{size // 16} "
+        f"{vae['latent_channels']} latent channels, mid-block attention) at block widths {list(vae['block_out_channels'])} (real: "
+        f"{list(real_vae['block_out_channels'])}), {vae['norm_num_groups']} norm groups; the edge decode turns a {edge_side}x{edge_side} "
         f"latent into a {size // 2}x{size // 2} image.",
         "* Random weights (seeded; exactly-zero initialised layers filled so that latents and edge maps carry signal);",
         "  the same prompt embeddings for both pipelines; one image per call, a `torch.Generator` seeded 0 per call;",
@@ -341,7 +346,7 @@ def render_markdown(report: SpeedReport) -> str:
         "  the timed calls (a clock read per section edge, a handful per step); on CUDA sections synchronise the",
         "  device, so the itemisation comes from one extra profiled call per schedule.",
         f"* Schedules: {', '.join(config['schedules'])}"
-        + ("" if size == 1024 else f" (re-targeted from 1024x1024 to {size}x{size}: same stages, fewer tokens)") + ".",
+        + ("" if size == PAPER_SIZE else f" (re-targeted from 1024x1024 to {size}x{size}: same stages, fewer tokens)") + ".",
         "",
         "## Machine",
         "",

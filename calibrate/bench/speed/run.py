@@ -45,11 +45,15 @@ from ralu.calibrate.bench.speed.schema import (
     SpeedReport,
     Targets,
 )
-from ralu.calibrate.flops import ZERO, flops_speedup, ralu_breakdown
+from ralu.calibrate.flops.pricing import ZERO, flops_speedup, ralu_breakdown
 
 
 def _ratio(a, b) -> float | None:
     return a / b if a and b else None
+
+
+def attention_share(flops) -> float:
+    return flops.attention / flops.total
 
 
 def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
@@ -82,7 +86,7 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     for run in runs:
         name_family = run.config.family
         forward = flops_models[name_family]
-        full_tokens = (config.size // 16) ** 2
+        full_tokens = run.config.image_tokens(config.size)
         for steps, timing in measured[name_family]["baseline"].items():
             baselines[f"{name_family}-{steps}"] = Baseline(
                 family=name_family, steps=steps, seconds=timing["seconds"], median_seconds=median(timing["seconds"]),
@@ -173,7 +177,6 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     config_dict["families"] = [
         {**asdict(f), "cfg": f.cfg, "transformer_batch": f.transformer_batch} for f in config.families
     ]
-    full_tokens = (config.size // 16) ** 2
     return SpeedReport(
         command=command,
         config=config_dict,
@@ -191,8 +194,8 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
         real_transformer_bf16_bytes={run.config.family: real_transformer_bytes(run.config) for run in runs},
         attention_share={
             run.config.family: AttentionShare(
-                config=flops_models[run.config.family](full_tokens).attention / flops_models[run.config.family](full_tokens).total,
-                real=real_attention_share(run.config.model, full_tokens),
+                config=attention_share(flops_models[run.config.family](run.config.image_tokens(config.size))),
+                real=real_attention_share(run.config.model, run.config.image_tokens(config.size)),
             )
             for run in runs
         },
