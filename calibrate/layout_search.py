@@ -15,8 +15,9 @@ stay within ``BUDGET_SLACK`` (10 %) above the target: target <= speed-up <= 1.1 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import optuna
 from optuna.study import MaxTrialsCallback

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ralu.runtime.models import get_model, stage_image_tokens  # noqa: E402
-from ralu.runtime.schedule import Schedule, ScheduleError, load_schedule, write_bytes_atomic  # noqa: E402
+from ralu.runtime.schedule import Schedule, load_schedule, write_bytes_atomic  # noqa: E402
 
 from .clitools import OneLineParser, check_writable, one_line  # noqa: E402
 from .densities import realised_density, target_density  # noqa: E402
@@ -116,7 +116,7 @@ def _draw_token_maps(figure, grid_spec, schedule: Schedule) -> None:
 MAX_DRAWN_STEPS = 1000
 
 
-def plot_schedule(schedule: Schedule, path: "str | Path") -> Path:
+def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     """Write the schedule's picture to ``path`` (PNG), atomically."""
     if max(stage.steps for stage in schedule.stages) > MAX_DRAWN_STEPS:
         raise ValueError(f"a stage of this schedule has {max(s.steps for s in schedule.stages)} steps; ralu-plot draws one dot per step, at most {MAX_DRAWN_STEPS} per stage. Fix: plot a schedule with fewer steps")

@@ -19,7 +19,7 @@ from ralu.runtime.schedule import Schedule, save_schedule, schedule_json_schema,
 from .calibration import calibrate
 from .plot import plot_schedule
 from .presets import PAPER_H0, PRESETS
-from .search import StageLayout, NTDMObjective, optimise_paper
+from .search import NTDMObjective, StageLayout, optimise_paper
 
 COMMAND = "python -m ralu.calibrate.shipped"
 

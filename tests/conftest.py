@@ -29,8 +29,9 @@ def pytest_configure(config):
 def build_schedule(stages, c=0.04, up_ratio=0.3, height=64, width=64, model="flux-dev"):
     """A valid schedule from ``stages = [(steps, end, shift), ...]`` (starts and transitions
     derived from the ends and ``c``)."""
-    from ralu.runtime.schedule import schedule_from_dict
     from schedule_factory import schedule_dict
+
+    from ralu.runtime.schedule import schedule_from_dict
 
     steps, ends, shifts = zip(*stages)
     return schedule_from_dict(schedule_dict(model, steps, ends, shifts, c, up_ratio, height, width), "<test>")

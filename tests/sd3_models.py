@@ -66,7 +66,7 @@ def text_inputs(batch: int, seed: int = 1, negative: bool = True) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _components(variant: str) -> tuple:
     transformer = tiny_transformer(**(SD35_MEDIUM_LIKE if variant == "sd3.5" else SD3_MEDIUM_LIKE))
     return transformer, tiny_vae()

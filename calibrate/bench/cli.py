@@ -13,7 +13,8 @@ import argparse
 import importlib
 import shlex
 import sys
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
 class Subcommand(NamedTuple):

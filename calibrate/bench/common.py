@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
+
 from ralu.runtime.schedule import write_text_atomic
 
 # ----------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ralu.runtime.schedule import write_text_atomic
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ralu.runtime.models import MODELS, TextEncoder, get_model
 from ralu.runtime.schedule import write_text_atomic
@@ -194,7 +195,10 @@ def _fit_component(xs: Sequence[int], counts: Sequence[Flops], check_x: int, che
         measured = getattr(check, convention)
         error = abs(predicted - measured) / measured
         if error >= FIT_TOLERANCE:
-            raise RuntimeError(f"{what} ({convention}) is not quadratic: predicted {predicted:.6e} at {check_x}, counted {measured:.6e} (relative error {error:.2e}); a size-dependent code path? Fix: inspect the architecture before shipping a table")
+            raise RuntimeError(
+                f"{what} ({convention}) is not quadratic: predicted {predicted:.6e} at {check_x}, counted {measured:.6e} "
+                f"(relative error {error:.2e}); a size-dependent code path? Fix: inspect the architecture before shipping a table"
+            )
         entry[convention] = [_json_number(c) for c in coefficients]
     return entry
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ralu.runtime.models import ModelSpec, get_model, stage_image_tokens
 
@@ -68,7 +69,7 @@ class Flops:
 
     __rmul__ = __mul__
 
-    def __truediv__(self, other: "Flops | float") -> Flops:
+    def __truediv__(self, other: Flops | float) -> Flops:
         if isinstance(other, Flops):
             return Flops(self.total / other.total, self.linear / other.linear)
         if isinstance(other, (int, float)):
@@ -114,7 +115,7 @@ def load_table() -> dict[str, Any]:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_entry(model: str) -> dict[str, Any]:
     """The table entry of a model; counted on demand (and logged) when missing or stale."""
     spec = get_model(model)

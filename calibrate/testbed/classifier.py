@@ -83,13 +83,13 @@ def attribute_logits(classifier: Classifier, images: torch.Tensor, batch_size: i
     """One pass of the classifier: logits per attribute, a list of ``(n, k)`` tensors in
     :data:`ralu.calibrate.testbed.data.ATTRIBUTES` order, for images ``(n, 3, H, W)`` in [-1, 1]."""
     device = next(classifier.parameters()).device
-    chunks = [[l.cpu() for l in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
+    chunks = [[logit.cpu() for logit in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
     return [torch.cat([c[a] for c in chunks]) for a in range(len(data.ATTRIBUTES))]
 
 
 def labels_from_logits(logits: list[torch.Tensor]) -> torch.Tensor:
     """Predicted labels ``(n, 3)``: the most likely value of every attribute."""
-    return torch.stack([l.argmax(dim=1) for l in logits], dim=1)
+    return torch.stack([logit.argmax(dim=1) for logit in logits], dim=1)
 
 
 def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -102,7 +102,7 @@ def label_probability(logits: list[torch.Tensor], labels: torch.Tensor) -> torch
     product over attributes of the softmax of :func:`attribute_logits`): a softer companion
     of the all-right rate."""
     labels = data.check_labels(labels)
-    return torch.stack([l.softmax(dim=1).gather(1, labels[:, a : a + 1].cpu())[:, 0] for a, l in enumerate(logits)], dim=1).prod(dim=1)
+    return torch.stack([logit.softmax(dim=1).gather(1, labels[:, a : a + 1].cpu())[:, 0] for a, logit in enumerate(logits)], dim=1).prod(dim=1)
 
 
 @torch.no_grad()
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.steps):
         images, labels = data.make_batch(2_000_000_011 * (args.seed + 1) + step, args.batch)
         logits = model(augment(images, generator))
-        loss = sum(F.cross_entropy(l, labels[:, i]) for i, l in enumerate(logits))
+        loss = sum(F.cross_entropy(logit, labels[:, i]) for i, logit in enumerate(logits))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data
-from .classifier import Classifier, agreement, attribute_logits, features, label_probability, labels_from_logits, load_classifier
+from .classifier import Classifier, agreement, attribute_logits, label_probability, labels_from_logits, load_classifier
 from .conditioning import encode_labels
 from .location import CLASSIFIER, ENV_VAR, REPOSITORY_FOLDER, TRANSFORMER, classifier_dir
 from .model import BASE_STEPS, GUIDANCE_SCALE, load_pipeline, training_record

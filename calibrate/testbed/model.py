@@ -44,6 +44,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+
 from ralu.runtime.models import get_model
 
 from .conditioning import JOINT_DIM, POOLED_DIM

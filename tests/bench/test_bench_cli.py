@@ -24,8 +24,8 @@ except SystemExit as done:
     code = done.code
 else:
     code = None
-print(json.dumps({"exit": code, "loaded": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"exit": code, "loaded": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def probe(*args: str) -> dict:

@@ -5,7 +5,6 @@ with several (and dying) workers."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 import math
 import os
 import signal
@@ -15,21 +14,20 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
+import cli_checks
 import optuna
 import pytest
+from cli_checks import run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cli_checks
-from cli_checks import run_main
-
 from ralu.calibrate import cli
-from ralu.runtime.schedule import BASE_SHIFT_RANGE
 from ralu.calibrate.calibration import calibrate
 from ralu.calibrate.study import LAYOUT_ATTR, SAME_AS_ATTR, open_storage
-from ralu.runtime.schedule import load_schedule, write_text_atomic
+from ralu.runtime.schedule import BASE_SHIFT_RANGE, load_schedule, write_text_atomic
 
 #: A given layout with the paper's local optimiser: the fastest complete calibration.
 FAST = ["--model", "flux", "--steps", 2, 3, 5, "--ends", 0.2, 0.3, 1.0, "--optimizer", "paper", "--quiet"]
@@ -289,7 +287,7 @@ def test_two_workers_share_one_study_without_repeating_a_layout(tmp_path, backen
     common = SEARCH + ["--trials", 20, "--storage", storage, "--study-name", "joint"]
     workers = [subprocess.Popen(calibrate_command(*common, "--out", tmp_path / f"w{k}.json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     outputs = [worker.communicate(timeout=300) for worker in workers]
-    for worker, (stdout, stderr) in zip(workers, outputs):
+    for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr
         assert "Traceback" not in stderr
     study = optuna.load_study(study_name="joint", storage=open_storage(storage))

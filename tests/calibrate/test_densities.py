@@ -17,7 +17,7 @@ from ralu.calibrate.densities import (
     visited_timesteps,
 )
 from ralu.calibrate.presets import preset
-from ralu.calibrate.search import StageLayout, NTDMObjective
+from ralu.calibrate.search import NTDMObjective, StageLayout
 from ralu.runtime.schedule import stage_sigmas, stage_starts
 
 LAYOUTS = [(p.steps, p.ends, p.c) for p in (preset("flux-dev-4x"), preset("flux-dev-7x"))] + [((4, 9), (0.4, 1.0), 0.2)]

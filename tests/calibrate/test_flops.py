@@ -72,7 +72,7 @@ def test_table_records_provenance_and_text_lengths():
 def test_text_tokens_match_the_encoders_that_feed_the_sequence():
     # FLUX's joint sequence is T5 only (CLIP gives the pooled vector); SD3 concatenates the
     # 77 CLIP tokens (L and bigG side by side in channels) with the T5 tokens.
-    for name, spec in MODELS.items():
+    for spec in MODELS.values():
         tokens = {e.label: e.tokens for e in spec.architecture.text_encoders}
         expected = tokens["t5-xxl"] + (tokens["clip-l"] if spec.family == "sd3" else 0)
         assert spec.text_tokens == expected

@@ -4,16 +4,15 @@ exit 2 with one line, never a traceback or a leftover temporary file."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 import os
 import stat
-
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from datetime import timedelta
 
 import cli_checks
+import pytest
 from cli_checks import run_main
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ralu.calibrate import plot
 from ralu.runtime.schedule import stage_starts, transition

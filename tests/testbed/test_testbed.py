@@ -37,7 +37,7 @@ def test_labels_are_what_the_pixels_show():
     images, geometry = data.render(labels, torch.Generator().manual_seed(3), return_geometry=True)
     rgb = (images + 1.0) / 2.0
     size = data.IMAGE_SIZE
-    for i, (shape, colour, position) in enumerate(labels.tolist()):
+    for i, (_shape, colour, position) in enumerate(labels.tolist()):
         mask = geometry.mask[i]
         assert mask.sum() > 40, "the shape is drawn"
         # every shape pixel has the labelled colour (palette times a brightness in [0.93, 1])

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from ralu.calibrate.testbed import location
 from ralu.calibrate.testbed.location import (
     ENV_VAR,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
+
 from ralu.calibrate.flops.counting import count_flops
 from ralu.calibrate.flops.pricing import Flops
 
@@ -61,7 +63,7 @@ class ForwardLog:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.tokens.append(int(hidden.shape[1]))
 
-    def __enter__(self) -> "ForwardLog":
+    def __enter__(self) -> ForwardLog:
         self._handle = self.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
 from ralu.calibrate.bench.quality.config import BASE_STEPS, METHOD_LABELS, METRICS  # noqa: E402
 from ralu.calibrate.bench.quality.schema import QualityReport  # noqa: E402
 from ralu.calibrate.testbed.evaluate import image_grid  # noqa: E402

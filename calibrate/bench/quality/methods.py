@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
 from ralu.calibrate.bench.quality.config import (
     BASE_STEPS,
     BOTTLENECK_RESTARTS,
@@ -142,7 +144,7 @@ def ralu_method(key: str, budget: float, schedule, full: int, paper_compat: bool
     )
 
 
-def plan_methods(config: "Config", cost: TestbedCost, log: Callable[[str], None] = print) -> tuple[list[Method], dict]:
+def plan_methods(config: Config, cost: TestbedCost, log: Callable[[str], None] = print) -> tuple[list[Method], dict]:
     """Every method at every budget, peers matched to the RALU preset's cost."""
     size, h0 = config.size, config.h0
     full = (size // 2) ** 2

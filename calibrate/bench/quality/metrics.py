@@ -6,6 +6,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
 from ralu.calibrate.bench.common import mean_std
 from ralu.calibrate.bench.quality.config import EXTRA_METRICS, METRICS, PSNR_CAP
 from ralu.calibrate.bench.quality.schema import MetricSummary

@@ -82,7 +82,7 @@ def _winner_lines(report: QualityReport) -> list[str]:
         speeds = ", ".join(f"{r.method} {r.flops_speedup_total:.2f}x" for r in group)
         lines.append(f"**Budget {budget}x** (measured total-FLOPs speed-ups: {speeds}):")
         lines.append("")
-        for key, name, higher in METRICS:
+        for key, name, _higher in METRICS:
             e = entry[key]
             if len(rows[0].seeds) < 2:
                 sep = " (one seed: no spread to judge by)"

@@ -6,11 +6,14 @@ import argparse
 import datetime as _dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 from ralu.calibrate.bench.common import fail, write_report
 from ralu.calibrate.bench.quality.config import (
     BASE_STEPS,
@@ -262,9 +265,7 @@ def winners(rows: list[MethodRow]) -> dict[str, dict[str, Winner]]:
         group = [r for r in rows if r.budget == budget and r.method != "baseline"]
         entry = {}
         for key, _, higher in METRICS:
-            def value(r: MethodRow) -> float:
-                return getattr(r, key)
-
+            value = attrgetter(key)
             ranked = sorted(group, key=value, reverse=higher)
             best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
             spread = max(getattr(best, f"{key}_std") or 0.0, (getattr(second, f"{key}_std") if second else None) or 0.0)

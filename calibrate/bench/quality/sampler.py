@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
+
 from ralu.calibrate.bench.quality.cost import ForwardLog
 from ralu.calibrate.bench.quality.methods import Method
 from ralu.calibrate.testbed.conditioning import encode_labels

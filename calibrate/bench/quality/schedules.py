@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 
 import numpy as np
+
 from ralu.calibrate.bench.quality.config import BASE_STEPS, PAPER_PRESETS
 from ralu.calibrate.calibration import calibrate, tool_version
 from ralu.calibrate.flops.pricing import flops_speedup

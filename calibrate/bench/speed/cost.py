@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
 from ralu.calibrate.bench.speed.config import (
     BenchConfig,
     FamilyConfig,

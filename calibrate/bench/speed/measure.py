@@ -9,10 +9,12 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import diffusers
 import torch
+
 from ralu.calibrate.bench.common import median
 from ralu.calibrate.bench.speed.config import BenchConfig
 from ralu.calibrate.bench.speed.models import (
@@ -217,7 +219,7 @@ def measure_family(config: BenchConfig, run: FamilyRun) -> dict:
     profile_inline = device.type != "cuda"  # on CUDA sections synchronise: profile separately
     base_steps = sorted({schedule.base_steps for _, schedule, _ in run.schedules})
     progress(f"{run.config.family}: warm-up")
-    for steps in base_steps:
+    for _ in base_steps:
         call_baseline(config, run, 1)
     for _, schedule, _ in run.schedules:
         call_ralu(config, run, one_step_per_stage(schedule))

@@ -13,6 +13,7 @@ from diffusers import (
     FluxPipeline,
     StableDiffusion3Pipeline,
 )
+
 from ralu.calibrate.bench.speed.config import BenchConfig, FamilyConfig, latent_scaling
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline, load_schedule
 from ralu.runtime.schedule import Schedule

@@ -41,7 +41,10 @@ OPTIMISATION_LOG: list[str] = [
     "| change | where | before | after |",
     "|---|---|---|---|",
     "| timesteps as one per-stage device tensor, not a `torch.tensor(..., device=)` per step | `sampler.timestep_table`, FLUX and SD3 stage models | 1 host-to-device copy (a CUDA synchronisation) per step | 1 per stage, 0 per step |",
-    "| SD3 mixed stage: position embeddings (sin-cos at fractional positions, float64) and the CFG copies made once per stage | `sd3.py` stage model, `sd3_tokens.token_forward(position_embeds=)` | every step: the evaluation, 3 synchronisations (range and integrality checks), 2 concatenations; 40-60 ms per step at SD3-medium width on one CPU core | once per stage; 0 synchronisations per step |",
+    "| SD3 mixed stage: position embeddings (sin-cos at fractional positions, float64) and the CFG copies made once per stage "
+    "| `sd3.py` stage model, `sd3_tokens.token_forward(position_embeds=)` "
+    "| every step: the evaluation, 3 synchronisations (range and integrality checks), 2 concatenations; 40-60 ms per step at SD3-medium width on one CPU core "
+    "| once per stage; 0 synchronisations per step |",
     "| the canvas scattered once per stage end, not again at the transition | `sampler.run_stages` | 2 scatters per transition | 1 |",
     "| single-resolution layouts gather/scatter only their own resolution | `TokenLayout.gather/scatter` | both canvases built and zeroed, then `torch.where` | one canvas, written in place |",
     "| gather/scatter per image, flux-dev-7x / sd3-medium-3x | (the two rows above) | 12.4 ms / 37.4 ms | 7.6 ms / 32.0 ms |",

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
 from ralu.calibrate.bench.common import fail, median, write_report
 from ralu.calibrate.bench.speed.config import BenchConfig, make_config
 from ralu.calibrate.bench.speed.cost import (
