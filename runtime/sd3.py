@@ -10,9 +10,10 @@ each stage's token set.
 SD3 latents are not packed: the transformer cuts ``(B, 16, H/8, W/8)`` into 2x2 patches itself
 and adds a sin-cos position table (a centre crop of a ``pos_embed_max_size`` square).  A token is
 therefore exactly one 2x2 latent-pixel patch, the layout of :mod:`ralu.runtime.tokens`.  Stages
-whose tokens form a native grid run the model's own ``forward``; the mixed stage (and, with
-``low_res_positions="stretch"``, the low-res stage) runs :func:`ralu.runtime.sd3_tokens.token_forward`,
-the same model on an arbitrary per-image (patch, position) set.
+whose tokens form a native grid run the model's own ``forward`` on the latent; the mixed stage
+(and, with ``low_res_positions="stretch"``, the low-res stage) runs
+:func:`ralu.runtime.sd3_tokens.token_forward`, the same ``forward`` on an arbitrary per-image
+(patch, position) set, so hooks, caches and ``torch.compile`` see every step.
 """
 
 from __future__ import annotations
