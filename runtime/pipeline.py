@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
+from .cache import check_cache, schedule_cache, stage_cache
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
 from .plan import Plan, make_plan
@@ -54,6 +55,15 @@ class RALUStageModel:
 
     def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
         return vae_decode(self.pipe.vae, latent).float()
+
+    #: The call's plan (set by :meth:`RALUPipelineMixin.run_ralu_stages`).
+    plan: Plan | None = None
+
+    def stage_cache(self, stage):
+        """Around one stage: the transformer's step cache emptied and given this stage's
+        settings (:func:`ralu.runtime.cache.stage_cache`)."""
+        first_step = sum(earlier.steps for earlier in self.plan.stages[: stage.index])
+        return stage_cache(self.transformer, first_step, stage.steps)
 
 
 def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: StepInfo) -> None:
@@ -135,6 +145,7 @@ class RALUPipelineMixin:
                 raise ValueError(f"{name}: IP-Adapter is not supported by {type(self).__name__}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+        check_cache(self.transformer, [stage.steps for stage in plan.stages], plan.schedule.cache)
         return plan, compat
 
     def check_latents(self, latents: torch.Tensor | None, plan: Plan, images: int) -> None:
@@ -208,7 +219,8 @@ class RALUPipelineMixin:
             check_returned_latents(returned, latents, info)
             return returned.reshape(patches.shape)
 
-        with self.progress_bar(total=plan.total_steps) as progress:
+        model.plan = plan
+        with self.progress_bar(total=plan.total_steps) as progress, schedule_cache(self.transformer, plan.schedule.cache):
             result = run_stages(
                 plan,
                 canvas,

@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .cache import CacheSettings
+
 SCHEDULE_VERSION = 1
 
 #: Model names a schedule may name, and the pipeline family that runs them.
@@ -192,6 +194,7 @@ class Schedule(BaseModel):
     flops_speedup: FlopsSpeedup
     transitions: list[TransitionCoefficients] = Field(description="What each stage change does (derived from ends and c; checked on load).")
     calibration: Calibration
+    cache: CacheSettings | None = Field(default=None, description="Optional diffusers step cache for every stage (ralu.runtime.cache).")
 
     @property
     def family(self) -> str:
