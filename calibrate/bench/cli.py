@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 #: Modules that register a subcommand, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("ralu.calibrate.bench.speed", "ralu.calibrate.bench.quality", "ralu.calibrate.bench.magcache")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("ralu.calibrate.bench.speed", "ralu.calibrate.bench.quality", "ralu.calibrate.bench.magcache", "ralu.calibrate.bench.cache")
 
 PROG = "ralu-bench"
 

@@ -222,3 +222,21 @@ def test_schedule_cache_section_errors(flux):
     loaded = with_cache(schedule, {"kind": "taylorseer", "cache_interval": 3})
     assert loaded.cache.diffusers_config().cache_interval == 3
     assert schedule_from_dict(loaded.model_dump(), "<again>") == loaded
+
+
+def test_ralu_generate_applies_the_schedule_cache(saved_flux_pipeline, make_schedule, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from ralu.runtime.cli import main
+    from ralu.runtime.schedule import save_schedule
+
+    schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)], c=0.04, up_ratio=0.3, height=64, width=64)
+    plain = save_schedule(schedule, tmp_path / "plain.json")
+    cached = save_schedule(with_cache(schedule, {"kind": "first_block", "threshold": 1.0}), tmp_path / "cached.json")
+    images = []
+    for name, path in (("plain", plain), ("cached", cached)):
+        args = ["--model", str(saved_flux_pipeline), "--schedule", str(path), "--prompt", "a cat", "--device", "cpu", "--out", str(tmp_path / name)]
+        assert main(args) == 0
+        (png,) = sorted((tmp_path / name).glob("*.png"))
+        images.append(np.asarray(Image.open(png)).astype(int))
+    assert np.abs(images[0] - images[1]).max() > 0  # the cache skipped work

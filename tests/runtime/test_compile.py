@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from sd3_models import pipeline_components, text_inputs
+from torch._dynamo.utils import counters
 
 SIZE = 128
 
 
 def flux_case():
-    from conftest import build_schedule, tiny_flux_scheduler, tiny_flux_transformer, tiny_vae
+    from conftest import (
+        build_schedule,
+        tiny_flux_scheduler,
+        tiny_flux_transformer,
+        tiny_vae,
+    )
 
     pipe = RALUFluxPipeline(scheduler=tiny_flux_scheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux_transformer())
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""MagCache ratios measured per stage of a RALU schedule (ralu.calibrate.magcache, ralu-bench magcache)."""
+"""Measured cache settings and costs: MagCache ratios per stage of a RALU schedule (ralu.calibrate.magcache, ralu-bench magcache) and executed FLOPs per cache (ralu-bench cache)."""
 
 from __future__ import annotations
 
@@ -72,3 +72,29 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--images 0" in err[0] and "testbed is a FLUX transformer" in err[1]
     assert not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# ralu-bench cache: executed linear FLOPs and latent change per cache.
+# ----------------------------------------------------------------------------------------
+
+
+def test_cache_rows_count_the_work_that_ran(ralu, flux_embeds, make_schedule):
+    from diffusers.hooks import FirstBlockCacheConfig
+    from ralu.calibrate.bench.cache import measure
+
+    schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)], height=128, width=128)
+    rows = measure(ralu, schedule, {"never": FirstBlockCacheConfig(threshold=0.0), "always": FirstBlockCacheConfig(threshold=1e9)}, calls(flux_embeds)[0])
+    none, never, always = rows
+    assert none["flops_fraction"] == never["flops_fraction"] == 1.0 and never["latent_rms_change"] == 0.0
+    # Skipping everything after each stage's first step: 4 of 7 steps run the first block only.
+    assert 0.2 < always["flops_fraction"] < 0.9 and always["latent_rms_change"] > 0.0
+
+
+def test_cache_report_cli(tmp_path):
+    assert bench_main(["cache", "--schedules", "flux-dev-4x", "--images", "1", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cache.json").read_text())
+    rows = report["schedules"][0]["rows"]
+    assert rows[0]["cache"] == "none" and len(rows) == 6
+    assert all(0.0 < row["flops_fraction"] <= 1.0 for row in rows)
+    assert "| magcache 0.06 (per-stage ratios) |" in (tmp_path / "cache.md").read_text()
