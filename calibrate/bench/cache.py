@@ -2,7 +2,7 @@
 offline testbed model.
 
 A cache skips work inside the forwards it runs, so the FLOPs a schedule file states (every
-forward in full) overstate a cached run's cost.  :func:`executed_linear_flops` counts the
+forward in full) overstate a cached run's cost.  ``executed_linear_flops`` counts the
 multiply-adds of the Linear layers that really execute (forward hooks on every ``nn.Linear``
 of the transformer: a skipped block's layers are not called), the linear-FLOPs convention of
 the schedule files.  Each row of the report gives, for one cache on one schedule: the
