@@ -215,7 +215,7 @@ def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | N
     ``positions``, which may then be None.
     """
     pos_embed = transformer.pos_embed
-    batch, count, channels, patch, patch_w = patches.shape
+    _, count, _, patch, patch_w = patches.shape
     if patch != pos_embed.patch_size or patch_w != pos_embed.patch_size:
         raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {pos_embed.patch_size}")
     if position_embeds is None:
@@ -226,51 +226,62 @@ def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | N
         position_embeds = position_embedding(transformer, positions)
     elif position_embeds.shape[-2] != count:
         raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
+    return _project(pos_embed, patches, position_embeds)
+
+
+def _project(pos_embed, patches: torch.Tensor, position_embeds: torch.Tensor) -> torch.Tensor:
+    """The model's patch projection of ``patches`` (B, n, C, p, p), one patch at a time,
+    plus their position embeddings."""
+    batch, count, channels, patch, _ = patches.shape
     projected = pos_embed.proj(patches.reshape(batch * count, channels, patch, patch))
     projected = projected.reshape(batch, count, -1)
     return (projected + position_embeds).to(projected.dtype)
 
 
 class _Substitution:
-    """What the patch embedding of one transformer returns during a token forward: the token
-    embeddings of ``patches`` (the strip the forward was given, re-cut into patches) at the
-    precomputed ``position_embeds``; None outside a token forward (the embedding runs as usual)."""
+    """What a patch embedding returns during a token forward: the embeddings of the tokens of
+    ``strip`` (the one-row latent the forward was given, re-cut into patches) at the
+    precomputed ``position_embeds``; None outside a token forward (it runs as usual)."""
 
     def __init__(self):
         self.position_embeds: torch.Tensor | None = None
         self.strip: torch.Tensor | None = None
 
 
-def _substitution(transformer) -> _Substitution:
-    """The transformer's substitution state, with its two ``pos_embed`` hooks installed once.
+_SUBSTITUTION = "_ralu_token_substitution"
 
-    The hooks stay installed (they do nothing outside a token forward) so that a compiled
-    transformer sees the same hook functions on every call and does not recompile for them.
-    """
-    state = transformer.__dict__.get("_ralu_token_substitution")
-    if state is not None:
-        return state
-    state = _Substitution()
-    pos_embed = transformer.pos_embed
+
+def _before_embedding(pos_embed, args):
+    state = pos_embed.__dict__[_SUBSTITUTION]
+    if state.position_embeds is None:
+        return None
+    # The strip can be wider than the position table; the embedding's own output is replaced
+    # below, so it only sees one patch.
+    state.strip = args[0]
     patch = pos_embed.patch_size
+    return (args[0][..., :patch, :patch], *args[1:])
 
-    def before(module, args):
-        if state.position_embeds is None:
-            return None
-        # The strip's width can exceed the position table; the embedding's own output is
-        # replaced below, so it only sees one patch.
-        state.strip = args[0]
-        return (args[0][..., :patch, :patch],) + tuple(args[1:])
 
-    def after(module, args, output):
-        if state.position_embeds is None:
-            return None
-        strip, state.strip = state.strip, None
-        return embed_tokens(transformer, patchify(strip, patch), None, state.position_embeds)
+def _after_embedding(pos_embed, args, output):
+    state = pos_embed.__dict__[_SUBSTITUTION]
+    if state.position_embeds is None:
+        return None
+    strip, state.strip = state.strip, None
+    return _project(pos_embed, patchify(strip, pos_embed.patch_size), state.position_embeds)
 
-    pos_embed.register_forward_pre_hook(before)
-    pos_embed.register_forward_hook(after)
-    transformer.__dict__["_ralu_token_substitution"] = state
+
+def _substitution(transformer) -> _Substitution:
+    """The substitution state of the transformer's patch embedding, with its two hooks
+    installed once.  The hooks stay installed (they do nothing outside a token forward) and
+    are module-level functions that find the state on the module they are called with: a
+    compiled transformer sees the same hooks on every call, and a copied transformer
+    (``copy.deepcopy``) carries its own state."""
+    pos_embed = transformer.pos_embed
+    state = pos_embed.__dict__.get(_SUBSTITUTION)
+    if state is None:
+        state = pos_embed.__dict__[_SUBSTITUTION] = _Substitution()
+        pos_embed.register_forward_pre_hook(_before_embedding)
+        pos_embed.register_forward_hook(_after_embedding)
     return state
 
 

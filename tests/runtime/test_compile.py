@@ -11,6 +11,8 @@ does but runs the traced ops eagerly, so the test stays well under a minute on a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
@@ -37,7 +39,10 @@ def flux_case():
 def sd3_case():
     from conftest import build_schedule
 
-    pipe = RALUStableDiffusion3Pipeline(**pipeline_components("sd3"))
+    components = pipeline_components("sd3")
+    # Its own transformer: the shared one of the other tests must not stay compiled.
+    components["transformer"] = copy.deepcopy(components["transformer"])
+    pipe = RALUStableDiffusion3Pipeline(**components)
     return pipe, build_schedule([(2, 0.3, 5.0), (2, 0.5, 2.5), (3, 1.0, 2.0)], c=0.05, height=SIZE, width=SIZE, model="sd3-medium"), text_inputs(2)
 
 
