@@ -315,7 +315,7 @@ def token_forward(
     check_sd3_transformer(transformer)
     if patches.dim() != 5:
         raise ValueError(f"patches must be (B, n, C, p, p), got shape {tuple(patches.shape)}")
-    batch, count, channels, patch, patch_w = patches.shape
+    _, count, _, patch, patch_w = patches.shape
     if patch != transformer.pos_embed.patch_size or patch_w != transformer.pos_embed.patch_size:
         raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {transformer.pos_embed.patch_size}")
     if position_embeds is None:

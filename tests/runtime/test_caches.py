@@ -240,3 +240,27 @@ def test_ralu_generate_applies_the_schedule_cache(saved_flux_pipeline, make_sche
         (png,) = sorted((tmp_path / name).glob("*.png"))
         images.append(np.asarray(Image.open(png)).astype(int))
     assert np.abs(images[0] - images[1]).max() > 0  # the cache skipped work
+
+
+@pytest.mark.parametrize("kind", KINDS["sd3"])
+def test_sd3_skip_layer_guidance_has_its_own_context(sd3, kind):
+    """The skip-layer forward (positive half, blocks skipped) runs in its own context, so it
+    neither reads nor overwrites the CFG batch's cache: never skipping equals no cache."""
+    pipe, schedule = sd3
+    slg = {"skip_guidance_layers": [1], "skip_layer_guidance_start": -1.0, "skip_layer_guidance_stop": 2.0}
+
+    def call(config):
+        if config is not None:
+            enable_cache(pipe.transformer, config)
+        try:
+            with ContextLog(pipe.transformer) as log:
+                out = pipe(**text_inputs(2), schedule=schedule, generator=generators(1, 2), output_type="latent", **slg).images
+        finally:
+            if config is not None:
+                disable_cache(pipe.transformer)
+        return out, [context for _, context in log.calls]
+
+    want, _ = call(None)
+    got, contexts = call(never_skip(kind))
+    assert torch.equal(got, want)
+    assert contexts[:2] == ["stage1-cond_uncond", "stage1-skip_layers"] and contexts[-1] == "stage3-skip_layers"
