@@ -122,11 +122,14 @@ class RALUPipelineMixin:
     # -- checks (all before any compute) ----------------------------------------------------
 
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
-        """Check a request and lay out its stages (no compute)."""
+        """Check a request and lay out its stages (no compute), the step cache it would run
+        with included (:func:`ralu.runtime.cache.check_cache`)."""
         schedule = load_schedule(schedule)
         height = schedule.height if height is None else height
         width = schedule.width if width is None else width
-        return make_plan(schedule, self.family, height, width, self.vae_scale_factor)
+        plan = make_plan(schedule, self.family, height, width, self.vae_scale_factor)
+        check_cache(self.transformer, [stage.steps for stage in plan.stages], schedule.cache)
+        return plan
 
     def check_ralu_inputs(
         self, schedule, height: int | None, width: int | None, paper_compat, output_type: str, fixed: dict, unsupported: dict
@@ -145,7 +148,6 @@ class RALUPipelineMixin:
                 raise ValueError(f"{name}: IP-Adapter is not supported by {type(self).__name__}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
-        check_cache(self.transformer, [stage.steps for stage in plan.stages], plan.schedule.cache)
         return plan, compat
 
     def check_latents(self, latents: torch.Tensor | None, plan: Plan, images: int) -> None:

@@ -172,6 +172,8 @@ def test_unfit_caches_are_refused(flux, sd3):
     with pytest.raises(ValueError, match="FirstBlockCache does not run on SD3Transformer2DModel"):
         enable_cache(sd3[0].transformer, FirstBlockCacheConfig())
     with pytest.raises(ValueError, match="FirstBlockCache does not run on SD3Transformer2DModel"):
+        sd3[0].plan(with_cache(sd3[1], {"kind": "first_block"}))  # what ralu-generate checks before loading work
+    with pytest.raises(ValueError, match="FirstBlockCache does not run on SD3Transformer2DModel"):
         run(sd3, None, schedule=with_cache(sd3[1], {"kind": "first_block"}))
     # MagCache ratios of another step grid (diffusers interpolates them to num_inference_steps).
     pipe.transformer.enable_cache(mag_cache_config([[1.0] * 28]))
