@@ -18,6 +18,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
+from .cache import context_name
 from .compat import PaperCompat
 from .flux_rotary import per_sample_positions, supports_per_sample_positions
 from .pipeline import RALUPipelineMixin, RALUStageModel
@@ -261,8 +262,6 @@ class _FluxStageModel(RALUStageModel):
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):
-        if getattr(self.transformer, "is_cache_enabled", False):
-            self.transformer._reset_stateful_cache()  # caches do not survive a token-count change
         with section("positions"):
             ids = image_ids(layout).to(self.device)
             text_id_sets = [self.text_ids] + ([self.negative[2]] if self.negative is not None else [])
@@ -280,12 +279,13 @@ class _FluxStageModel(RALUStageModel):
             t = timesteps(sigma)
             self.pipe._current_timestep = t
             timestep = t.expand(hidden.shape[0]).to(self.dtype) / 1000
-            v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids, img_ids, "cond")
+            v = self._forward(hidden, timestep, self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids, img_ids, context_name(stage.index, "cond"))
             if self.negative is not None:
                 neg_embeds, neg_pooled, neg_text_ids = self.negative
-                v_neg = self._forward(hidden, timestep, neg_embeds, neg_pooled, neg_text_ids, img_ids, "uncond")
+                v_neg = self._forward(hidden, timestep, neg_embeds, neg_pooled, neg_text_ids, img_ids, context_name(stage.index, "uncond"))
                 v = v_neg + self.true_cfg_scale * (v - v_neg)
             return v.reshape(patches.shape)
 
-        with positions:
+        # The step cache starts empty in every stage (nothing survives a token-count change).
+        with positions, self.stage_cache(stage):
             yield velocity

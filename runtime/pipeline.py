@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
+from .cache import check_cache, schedule_cache, stage_cache
 from .compat import PaperCompat
 from .edges import CANNY_THRESHOLDS
 from .models import pixel_size
@@ -88,6 +89,15 @@ class RALUStageModel:
 
     def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
         return vae_decode(self.pipe.vae, latent).float()
+
+    #: The call's plan (set by :meth:`RALUPipelineMixin.run_ralu_stages`).
+    plan: Plan | None = None
+
+    def stage_cache(self, stage):
+        """Around one stage: the transformer's step cache emptied and given this stage's
+        settings (:func:`ralu.runtime.cache.stage_cache`)."""
+        first_step = sum(earlier.steps for earlier in self.plan.stages[: stage.index])
+        return stage_cache(self.transformer, first_step, stage.steps)
 
 
 def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: StepInfo) -> None:
@@ -178,7 +188,8 @@ class RALUPipelineMixin:
     # -- checks (all before any compute) ----------------------------------------------------
 
     def plan(self, schedule, height: int | None = None, width: int | None = None) -> Plan:
-        """Check a request and lay out its stages (no compute).  ``height`` and ``width`` are
+        """Check a request and lay out its stages (no compute), the step cache it would run
+        with included (:func:`ralu.runtime.cache.check_cache`).  ``height`` and ``width`` are
         whole pixel counts (an integral float such as 256.0 is taken as 256)."""
         height = None if height is None else pixel_size("height", height)
         width = None if width is None else pixel_size("width", width)
@@ -187,7 +198,9 @@ class RALUPipelineMixin:
         schedule = load_schedule(schedule)
         height = schedule.height if height is None else height
         width = schedule.width if width is None else width
-        return make_plan(schedule, self.family, height, width, self.vae_scale_factor)
+        plan = make_plan(schedule, self.family, height, width, self.vae_scale_factor)
+        check_cache(self.transformer, [stage.steps for stage in plan.stages], schedule.cache)
+        return plan
 
     def check_ralu_inputs(
         self, schedule, height: int | None, width: int | None, paper_compat, output_type: str, fixed: dict, unsupported: dict
@@ -303,7 +316,8 @@ class RALUPipelineMixin:
             check_returned_latents(returned, latents, info)
             return returned.reshape(patches.shape)
 
-        with self.progress_bar(total=plan.total_steps) as progress:
+        model.plan = plan
+        with self.progress_bar(total=plan.total_steps) as progress, schedule_cache(self.transformer, plan.schedule.cache):
             result = run_stages(
                 plan,
                 canvas,

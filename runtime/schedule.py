@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Valid
 
 from .models import MODEL_FAMILIES, RESOLUTION_MULTIPLE
 
+from .cache import CacheSettings
+
 SCHEDULE_VERSION = 1
 
 _TOLERANCE = 1e-6
@@ -234,6 +236,7 @@ class Schedule(BaseModel):
     flops_speedup: FlopsSpeedup
     transitions: list[TransitionCoefficients] = Field(max_length=MAX_STAGES - 1, description="What each stage change does (derived from ends and c; checked on load).")
     calibration: Calibration
+    cache: CacheSettings | None = Field(default=None, description="Optional diffusers step cache for every stage (ralu.runtime.cache).")
 
     @property
     def family(self) -> str:
@@ -522,7 +525,9 @@ def save_schedule(schedule: "Schedule | dict", path: "str | os.PathLike") -> Pat
     elif not isinstance(schedule, dict):
         raise ScheduleError(f"save_schedule takes a Schedule or a schedule dict, not {type(schedule).__name__}. Fix: pass load_schedule(...)'s result or a dict")
     schedule = schedule_from_dict(schedule, str(path))
-    return write_text_atomic(path, schedule.model_dump_json(indent=2) + "\n")
+    # The optional cache section is written only when set: files without one stay as they were.
+    omit = {"cache"} if schedule.cache is None else None
+    return write_text_atomic(path, schedule.model_dump_json(indent=2, exclude=omit) + "\n")
 
 
 def schedule_json_schema() -> dict:

@@ -10,9 +10,10 @@ each stage's token set.
 SD3 latents are not packed: the transformer cuts ``(B, 16, H/8, W/8)`` into 2x2 patches itself
 and adds a sin-cos position table (a centre crop of a ``pos_embed_max_size`` square).  A token is
 therefore exactly one 2x2 latent-pixel patch, the layout of :mod:`ralu.runtime.tokens`.  Stages
-whose tokens form a native grid run the model's own ``forward``; the mixed stage (and, with
-``low_res_positions="stretch"``, the low-res stage) runs :func:`ralu.runtime.sd3_tokens.token_forward`,
-the same model on an arbitrary per-image (patch, position) set.
+whose tokens form a native grid run the model's own ``forward`` on the latent; the mixed stage
+(and, with ``low_res_positions="stretch"``, the low-res stage) runs
+:func:`ralu.runtime.sd3_tokens.token_forward`, the same ``forward`` on an arbitrary per-image
+(patch, position) set, so hooks, caches and ``torch.compile`` see every step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
 from . import sd3_tokens
+from .cache import cache_context, context_name
 from .compat import PaperCompat
 from .pipeline import RALUPipelineMixin, RALUStageModel
 from .plan import Plan, StagePlan, count_images
@@ -414,14 +416,19 @@ class _SD3StageModel(RALUStageModel):
             hidden = patches.to(self.dtype)
             model_input = torch.cat([hidden, hidden]) if cfg else hidden
             t = timesteps(sigma)
-            out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled_prompt_embeds, grid, model_positions, position_embeds=model_position_embeds)
+            # The CFG halves are one batch, as in StableDiffusion3Pipeline: one cache context.
+            with cache_context(self.transformer, context_name(stage.index, "cond_uncond" if cfg else "cond")):
+                out = self.transformer_output(model_input, t.expand(model_input.shape[0]), self.prompt_embeds, self.pooled_prompt_embeds, grid, model_positions, position_embeds=model_position_embeds)
             if not cfg:
                 return out
             uncond, cond = out.chunk(2)
             v = uncond + self.pipe.guidance_scale * (cond - uncond)
             if self.slg is not None and self.slg.active(sigma):
-                skipped = self.transformer_output(hidden, t.expand(hidden.shape[0]), self.cond_embeds, self.cond_pooled, grid, positions, self.slg.layers, position_embeds)
+                with cache_context(self.transformer, context_name(stage.index, "skip_layers")):
+                    skipped = self.transformer_output(hidden, t.expand(hidden.shape[0]), self.cond_embeds, self.cond_pooled, grid, positions, self.slg.layers, position_embeds)
                 v = v + (cond - skipped) * self.slg.scale
             return v
 
-        yield velocity
+        # The step cache starts empty in every stage (nothing survives a token-count change).
+        with self.stage_cache(stage):
+            yield velocity

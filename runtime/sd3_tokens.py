@@ -5,7 +5,11 @@ depend on that grid: the patch embedding (a stride-p convolution plus a sin-cos 
 cropped from the centre of a ``pos_embed_max_size`` square) and the final unpatchify.  Everything
 in between (time/text embedders, joint blocks, ``norm_out``, ``proj_out``) works on any token
 sequence.  :func:`token_forward` therefore runs the model on an arbitrary per-image set of
-(patch, position) pairs, which is what the mixed-resolution stage of RALU needs.
+(patch, position) pairs, which is what the mixed-resolution stage of RALU needs: the tokens are
+laid out as a one-row latent strip and go through the model's own ``forward``, whose patch
+embedding output is replaced by the tokens' embeddings (a pair of hooks on ``pos_embed``).
+Forward hooks, diffusers' caches, LoRA scaling, CPU offload and a compiled forward therefore
+see every evaluation, exactly as on a native grid.
 
 Nothing of the model is re-implemented numerically except the position table evaluation and
 (un)patchify: every weight is used through the model's own modules (the patch projection is the
@@ -33,8 +37,6 @@ from typing import Any
 import torch
 
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
-from diffusers.utils import apply_lora_scale
-from diffusers.utils.accelerate_utils import apply_forward_hook
 
 __all__ = [
     "check_sd3_transformer",
@@ -187,7 +189,7 @@ def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | N
     ``positions``, which may then be None.
     """
     pos_embed = transformer.pos_embed
-    batch, count, channels, patch, patch_w = patches.shape
+    _, count, _, patch, patch_w = patches.shape
     if patch != pos_embed.patch_size or patch_w != pos_embed.patch_size:
         raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {pos_embed.patch_size}")
     if position_embeds is None:
@@ -198,51 +200,63 @@ def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | N
         position_embeds = position_embedding(transformer, positions)
     elif position_embeds.shape[-2] != count:
         raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
+    return _project(pos_embed, patches, position_embeds)
+
+
+def _project(pos_embed, patches: torch.Tensor, position_embeds: torch.Tensor) -> torch.Tensor:
+    """The model's patch projection of ``patches`` (B, n, C, p, p), one patch at a time,
+    plus their position embeddings."""
+    batch, count, channels, patch, _ = patches.shape
     projected = pos_embed.proj(patches.reshape(batch * count, channels, patch, patch))
     projected = projected.reshape(batch, count, -1)
     return (projected + position_embeds).to(projected.dtype)
 
 
-@apply_forward_hook  # model CPU offload: move the transformer like forward() would
-@apply_lora_scale("joint_attention_kwargs")
-def _token_forward(
-    transformer,
-    patches: torch.Tensor,
-    positions: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    pooled_projections: torch.Tensor,
-    timestep: torch.Tensor,
-    joint_attention_kwargs: dict[str, Any] | None = None,
-    skip_layers: list[int] | None = None,
-    position_embeds: torch.Tensor | None = None,
-) -> torch.Tensor:
-    batch, count, _, patch, _ = patches.shape
-    hidden_states = embed_tokens(transformer, patches, positions, position_embeds).contiguous()
-    temb = transformer.time_text_embed(timestep, pooled_projections)
-    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+class _Substitution:
+    """What a patch embedding returns during a token forward: the embeddings of the tokens of
+    ``strip`` (the one-row latent the forward was given, re-cut into patches) at the
+    precomputed ``position_embeds``; None outside a token forward (it runs as usual)."""
 
-    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
-        image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
-        ip_hidden_states, ip_temb = transformer.image_proj(image_embeds, timestep)
-        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
+    def __init__(self):
+        self.position_embeds: torch.Tensor | None = None
+        self.strip: torch.Tensor | None = None
 
-    skip = set(skip_layers or ())
-    for index, block in enumerate(transformer.transformer_blocks):
-        if index in skip:
-            continue
-        encoder_hidden_states, hidden_states = block(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            temb=temb,
-            joint_attention_kwargs=joint_attention_kwargs,
-        )
 
-    hidden_states = transformer.norm_out(hidden_states, temb)
-    hidden_states = transformer.proj_out(hidden_states)
-    out_channels = hidden_states.shape[-1] // (patch * patch)
-    # proj_out orders each patch (dy, dx, c): see the unpatchify einsum of forward().
-    hidden_states = hidden_states.reshape(batch, count, patch, patch, out_channels)
-    return hidden_states.permute(0, 1, 4, 2, 3)
+_SUBSTITUTION = "_ralu_token_substitution"
+
+
+def _before_embedding(pos_embed, args):
+    state = pos_embed.__dict__[_SUBSTITUTION]
+    if state.position_embeds is None:
+        return None
+    # The strip can be wider than the position table; the embedding's own output is replaced
+    # below, so it only sees one patch.
+    state.strip = args[0]
+    patch = pos_embed.patch_size
+    return (args[0][..., :patch, :patch], *args[1:])
+
+
+def _after_embedding(pos_embed, args, output):
+    state = pos_embed.__dict__[_SUBSTITUTION]
+    if state.position_embeds is None:
+        return None
+    strip, state.strip = state.strip, None
+    return _project(pos_embed, patchify(strip, pos_embed.patch_size), state.position_embeds)
+
+
+def _substitution(transformer) -> _Substitution:
+    """The substitution state of the transformer's patch embedding, with its two hooks
+    installed once.  The hooks stay installed (they do nothing outside a token forward) and
+    are module-level functions that find the state on the module they are called with: a
+    compiled transformer sees the same hooks on every call, and a copied transformer
+    (``copy.deepcopy``) carries its own state."""
+    pos_embed = transformer.pos_embed
+    state = pos_embed.__dict__.get(_SUBSTITUTION)
+    if state is None:
+        state = pos_embed.__dict__[_SUBSTITUTION] = _Substitution()
+        pos_embed.register_forward_pre_hook(_before_embedding)
+        pos_embed.register_forward_hook(_after_embedding)
+    return state
 
 
 def token_forward(
@@ -275,16 +289,33 @@ def token_forward(
     check_sd3_transformer(transformer)
     if patches.dim() != 5:
         raise ValueError(f"patches must be (B, n, C, p, p), got shape {tuple(patches.shape)}")
-    if getattr(transformer, "gradient_checkpointing", False) and torch.is_grad_enabled():
-        raise NotImplementedError("the SD3 token path does not support gradient checkpointing; it is an inference path. Fix: run under torch.no_grad()")
-    return _token_forward(
-        transformer,
-        patches,
-        positions,
-        encoder_hidden_states,
-        pooled_projections,
-        timestep,
-        joint_attention_kwargs=joint_attention_kwargs,
-        skip_layers=skip_layers,
-        position_embeds=position_embeds,
-    )
+    _, count, _, patch, patch_w = patches.shape
+    if patch != transformer.pos_embed.patch_size or patch_w != transformer.pos_embed.patch_size:
+        raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {transformer.pos_embed.patch_size}")
+    if position_embeds is None:
+        if positions is None:
+            raise ValueError("token_forward needs positions or position_embeds")
+        if positions.shape[-2] != count:
+            raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
+        position_embeds = position_embedding(transformer, positions)
+    elif position_embeds.shape[-2] != count:
+        raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
+    # The tokens, laid out as a one-row latent strip, go through the model's own forward (so
+    # its hooks, caches and a compiled forward see the step); only the patch embedding's
+    # output is substituted (see _substitution), and the strip the forward returns is cut
+    # back into one output patch per token.
+    state = _substitution(transformer)
+    state.position_embeds = position_embeds
+    try:
+        out = transformer(
+            hidden_states=unpatchify(patches, 1, count),
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            joint_attention_kwargs=joint_attention_kwargs,
+            return_dict=False,
+            skip_layers=skip_layers,
+        )[0]
+    finally:
+        state.position_embeds = state.strip = None
+    return patchify(out, patch)

@@ -26,7 +26,7 @@ class Subcommand(NamedTuple):
 #: The subcommands, in the order ``--help`` lists them.
 SUBCOMMANDS: dict[str, Subcommand] = {
     name: Subcommand(f"ralu.calibrate.bench.{name}", f"ralu.calibrate.bench.{name}.args", f"ralu.calibrate.bench.{name}.run")
-    for name in ("speed", "quality")
+    for name in ("speed", "quality", "magcache", "cache")
 }
 
 PROG = "ralu-bench"

@@ -355,3 +355,18 @@ def test_given_full_size_latents_and_refused_half_size(sd3_pipe, three_stage):
     half = noise.reshape(1, 16, SIZE // 16, 2, SIZE // 16, 2).sum(dim=(3, 5)) / 2
     with pytest.raises(ValueError, match=r"half-size noise is not accepted.*Fix: pass full-size noise of shape \(1, 16, 16, 16\)"):
         sd3_pipe(**inputs, schedule=three_stage, latents=half, generator=generators(1), output_type="latent")
+
+
+@pytest.mark.parametrize("mode", ["crop", "stretch"])
+def test_every_step_runs_the_transformer_forward(sd3_pipe, three_stage, mode):
+    """Forward hooks (and so diffusers' caches and a compiled forward) see every step: the
+    mixed stage goes through ``transformer.forward`` too, 7 forwards for 2 + 2 + 3 steps."""
+    calls = []
+    handle = sd3_pipe.transformer.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True)
+    try:
+        sd3_pipe(**text_inputs(2), schedule=three_stage, generator=generators(1, 2), output_type="latent", low_res_positions=mode)
+    finally:
+        handle.remove()
+    assert len(calls) == 7
+    k = int(np.floor(0.3 * 64 / 4))
+    assert calls[2][-1] == 2 * (16 + 3 * k)  # the mixed stage: a one-row strip of its tokens

@@ -133,3 +133,18 @@ def test_precomputed_position_embeddings_equal_positions(transformer):
         st.token_forward(transformer, patches, None, text, pooled, timestep, position_embeds=embeds[:-1])
     with pytest.raises(ValueError, match="positions or position_embeds"):
         st.token_forward(transformer, patches, None, text, pooled, timestep)
+
+
+@torch.no_grad()
+def test_a_copied_transformer_carries_its_own_token_path(transformer):
+    """The token path's hooks find their state on the module they run on: a deep copy of a
+    transformer that already ran it gives the same output, and the original is untouched."""
+    import copy
+
+    latent, text, pooled, timestep = _inputs()
+    patches = st.patchify(latent, 2)
+    positions = st.grid_positions(transformer, 6, 5) + torch.tensor([0.5, 0.0])
+    want = st.token_forward(transformer, patches, positions, text, pooled, timestep)
+    twin = copy.deepcopy(transformer)
+    assert torch.equal(st.token_forward(twin, patches, positions, text, pooled, timestep), want)
+    assert torch.equal(st.token_forward(transformer, patches, positions, text, pooled, timestep), want)

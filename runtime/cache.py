@@ -1,0 +1,252 @@
+"""diffusers' step caches in a RALU run: which fit, how a schedule file asks for one, and
+what a pipeline does with it at every stage.
+
+A RALU call changes the token count twice (``M/4``, ``M/4 + 3k``, ``M`` tokens per image), so
+a cache that keeps tensors from one step to the next cannot carry them over a stage change.
+At the start of every stage :func:`stage_cache` resets every cache hook (step counters restart
+with it, so per-step settings act per stage), and every forward runs in a cache context whose
+name holds the stage and the branch (:func:`context_name`: ``"stage1-cond"``, ``"stage1-uncond"``
+for FLUX's true CFG, whose two branches are separate forwards).
+
+Which of diffusers 0.42's caches fit (checked on the tiny models by ``tests/runtime/test_caches.py``):
+
+* ``FirstBlockCacheConfig``: FLUX.  Not SD3: the last SD3 block (``context_pre_only``) returns
+  no text stream, and the cache's tail hook subtracts one (a ``TypeError`` in diffusers 0.42.1).
+* ``TaylorSeerCacheConfig``, ``MagCacheConfig``: FLUX and SD3.  SD3's transformer has no
+  ``enable_cache``; :func:`enable_cache` applies the same hook functions
+  (``diffusers.hooks.apply_taylorseer_cache``, ``apply_mag_cache``) to it.
+* ``PyramidAttentionBroadcastConfig``: not supported.  Its cached attention outputs are kept
+  per module, not per cache context, so FLUX's true-CFG branches would reuse each other's
+  attention; and it needs the pipeline's current timestep through a callback.
+* ``FasterCacheConfig``: not supported.  It assumes the classifier-free-guidance halves are
+  one batch it can split (FLUX's true CFG runs them as separate forwards, guidance-distilled
+  FLUX has none); on the tiny FLUX it fails with a shape error.
+* ``SeaCacheConfig``: not wired.  It needs the step index, sigma and step count in every cache
+  context; the FLUX forward helper opens its context with a name only.
+* ``TextKVCacheConfig``: a text-stream cache of other model families; nothing to do with steps.
+
+MagCache decides from a table of magnitude ratios, one per step, that depends on the step
+grid: RALU's stages walk their own shifted grids, so the 50-step table of a plain sampler does
+not describe them.  :func:`mag_cache_config` takes one ratio per step of the whole schedule
+(stage after stage, what ``ralu-calibrate magcache`` measures) and :func:`stage_cache` hands each
+stage its own slice.
+
+Whether a batch changes an image: TaylorSeer and MagCache decide from the step number alone, so image i of a batch equals image i alone.  FirstBlockCache
+decides from the mean change over the whole batch: images of a batch skip together.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Version of the schedule file's ``cache`` section this ralu reads.
+CACHE_SECTION_VERSION = 1
+
+#: Kinds of cache a schedule file may name, and the diffusers config each becomes.
+CACHE_KINDS = {
+    "first_block": "FirstBlockCacheConfig",
+    "taylorseer": "TaylorSeerCacheConfig",
+    "magcache": "MagCacheConfig",
+}
+
+#: The settings each kind reads (the others must be left out).
+_KIND_FIELDS = {
+    "first_block": {"threshold"},
+    "taylorseer": {"cache_interval", "disable_cache_before_step", "max_order"},
+    "magcache": {"threshold", "max_skip_steps", "retention_ratio", "mag_ratios"},
+}
+
+#: diffusers' config classes a RALU pipeline knows how to run (see the module docstring).
+SUPPORTED_CONFIGS = tuple(CACHE_KINDS.values())
+
+
+class CacheSettings(BaseModel):
+    """The optional ``cache`` section of a schedule file: one diffusers step cache for every
+    stage of the schedule (settings act per stage; step counters restart at each stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = Field(default=CACHE_SECTION_VERSION, description="Version of the cache section; this ralu reads 1.")
+    kind: str = Field(description=f"Cache kind: one of {sorted(CACHE_KINDS)}.")
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="first_block: relative change of the first block's output under which the other blocks are skipped (0 = never skip); "
+        "magcache: accumulated magnitude error allowed while skipping (0 = never skip).",
+    )
+    cache_interval: int | None = Field(default=None, ge=1, le=100, description="taylorseer: a full forward every this many steps of a stage.")
+    disable_cache_before_step: int | None = Field(default=None, ge=0, le=1000, description="taylorseer: steps of a stage always computed in full at its start.")
+    max_order: int | None = Field(default=None, ge=0, le=4, description="taylorseer: order of the Taylor extrapolation.")
+    max_skip_steps: int | None = Field(default=None, ge=1, le=100, description="magcache: most consecutive skipped steps.")
+    retention_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="magcache: fraction of a stage's first steps never skipped.")
+    mag_ratios: list[list[float]] | None = Field(
+        default=None,
+        description="magcache (required): magnitude ratios, one list per stage with one positive ratio per step of that stage (ralu-calibrate magcache).",
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> CacheSettings:
+        if self.kind not in CACHE_KINDS:
+            raise ValueError(f"cache kind {self.kind!r} is unknown. Fix: use one of {sorted(CACHE_KINDS)} (see ralu.runtime.cache for the caches that do not fit)")
+        others = set().union(*_KIND_FIELDS.values()) - _KIND_FIELDS[self.kind]
+        extra = sorted(name for name in others if getattr(self, name) is not None)
+        if extra:
+            raise ValueError(f"cache kind {self.kind!r} does not read {extra}. Fix: remove them")
+        if self.kind == "magcache":
+            if self.mag_ratios is None:
+                raise ValueError("cache kind 'magcache' needs mag_ratios (one list per stage). Fix: measure them with ralu-calibrate magcache")
+            if any(not ratio > 0 for stage in self.mag_ratios for ratio in stage):
+                raise ValueError("mag_ratios must be positive. Fix: measure them with ralu-calibrate magcache")
+        return self
+
+    def check_stages(self, steps: list[int]) -> None:
+        """Per-stage settings must match the schedule's stages (``steps`` per stage)."""
+        if self.mag_ratios is not None and [len(stage) for stage in self.mag_ratios] != list(steps):
+            raise ValueError(f"mag_ratios has {[len(stage) for stage in self.mag_ratios]} ratios per stage but the schedule takes {list(steps)} steps. Fix: measure them for this schedule with ralu-calibrate magcache")
+
+    def diffusers_config(self):
+        """The diffusers config object of these settings (defaults: diffusers' own)."""
+        from diffusers import hooks
+
+        given = {name: getattr(self, name) for name in _KIND_FIELDS[self.kind] if getattr(self, name) is not None}
+        if self.kind == "first_block":
+            return hooks.FirstBlockCacheConfig(**given)
+        if self.kind == "taylorseer":
+            return hooks.TaylorSeerCacheConfig(**given)
+        return mag_cache_config(given.pop("mag_ratios"), **given)
+
+
+def mag_cache_config(stage_ratios: list[list[float]], **settings):
+    """A ``MagCacheConfig`` holding one ratio per step of a whole schedule, stage after stage
+    (:func:`stage_cache` gives each stage its slice)."""
+    from diffusers.hooks import MagCacheConfig
+
+    flat = [float(ratio) for stage in stage_ratios for ratio in stage]
+    return MagCacheConfig(mag_ratios=flat, num_inference_steps=len(flat), **settings)
+
+
+# ----------------------------------------------------------------------------------------
+# A transformer's cache during a call.
+# ----------------------------------------------------------------------------------------
+
+
+def cache_config(transformer):
+    """The diffusers cache config enabled on ``transformer``, or None."""
+    return getattr(transformer, "_cache_config", None)
+
+
+def _check_fits(transformer, name: str) -> None:
+    """Refuse a diffusers cache config (by class name) that does not fit a RALU call on
+    ``transformer`` (see the module docstring for why)."""
+    if name not in SUPPORTED_CONFIGS:
+        raise ValueError(f"{name} does not fit RALU's stages (see ralu.runtime.cache). Fix: use one of {list(SUPPORTED_CONFIGS)}")
+    if name == "FirstBlockCacheConfig" and not hasattr(transformer, "enable_cache"):
+        raise ValueError(f"FirstBlockCache does not run on {type(transformer).__name__}: its last block returns no text stream, which the cache's tail hook needs. Fix: use TaylorSeerCacheConfig or MagCacheConfig")
+
+
+def enable_cache(transformer, config) -> None:
+    """``transformer.enable_cache(config)``, also for transformers without diffusers'
+    ``CacheMixin`` (SD3: the same hook functions, applied directly)."""
+    name = type(config).__name__
+    _check_fits(transformer, name)
+    if hasattr(transformer, "enable_cache"):
+        transformer.enable_cache(config)
+        return
+    from diffusers import hooks
+
+    if cache_config(transformer) is not None:
+        raise ValueError(f"a cache ({type(cache_config(transformer)).__name__}) is already enabled. Fix: disable_cache(transformer) first")
+    apply = {
+        "TaylorSeerCacheConfig": hooks.apply_taylorseer_cache,
+        "MagCacheConfig": hooks.apply_mag_cache,
+    }[name]
+    apply(transformer, config)
+    transformer._cache_config = config
+
+
+def disable_cache(transformer) -> None:
+    """Undo :func:`enable_cache`."""
+    if hasattr(transformer, "disable_cache"):
+        transformer.disable_cache()
+        return
+    from diffusers.models.cache_utils import CacheMixin
+
+    if cache_config(transformer) is not None:
+        CacheMixin.disable_cache(transformer)
+
+
+def check_cache(transformer, steps: list[int], settings: CacheSettings | None = None) -> None:
+    """Refuse, before any compute, a cache a RALU call with stages of ``steps`` cannot run:
+    the transformer's own, or the schedule's ``settings``."""
+    config = cache_config(transformer)
+    if settings is not None:
+        if config is not None:
+            raise ValueError(f"the schedule asks for a {settings.kind} cache but the transformer already has {type(config).__name__}. Fix: disable one of them")
+        settings.check_stages(steps)
+        _check_fits(transformer, CACHE_KINDS[settings.kind])
+        return
+    if config is None:
+        return
+    name = type(config).__name__
+    _check_fits(transformer, name)
+    if name == "MagCacheConfig" and not config.calibrate and len(config.mag_ratios) != sum(steps):
+        raise ValueError(
+            f"MagCacheConfig has {len(config.mag_ratios)} magnitude ratios but the schedule takes {sum(steps)} steps ({' + '.join(map(str, steps))}): "
+            "ratios of another step grid do not describe RALU's stages. Fix: measure them with ralu-calibrate magcache and pass ralu.runtime.cache.mag_cache_config(ratios)"
+        )
+
+
+def context_name(stage_index: int, branch: str) -> str:
+    """Cache context of one branch (``"cond"``, ``"uncond"``, ...) of one stage (0-based)."""
+    return f"stage{stage_index + 1}-{branch}"
+
+
+def cache_context(transformer, name: str):
+    """``transformer.cache_context(name)``, also without ``CacheMixin``; nothing when no
+    cache is enabled."""
+    if cache_config(transformer) is None:
+        return nullcontext()
+    if hasattr(transformer, "cache_context"):
+        return transformer.cache_context(name)
+    from diffusers.models.cache_utils import CacheMixin
+
+    return CacheMixin.cache_context(transformer, name)
+
+
+@contextmanager
+def stage_cache(transformer, first_step: int, steps: int):
+    """Around one stage (its steps ``first_step .. first_step + steps - 1`` of the schedule):
+    the cache starts empty, and MagCache reads this stage's slice of its ratio table."""
+    config = cache_config(transformer)
+    if config is None:
+        yield
+        return
+    from diffusers.models.cache_utils import CacheMixin
+
+    CacheMixin._reset_stateful_cache(transformer)  # nothing survives a token-count change
+    if type(config).__name__ != "MagCacheConfig" or config.calibrate:
+        yield
+        return
+    saved = config.mag_ratios, config.num_inference_steps
+    config.mag_ratios, config.num_inference_steps = saved[0][first_step : first_step + steps], steps
+    try:
+        yield
+    finally:
+        config.mag_ratios, config.num_inference_steps = saved
+
+
+@contextmanager
+def schedule_cache(transformer, settings: CacheSettings | None):
+    """For one call: the schedule file's cache enabled on ``transformer`` (and disabled after);
+    nothing when the schedule has none (:func:`check_cache` refuses it next to a cache the
+    caller enabled)."""
+    if settings is None:
+        yield
+        return
+    enable_cache(transformer, settings.diffusers_config())
+    try:
+        yield
+    finally:
+        disable_cache(transformer)
