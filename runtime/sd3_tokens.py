@@ -38,6 +38,8 @@ import torch
 
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
 
+from .tokens import patchify, unpatchify
+
 __all__ = [
     "check_sd3_transformer",
     "embed_tokens",
@@ -308,7 +310,7 @@ def token_forward(
     state.position_embeds = position_embeds
     try:
         out = transformer(
-            hidden_states=unpatchify(patches, 1, count),
+            hidden_states=unpatchify(patches, patch, count * patch),
             encoder_hidden_states=encoder_hidden_states,
             pooled_projections=pooled_projections,
             timestep=timestep,
