@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="schedule file to write (default: MODEL-SPEEDUPx.json in the current folder)")
     parser.add_argument("--plot", type=Path, help="also write a PNG of the timestep distributions")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .quality_cli import add_arguments
+
+    add_arguments(parser)
     return parser
 
 
