@@ -462,7 +462,8 @@ def search(
         return value
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=0)
+    # A set-level distance of the first batch alone is too noisy to prune on.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1 if set_level else 0)
     study = shared.open_study(storage, study_name, seed, pruner=pruner)
     for params in seed_candidates(h0, plain_steps, speedup_of, speedup, max_steps) + [_params(c) for c in extra_candidates]:
         study.enqueue_trial(params, skip_if_exists=True)  # workers starting together enqueue each once
