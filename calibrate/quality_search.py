@@ -9,8 +9,9 @@ answer "fewer steps" when that is what the images say.
 
 * Metric: a callable ``metric(images, references) -> (n,)`` distances (images in [0, 1],
   ``(n, 3, H, W)``), or a name: ``"pixel"`` (default, no weights: RMS pixel difference),
-  ``"testbed"`` (features of the quality testbed's classifier), or a folder holding a
-  TorchScript feature model ``features.pt`` (features' mean squared difference).
+  ``"testbed"`` / ``"testbed-fd"`` (features of the quality testbed's classifier, per image /
+  Frechet distance of the set), or a folder holding a feature model saved with
+  ``torch.export.save`` as ``features.pt2`` (features' mean squared difference).
 * Pruning: each trial reports its running mean after every batch of images; Optuna's
   median pruner stops trials clearly worse than the finished ones.
 * Shared and resumable: with ``storage`` the study lives in a journal file or database
@@ -104,13 +105,16 @@ def fd_on_testbed(classifier_path=None) -> Metric:
     return metric
 
 
+#: A feature model in a metric folder: an exported program (``torch.export.save``) mapping
+#: images in [0, 1] ``(n, 3, H, W)`` to features.
+FEATURE_FILE = "features.pt2"
 #: Named metrics (the callables' builders); any callable works too.
 METRICS = {"pixel": lambda: pixel_distance, "testbed": features_on_testbed, "testbed-fd": fd_on_testbed}
 
 
 def load_metric(metric: str | os.PathLike | Metric | None) -> Metric:
     """A metric from a callable, a name of :data:`METRICS` (None: ``"pixel"``) or a folder
-    with a TorchScript ``features.pt``.  A callable returns per-image distances ``(n,)``;
+    with a :data:`FEATURE_FILE`.  A callable returns per-image distances ``(n,)``;
     one with ``set_level = True`` returns one number for the whole set, and is then
     re-evaluated on every image so far after each batch."""
     if callable(metric):
@@ -119,15 +123,14 @@ def load_metric(metric: str | os.PathLike | Metric | None) -> Metric:
         metric = "pixel"
     if isinstance(metric, str) and metric in METRICS:
         return METRICS[metric]()
-    folder = Path(metric)
-    model_file = folder / "features.pt"
+    model_file = Path(metric) / FEATURE_FILE
     if not model_file.is_file():
-        raise ValueError(f"metric {str(metric)!r} is neither one of {sorted(METRICS)} nor a folder holding a TorchScript features.pt. Fix: pass one of those")
+        raise ValueError(f"metric {str(metric)!r} is neither one of {sorted(METRICS)} nor a folder holding {FEATURE_FILE}. Fix: pass one of those")
     try:
-        model = torch.jit.load(str(model_file), map_location="cpu").eval()
+        model = torch.export.load(str(model_file)).module()
     except Exception as error:  # torch's own load errors are many and unrelated
-        raise ValueError(f"cannot load the feature model {model_file}: {str(error).splitlines()[0]}. Fix: save it with torch.jit.save") from None
-    return feature_distance(lambda images: model(images.to(next(model.parameters()).device)).cpu())
+        raise ValueError(f"cannot load the feature model {model_file}: {str(error).splitlines()[0]}. Fix: save it with torch.export.save") from None
+    return feature_distance(model)
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,19 +252,21 @@ class ImageSet:
 class Sampler:
     """Runs schedules through a RALU pipeline on an :class:`ImageSet`; references cached."""
 
-    def __init__(self, pipe, images: ImageSet, model: str, height: int, width: int, h0: float, base_steps: int, cache: ReferenceCache | None):
+    def __init__(self, pipe, images: ImageSet, model: str, height: int, width: int, h0: float, base_steps: int, cache: ReferenceCache | None,
+                 reference_seed_offset: int = 0):
         self.pipe = to_ralu(pipe)
         self.model = model
+        self.offset = int(reference_seed_offset)
         self.images = images
         self.height, self.width = height, width
         self.h0, self.base_steps = h0, base_steps
         self.cache = cache
 
-    def sample(self, schedule: Schedule, indices: Sequence[int]) -> torch.Tensor:
+    def sample(self, schedule: Schedule, indices: Sequence[int], seed_offset: int = 0) -> torch.Tensor:
         """Images ``(n, 3, H, W)`` in [0, 1]; image i from its own generator (batch-independent)."""
         prompts = [self.images.prompts[i] for i in indices]
         device = self.pipe._execution_device
-        generators = [torch.Generator("cpu").manual_seed(int(self.images.seeds[i])) for i in indices]
+        generators = [torch.Generator("cpu").manual_seed(int(self.images.seeds[i]) + seed_offset) for i in indices]
         inputs = self.images.encode(prompts) if self.images.encode else {"prompt": prompts}
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.no_grad():
@@ -270,16 +275,17 @@ class Sampler:
         return out.float().cpu().clamp(0.0, 1.0)
 
     def references(self, indices: Sequence[int]) -> torch.Tensor:
-        """Base-model samples (``base_steps`` steps on the base grid: the plain pipeline exactly), from the cache when there."""
+        """Base-model samples (``base_steps`` steps on the base grid: the plain pipeline exactly)
+        of the same prompts, from seed + ``reference_seed_offset``; from the cache when there."""
         paths = [
-            self.cache.path(self.images.prompts[i], self.images.seeds[i], self.height, self.width, self.base_steps, self.images.guidance_scale) if self.cache else None
+            self.cache.path(self.images.prompts[i], self.images.seeds[i] + self.offset, self.height, self.width, self.base_steps, self.images.guidance_scale) if self.cache else None
             for i in indices
         ]
         found = [self.cache.load(p) if p is not None else None for p in paths]
         missing = [i for i, image in zip(indices, found) if image is None]
         if missing:
             base = plain_schedule(self.model, self.base_steps, self.height, self.width, self.h0, self.base_steps)
-            made = self.sample(base, missing)
+            made = self.sample(base, missing, self.offset)
             for i, image in zip(missing, made):
                 position = list(indices).index(i)
                 found[position] = image
@@ -334,9 +340,26 @@ def default_speedup_of(model: str, height: int, width: int, base_steps: int, con
     return lambda steps, ratio: getattr(pricing.flops_speedup(name, height, width, list(steps), ratio, base_steps), convention)
 
 
-def _suggest(trial: optuna.Trial, h0: float, max_steps: int) -> Candidate:
+def step_caps(speedup_of: SpeedupOf, target: float, plain_steps: int, limit: int) -> dict[tuple[int, int], int]:
+    """Most steps stage k of a K-stage layout can take with one step in every other stage
+    and still meet ``target``: fixed ranges for the search, so that few draws miss the budget."""
+
+    def most(layout):
+        n = 1
+        while n < limit and speedup_of(layout(n + 1), min(UP_RATIOS)) >= target:
+            n += 1
+        return n
+
+    caps = {(1, 0): plain_steps, (2, 1): plain_steps, (3, 2): plain_steps}
+    caps[(2, 0)] = most(lambda n: (n, 1))
+    caps[(3, 0)] = most(lambda n: (n, 1, 1))
+    caps[(3, 1)] = most(lambda n: (1, n, 1))
+    return caps
+
+
+def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int]) -> Candidate:
     n_stages = trial.suggest_categorical("stages", [1, 2, 3])
-    steps = tuple(trial.suggest_int(f"steps_{k + 1}", 1, max_steps) for k in range(n_stages))
+    steps = tuple(trial.suggest_int(f"steps_{k + 1}" if n_stages == 1 else f"steps_{k + 1}_of_{n_stages}", 1, caps[(n_stages, k)]) for k in range(n_stages))
     if n_stages == 1:
         ends: tuple[float, ...] = (1.0,)
     elif n_stages == 2:
@@ -359,7 +382,7 @@ def seed_candidates(h0: float, plain_steps: int, speedup_of: SpeedupOf, target: 
             full = max(1, plain_steps - 1 - round(low_share * plain_steps / 2))
             for low in range(max_steps, 0, -1):
                 if speedup_of((low, full), 0.0) >= target:
-                    seeds.append({"stages": 2, "steps_1": low, "steps_2": full, "end_1": end, "shift_1": h0, "shift_2": h0, "z": 10.0})
+                    seeds.append({"stages": 2, "steps_1_of_2": low, "steps_2_of_2": full, "end_1": end, "shift_1": h0, "shift_2": h0, "z": 10.0})
                     break
     return seeds
 
@@ -387,6 +410,7 @@ def search(
     cache_dir: str | os.PathLike | None = None,
     pipeline_id: str | None = None,
     extra_candidates: Sequence[Candidate] = (),
+    reference_seed_offset: int = 0,
     show_progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
     **call_kwargs,
@@ -398,7 +422,10 @@ def search(
     ``h0`` to the model's base shift there, ``base_steps`` to the model's baseline.
     ``speedup_of(steps, up_ratio)`` prices a layout (default: the FLOPs model of ``model``).
     References go to ``cache_dir`` (default: not kept) under ``pipeline_id`` (default: the
-    pipeline's ``name_or_path``).  Extra keyword arguments go to every pipeline call.
+    pipeline's ``name_or_path``).  ``reference_seed_offset`` (default 0: the same seeds)
+    draws the references from other seeds: with a set distance (``"testbed-fd"``) that
+    compares distributions without rewarding a candidate for retracing the base model's
+    path image by image.  Extra keyword arguments go to every pipeline call.
     """
     ralu = to_ralu(pipe)
     family = "flux" if type(ralu).__name__.startswith("RALUFlux") else "sd3"
@@ -417,7 +444,7 @@ def search(
     speedup_of = speedup_of or default_speedup_of(spec.name, height, width, base_steps)
     pipeline_id = pipeline_id or str(getattr(ralu.config, "_name_or_path", "") or type(ralu).__name__)
     cache = ReferenceCache(cache_dir, pipeline_id) if cache_dir is not None else None
-    sampler = Sampler(ralu, images, spec.name, height, width, h0, base_steps, cache)
+    sampler = Sampler(ralu, images, spec.name, height, width, h0, base_steps, cache, reference_seed_offset)
     measure = load_metric(metric)
     set_level = bool(getattr(measure, "set_level", False))
 
@@ -426,13 +453,13 @@ def search(
         plain_steps += 1
     if speedup_of((plain_steps,), 0.0) < speedup:
         raise ValueError(f"not even 1 step reaches {speedup}x. Fix: a lower speedup")
-    max_steps = 4 * plain_steps + 4  # a low-resolution step costs about a quarter of a full one
+    caps = step_caps(speedup_of, speedup, plain_steps, 4 * base_steps)
     batches = images.batches()
     log(f"quality search for {speedup}x: {len(images.prompts)} images in {len(batches)} batches, {trials} trials, seed {seed}; the plain sampler affords {plain_steps} steps")
     references = [sampler.references(list(b)) for b in batches]
 
     def objective(trial: optuna.Trial) -> float:
-        candidate = _suggest(trial, h0, max_steps)
+        candidate = _suggest(trial, h0, caps)
         for name, value in (("steps", list(candidate.steps)), ("ends", list(candidate.ends)), ("z", candidate.z), ("up_ratio", candidate.up_ratio)):
             trial.set_user_attr(name, value)
         speed = speedup_of(candidate.steps, candidate.up_ratio)
@@ -465,7 +492,7 @@ def search(
     # A set-level distance of the first batch alone is too noisy to prune on.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1 if set_level else 0)
     study = shared.open_study(storage, study_name, seed, pruner=pruner)
-    for params in seed_candidates(h0, plain_steps, speedup_of, speedup, max_steps) + [_params(c) for c in extra_candidates]:
+    for params in seed_candidates(h0, plain_steps, speedup_of, speedup, caps[(2, 0)]) + [_params(c) for c in extra_candidates]:
         study.enqueue_trial(params, skip_if_exists=True)  # workers starting together enqueue each once
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = sum(shared.count(study, s) for s in finished)
@@ -482,7 +509,8 @@ def search(
 def _params(candidate: Candidate) -> dict:
     params: dict = {"stages": len(candidate.steps)}
     for k, (n, h) in enumerate(zip(candidate.steps, candidate.shifts)):
-        params[f"steps_{k + 1}"], params[f"shift_{k + 1}"] = n, h
+        name = f"steps_{k + 1}" if len(candidate.steps) == 1 else f"steps_{k + 1}_of_{len(candidate.steps)}"
+        params[name], params[f"shift_{k + 1}"] = n, h
     if len(candidate.steps) > 1:
         params["end_1"], params["z"] = candidate.ends[0], candidate.z
     if len(candidate.steps) == 3:
