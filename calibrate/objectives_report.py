@@ -34,6 +34,7 @@ from .bench.quality.metrics import evaluate_images, frechet_distance
 from .bench.quality.sampler import TestbedSampler
 from .bench.quality.schedules import ours_schedule, paper_schedule, searched_schedule
 from .calibration import calibrate
+from .search import NTDMObjective, StageLayout
 from .flops import flops_speedup
 from .testbed import data
 from .testbed.classifier import features, load_classifier
@@ -146,6 +147,31 @@ def cell(summary: dict, digits: int) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.{digits}f}, {summary['max']:.{digits}f}]"
 
 
+def objective_values(row: dict, h0: float) -> tuple[float, float]:
+    """(progress error J, continuous JS distance) of a row's schedule (plain: base grid, shift h0)."""
+    steps = tuple(row["steps"])
+    ends = tuple(row.get("ends") or [1.0])
+    shifts = tuple(row.get("shifts") or [h0])
+    z = row.get("z") or 2.0
+    layout = StageLayout(steps, ends)
+    params = np.array([[*shifts, z]])
+    progress = NTDMObjective(layout, h0, "progress", z_bounds=(z, z), up_ratio=row.get("up_ratio") or 0.0).distance(params)[0]
+    return float(progress), float(NTDMObjective(layout, h0).distance(params)[0])
+
+
+def paired_lines(report: dict) -> list[str]:
+    """Per-seed FD differences of the progress rows against the JS rows (same labels and noise)."""
+    lines = []
+    for budget in sorted({r["budget"] for r in report["rows"]}):
+        rows = {r["key"]: r for r in report["rows"] if r["budget"] == budget}
+        for a, b in (("progress-preset", "js-preset"), ("progress-searched", "js-searched"), ("plain", "js-preset"), ("plain", "progress-preset")):
+            if a in rows and b in rows:
+                diff = [x - y for x, y in zip(rows[a]["fd"]["per_seed"], rows[b]["fd"]["per_seed"])]
+                pooled = rows[a]["fd_pooled"] - rows[b]["fd_pooled"]
+                lines.append(f"- {budget}x, {rows[a]['label']} minus {rows[b]['label']}: per seed {', '.join(f'{d:+.1f}' for d in diff)}; pooled {pooled:+.1f}")
+    return lines
+
+
 def render(report: dict) -> str:
     lines = [
         "# Calibration objectives on the quality testbed",
@@ -156,15 +182,19 @@ def render(report: dict) -> str:
         f"with {report['layout_trials']} trials.  FD of {report['images_per_seed']} images is biased upwards against the harness's "
         "128-image numbers; compare rows with each other only.  Cells: mean ± sample std over seeds [min, max]; `pooled` is FD of all seeds' images together.",
         "",
-        "| budget | row | steps | ends | shifts | Z | speed-up (testbed, total) | FD | FD pooled | accuracy | blocking |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | row | steps | ends | shifts | Z | speed-up (testbed, total) | J (progress) | JS distance | FD | FD pooled | accuracy | blocking |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        progress, js = objective_values(r, report["h0"])
         lines.append(
             f"| {r['budget']}x | {r['label']} | {'/'.join(map(str, r['steps']))} | {'/'.join(f'{e:g}' for e in r.get('ends', [1.0]))} | "
-            f"{'/'.join(f'{h:.2f}' for h in r.get('shifts', []))} | {r.get('z') or ''} | {r['speedup_total']:.2f}x | {cell(r['fd'], 1)} | "
+            f"{'/'.join(f'{h:.2f}' for h in r.get('shifts', []))} | {r.get('z') or ''} | {r['speedup_total']:.2f}x | {progress:.4f} | {js:.4f} | {cell(r['fd'], 1)} | "
             f"{r['fd_pooled']:.1f} | {cell(r['accuracy'], 3)} | {cell(r['edge_artifacts'], 3)} |"
         )
+    lines += ["", "Paired differences in FD (negative: the first row is better; same labels and noise per seed):", "", *paired_lines(report)]
+    if report.get("notes"):
+        lines += ["", *report["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", action="append", help="add a row for this schedule file (at the budget nearest its testbed cost)")
     parser.add_argument("--schedules-only", action="store_true", help="only the plain row and the --schedule rows")
     parser.add_argument("--out", type=Path, default=Path("reports/objectives"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--render", action="store_true", help="only re-render OUT.md from OUT.json")
     args = parser.parse_args(argv)
+    if args.render:
+        write_atomic(args.out.with_suffix(".md"), render(json.loads(args.out.with_suffix(".json").read_text())))
+        return 0
     if args.images < 2:
         parser.error("--images must be at least 2 (FD needs a covariance)")
     command = "python -m ralu.calibrate.objectives_report " + shlex.join(argv if argv is not None else sys.argv[1:])
