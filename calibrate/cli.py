@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ralu.runtime.models import ALIASES, MODELS, get_model, stage_image_tokens
 from ralu.runtime.plan import STAGE_ROLES
-from ralu.runtime.schedule import Schedule, save_schedule
+from ralu.runtime.schedule import SHIFT_RANGE, Schedule, save_schedule
 
 from .clitools import OneLineParser, check_writable, one_line
 from .densities import RESOLUTION_GAP
@@ -161,8 +161,14 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise ValueError(f"cannot write --out {out}: {error.strerror or error}. Fix: choose a writable file") from None
     print(summary(schedule, time.perf_counter() - started))
+    plain = report_plain(schedule, args)
     print(f"wrote {out}")
-    report_plain(schedule, args)
+    if plain is not None:
+        try:
+            save_schedule(plain, args.plain_out)
+        except OSError as error:
+            raise ValueError(f"cannot write --plain-out {args.plain_out}: {error.strerror or error}. Fix: choose a writable file") from None
+        print(f"wrote {args.plain_out} (plain {plain.stages[0].steps} steps)")
     if args.plot:
         from .plot import plot_schedule
 
@@ -174,21 +180,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_plain(schedule: Schedule, args: argparse.Namespace) -> None:
-    """The honest comparison with the plain sampler at the same budget (and its file)."""
+def report_plain(schedule: Schedule, args: argparse.Namespace) -> Schedule | None:
+    """Print the honest comparison with the plain sampler at the same budget; the plain
+    schedule when ``--plain-out`` asks for it."""
     from .calibration import tool_version
     from .fewer_steps import compare
 
+    h0 = schedule.calibration.h0
+    if not SHIFT_RANGE[0] <= h0 <= SHIFT_RANGE[1]:
+        print(f"  no comparison with the plain sampler: its shift would be h0 = {h0:g}, outside the stage shifts a schedule can hold {list(SHIFT_RANGE)}")
+        if args.plain_out:
+            raise ValueError(f"--plain-out: a plain schedule needs shift h0 = {h0:g} within {list(SHIFT_RANGE)}. Fix: drop --plain-out, or a base shift --h0 in that range")
+        return None
     comparison = compare(schedule, args.flops, args.resolution_gap, tool_version())
     print(comparison.describe())
     if comparison.plain_wins and not args.plain_out:
         print("  (a model's prediction, not a measurement: --objective quality measures it on your pipeline; --plain-out FILE writes the plain schedule)")
-    if args.plain_out:
-        try:
-            save_schedule(comparison.plain, args.plain_out)
-        except OSError as error:
-            raise ValueError(f"cannot write --plain-out {args.plain_out}: {error.strerror or error}. Fix: choose a writable file") from None
-        print(f"wrote {args.plain_out} (plain {comparison.plain.stages[0].steps} steps)")
+    return comparison.plain if args.plain_out else None
 
 
 def _kept(args: argparse.Namespace) -> str:
