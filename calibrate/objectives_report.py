@@ -56,7 +56,7 @@ def progress_schedules(budget: int, h0: float, trials: int) -> dict:
     return {"progress-preset": preset, "progress-searched": testbed_schedule(searched)}
 
 
-def methods_for(budget: int, cost: TestbedCost, h0: float, trials: int, files: list[str], builtin: bool = True) -> list[Method]:
+def methods_for(budget: int, cost: TestbedCost, h0: float, trials: int, files: list[str], builtin: bool = True, budgets: tuple[int, ...] = (4, 7)) -> list[Method]:
     paper = paper_schedule(budget, SIZE)
     target = cost.of(ralu_forwards(paper, FULL)).total
     steps = closest(list(range(1, 2 * BASE_STEPS + 1)), lambda k: cost.of([FULL] * k), target)
@@ -71,7 +71,7 @@ def methods_for(budget: int, cost: TestbedCost, h0: float, trials: int, files: l
     for path in files:
         schedule = testbed_schedule(path)
         speed = cost.of([FULL] * BASE_STEPS).total / cost.of(ralu_forwards(schedule, FULL)).total
-        if min(PAPER_PRESETS, key=lambda b: abs(math.log(speed / b))) != budget:
+        if min(budgets, key=lambda b: abs(math.log(speed / b))) != budget:  # as ralu-bench quality assigns --schedule rows
             continue
         name = Path(path).name.removesuffix(".json")
         if len(schedule.stages) == 1:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     real_features = features(classifier, real_images).numpy()
     rows = []
     for budget in args.budgets:
-        for method in methods_for(budget, cost, h0, args.trials, args.schedule or [], builtin=not args.schedules_only):
+        for method in methods_for(budget, cost, h0, args.trials, args.schedule or [], builtin=not args.schedules_only, budgets=tuple(args.budgets)):
             per_seed, feats = [], []
             for seed in args.seeds:
                 labels = balanced_labels(args.images, seed)
