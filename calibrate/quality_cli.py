@@ -15,7 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline", help="local diffusers pipeline folder (FLUX or SD3), or 'testbed' for the offline quality testbed")
     group.add_argument("--prompts", type=Path, help="prompts file: one prompt per line, or *.jsonl with prompt and seed (seeds default to --seed + index)")
     group.add_argument("--metric", help="distance to the base model's samples: pixel (default, no weights), testbed (classifier features, paired), "
-                       "testbed-fd (Frechet distance of classifier features), or a folder holding a TorchScript features.pt")
+                       "testbed-fd (Frechet distance of classifier features), or a folder holding a feature model saved with torch.export.save as features.pt2")
+    group.add_argument("--reference-seed-offset", type=int, default=0, metavar="K",
+                       help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-fd, "
+                       "K != 0 compares distributions instead of rewarding a retrace of the base model's path)")
     group.add_argument("--cache-dir", type=Path, help="where the base model's reference samples are kept between runs (default .ralu-references)")
     group.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per pruning report (default 8)")
     group.add_argument("--guidance-scale", type=float, default=3.5)
@@ -75,7 +78,7 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
     result = search(
         pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
-        cache_dir=args.cache_dir or Path(".ralu-references"), show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr), **options,
+        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr), **options,
     )
     save_schedule(result.best, out)
     print(result.describe())
