@@ -80,7 +80,10 @@ def calibrate(
 
     Give either ``speedup`` (the outer Optuna search picks steps and ends) or ``steps`` and
     ``ends`` (a fixed layout; ``speedup``, if also given, is checked).  ``h0`` defaults to
-    the model's real base shift at this resolution.
+    the model's real base shift at this resolution.  ``objective="progress"`` minimises the
+    progress-aware error of docs/method.md §4b (``gap``: its resolution gap g) instead of a
+    JS distance; the file then records the schedule's continuous JS distance and names the
+    objective in ``calibration.optimizer``.
     """
     spec = get_model(model)
     height = _whole("height", height, 1, MAX_SIDE)
