@@ -166,7 +166,7 @@ def candidate_schedule(model: str, height: int, width: int, base_steps: int, h0:
         "version": 1, "model": name, "height": height, "width": width, "base_steps": base_steps,
         "stages": [{"steps": n, "start": s, "end": e, "shift": h} for n, s, e, h in zip(candidate.steps, starts, candidate.ends, candidate.shifts)],
         "c": c,
-        "up_ratio": candidate.up_ratio if len(candidate.steps) == 3 else (0.0 if len(candidate.steps) == 1 else candidate.up_ratio),
+        "up_ratio": candidate.up_ratio,  # 0 unless three stages: only the mixed stage uses it
         "divergence": {"js_distance": distance, "js_divergence": distance**2, "objective": "continuous"},
         "flops_speedup": {"total": speed.total, "linear": speed.linear},
         "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(candidate.ends[:-1])],
