@@ -80,13 +80,17 @@ class Comparison:
     ralu_error: float
     plain: Schedule
     plain_error: float
+    #: stages of the compared schedule (one stage: it is a plain sampler itself)
+    stages: int = 3
 
     @property
     def plain_wins(self) -> bool:
-        return self.plain_error <= self.ralu_error
+        return self.stages > 1 and self.plain_error <= self.ralu_error
 
     def describe(self) -> str:
         steps = self.plain.stages[0].steps
+        if self.stages == 1:
+            return f"  progress error (docs/method.md §4b, lower is better): {self.ralu_error:.4f}; a one-stage schedule is itself a plain sampler (base grid when its shift is h0); the plain {steps}-step sampler at this budget scores {self.plain_error:.4f}"
         verdict = (
             f"the plain {steps}-step sampler is predicted BETTER at this budget: RALU's low-resolution stages do not pay for themselves here"
             if self.plain_wins
@@ -103,4 +107,4 @@ def compare(schedule: Schedule, convention: str = "linear", gap: float = RESOLUT
     target = getattr(schedule.flops_speedup, convention)
     steps = plain_steps_for(schedule.model, schedule.height, schedule.width, schedule.base_steps, target, convention)
     plain = plain_schedule(schedule.model, steps, schedule.height, schedule.width, schedule.calibration.h0, schedule.base_steps, tool_version)
-    return Comparison(progress_of(schedule, gap), plain, progress_of(plain, gap))
+    return Comparison(progress_of(schedule, gap), plain, progress_of(plain, gap), len(schedule.stages))

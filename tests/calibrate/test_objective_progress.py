@@ -133,3 +133,10 @@ def test_objectives_report_renders_both_objectives_and_paired_differences():
     assert f"| {1 / 6:.4f} |" in text  # the plain sampler's progress error, 1/N
     assert "progress-preset minus js-preset: per seed -1.0, +3.0; pooled +1.0" in text
     assert "plain minus js-preset: per seed -2.0, +5.0" in text
+
+
+def test_a_one_stage_schedule_is_not_told_that_fewer_steps_win():
+    schedule = calibrate("flux", steps=[5], ends=[1.0], objective="progress", optimizer="paper")
+    comparison = compare(schedule)
+    assert not comparison.plain_wins and "itself a plain sampler" in comparison.describe()
+    assert comparison.ralu_error == pytest.approx(0.2, abs=1e-6)
