@@ -26,8 +26,9 @@ from ralu.runtime.schedule import (
     transition,
 )
 
+from .densities import RESOLUTION_GAP
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
-from .search import Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
+from .search import OBJECTIVES, Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
 #: could not be saved is refused before any work.
@@ -66,6 +67,7 @@ def calibrate(
     objective: Objective = "continuous",
     grid: int | None = None,
     z_bounds: tuple[float, float] = Z_BOUNDS,
+    gap: float = RESOLUTION_GAP,
     flops_convention: Convention = "linear",
     trials: int = 80,
     seed: int = 0,
@@ -78,7 +80,10 @@ def calibrate(
 
     Give either ``speedup`` (the outer Optuna search picks steps and ends) or ``steps`` and
     ``ends`` (a fixed layout; ``speedup``, if also given, is checked).  ``h0`` defaults to
-    the model's real base shift at this resolution.
+    the model's real base shift at this resolution.  ``objective="progress"`` minimises the
+    progress-aware error of docs/method.md §4b (``gap``: its resolution gap g) instead of a
+    JS distance; the file then records the schedule's continuous JS distance and names the
+    objective in ``calibration.optimizer``.
     """
     spec = get_model(model)
     height = _whole("height", height, 1, MAX_SIDE)
@@ -87,12 +92,15 @@ def calibrate(
     base_steps = spec.base_steps if base_steps is None else _whole("base_steps", base_steps, 1, MAX_STEPS)
     h0 = _base_shift(spec, height, width, h0)
     _choice("optimizer", optimizer, ("global", "paper"))
-    _choice("objective", objective, ("continuous", "discrete"))
+    _choice("objective", objective, OBJECTIVES)
     _choice("flops_convention", flops_convention, ("total", "linear"))
     trials = _whole("trials", trials, 1, None)
     seed = _whole("seed", seed, *SEED_RANGE)
     grid = None if grid is None else _whole("grid", grid, 2, 10**6)
     z_bounds = _z_bounds(z_bounds)
+    gap = _real("gap", gap)
+    if gap < 0.0:
+        raise ValueError(f"--resolution-gap {gap:g} must be at least 0 (an RMS difference relative to the data's). Fix: e.g. {RESOLUTION_GAP}")
     if speedup is None and steps is None:
         raise ValueError("give a target (--speedup X) or a layout (--steps N1 N2 N3 --ends e1 e2 1.0)")
     if (steps is None) != (ends is None):
@@ -124,7 +132,7 @@ def calibrate(
     if steps is None:
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
-            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, trials=trials, seed=seed,
+            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, trials=trials, seed=seed,
             storage=storage, study_name=study_name, show_progress=show_progress, log=log,
         )
         layout, inner = found.layout, found.inner
@@ -138,15 +146,21 @@ def calibrate(
             best = getattr(speedup_of(spec, height, width, layout.steps, 0.1, base_steps), flops_convention)
             raise SpeedupUnreachable(f"layout steps {list(layout.steps)} reaches only {best:.2f}x ({flops_convention} FLOPs) even at up_ratio 0.1, below --speedup {speedup}. Fix: fewer steps, or a lower --speedup")
         layout_kind = "given"
-        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds), optimizer, seed=seed, effort="full")
+        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap), optimizer, seed=seed, effort="full")
 
     speed = speedup_of(spec, height, width, layout.steps, ratio, base_steps)
     if speedup is not None and getattr(speed, flops_convention) < speedup:
         raise SpeedupUnreachable(f"steps {list(layout.steps)} with up_ratio {ratio} reach {getattr(speed, flops_convention):.2f}x ({flops_convention} FLOPs), below --speedup {speedup}. Fix: a smaller --up-ratio, fewer steps or a lower target")
 
-    problem = NTDMObjective(layout, h0, objective, grid, z_bounds)
+    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap)
     _check_finite(problem, inner, h0)
     starts = stage_starts(list(layout.ends), inner.c)
+    # The file records JS numbers; a progress-calibrated schedule records its continuous JS
+    # distance (what the densities say of it) and names the objective in the optimizer.
+    recorded, recorded_objective, optimizer_record = inner.js_distance, objective, optimizer
+    if objective == "progress":
+        recorded_objective, optimizer_record = "continuous", f"{optimizer}, progress objective"
+        recorded = float(NTDMObjective(layout, h0, "continuous", None, z_bounds).distance(np.array([[*inner.shifts, inner.z]]))[0])
     schedule = {
         "version": 1,
         "model": spec.name,
@@ -156,11 +170,11 @@ def calibrate(
         "stages": [Stage(steps=n, start=s, end=e, shift=h).model_dump() for n, s, e, h in zip(layout.steps, starts, layout.ends, inner.shifts)],
         "c": inner.c,
         "up_ratio": ratio,
-        "divergence": Divergence(js_distance=inner.js_distance, js_divergence=inner.js_divergence, objective=objective).model_dump(),
+        "divergence": Divergence(js_distance=recorded, js_divergence=recorded**2, objective=recorded_objective).model_dump(),
         "flops_speedup": FlopsSpeedup(total=speed.total, linear=speed.linear).model_dump(),
         "transitions": [transition(e, inner.c, k + 1).model_dump() for k, e in enumerate(layout.ends[:-1])],
         "calibration": Calibration(
-            optimizer=optimizer,
+            optimizer=optimizer_record,
             layout=layout_kind,
             target_speedup=speedup,
             flops_convention=flops_convention,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ralu.runtime.models import ALIASES, MODELS, get_model, stage_image_tokens
 from ralu.runtime.plan import STAGE_ROLES
-from ralu.runtime.schedule import Schedule, save_schedule
+from ralu.runtime.schedule import SHIFT_RANGE, Schedule, save_schedule
 
 from .clitools import OneLineParser, check_writable, one_line
+from .densities import RESOLUTION_GAP
 
 #: A restart below this fraction of the previous end keeps little of the earlier stages
 #: (the published presets restart at about 0.2 e_k; Z = 100 restarts at about 0.02 e_k).
@@ -37,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--h0", type=float, help="base schedule shift (default: the model's own at this resolution; FLUX.1-dev 3.158 at 1024 px)")
     parser.add_argument("--base-steps", type=int, help="baseline steps the speed-up is measured against (default: FLUX 50, SD3 28)")
     parser.add_argument("--optimizer", choices=("global", "paper"), default="global", help="inner search of shifts and c (default: global)")
-    parser.add_argument("--objective", choices=("continuous", "discrete"), default="continuous", help="form of the realised distribution (default: continuous, the paper's)")
+    parser.add_argument("--objective", choices=("continuous", "discrete", "progress", "quality"), default="continuous",
+                        help="continuous (default, the paper's) or discrete: JS distance of timestep distributions; progress: the progress-aware error "
+                        "(counts steps and what each re-noising keeps, docs/method.md §4b); quality: an Optuna search scored on images of a "
+                        "pipeline against its 50-step samples (needs --pipeline and --prompts)")
+    parser.add_argument("--resolution-gap", type=float, default=RESOLUTION_GAP, metavar="G",
+                        help=f"progress objective: RMS error of a low-resolution estimate relative to the data (default {RESOLUTION_GAP}, measured on the testbed)")
+    parser.add_argument("--plain-out", type=Path, metavar="FILE",
+                        help="also write the plain fewer-steps schedule at the same budget (one stage; runs exactly like the plain pipeline)")
     parser.add_argument("--z-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(2.0, 100.0),
                         help="search range of Z = 1/sqrt(c) (default 2 100, the paper's); equal values fix c. A low HIGH keeps more of each stage's work at a transition")
     parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
@@ -48,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="schedule file to write (default: MODEL-SPEEDUPx.json in the current folder)")
     parser.add_argument("--plot", type=Path, help="also write a PNG of the timestep distributions")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .quality_cli import add_arguments
+
+    add_arguments(parser)
     return parser
 
 
@@ -129,11 +140,19 @@ def _run(args: argparse.Namespace) -> int:
         check_writable(args.plot, "--plot")
         if args.plot.resolve() == out.resolve():
             raise ValueError(f"--plot and --out are both {out}. Fix: give the picture its own file name")
+    if args.plain_out:
+        check_writable(args.plain_out, "--plain-out")
+        if args.plain_out.resolve() == out.resolve():
+            raise ValueError(f"--plain-out and --out are both {out}. Fix: give the plain schedule its own file name")
+    if args.objective == "quality":
+        from .quality_cli import run_quality
+
+        return run_quality(args, out)
     started = time.perf_counter()
     schedule = calibrate(
         args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
         height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
-        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), flops_convention=args.flops,
+        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), gap=args.resolution_gap, flops_convention=args.flops,
         trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
         show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
     )
@@ -142,7 +161,14 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise ValueError(f"cannot write --out {out}: {error.strerror or error}. Fix: choose a writable file") from None
     print(summary(schedule, time.perf_counter() - started))
+    plain = report_plain(schedule, args)
     print(f"wrote {out}")
+    if plain is not None:
+        try:
+            save_schedule(plain, args.plain_out)
+        except OSError as error:
+            raise ValueError(f"cannot write --plain-out {args.plain_out}: {error.strerror or error}. Fix: choose a writable file") from None
+        print(f"wrote {args.plain_out} (plain {plain.stages[0].steps} steps)")
     if args.plot:
         from .plot import plot_schedule
 
@@ -152,6 +178,25 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"the schedule is written to {out}, but the plot failed: {one_line(error)}. Fix: ralu-plot {out} -o FILE.png") from None
         print(f"wrote {args.plot}")
     return 0
+
+
+def report_plain(schedule: Schedule, args: argparse.Namespace) -> Schedule | None:
+    """Print the honest comparison with the plain sampler at the same budget; the plain
+    schedule when ``--plain-out`` asks for it."""
+    from .calibration import tool_version
+    from .fewer_steps import compare
+
+    h0 = schedule.calibration.h0
+    if not SHIFT_RANGE[0] <= h0 <= SHIFT_RANGE[1]:
+        print(f"  no comparison with the plain sampler: its shift would be h0 = {h0:g}, outside the stage shifts a schedule can hold {list(SHIFT_RANGE)}")
+        if args.plain_out:
+            raise ValueError(f"--plain-out: a plain schedule needs shift h0 = {h0:g} within {list(SHIFT_RANGE)}. Fix: drop --plain-out, or a base shift --h0 in that range")
+        return None
+    comparison = compare(schedule, args.flops, args.resolution_gap, tool_version())
+    print(comparison.describe())
+    if comparison.plain_wins and not args.plain_out:
+        print("  (a model's prediction, not a measurement: --objective quality measures it on your pipeline; --plain-out FILE writes the plain schedule)")
+    return comparison.plain if args.plain_out else None
 
 
 def _kept(args: argparse.Namespace) -> str:

@@ -26,6 +26,7 @@ from ralu.runtime.models import ModelSpec
 
 from . import study as shared
 from .flops import pricing as flops
+from .densities import RESOLUTION_GAP
 from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, StageLayout, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
@@ -38,6 +39,13 @@ SECOND_GAP_RANGE = (0.05, 0.30)
 BUDGET_SLACK = 0.10
 
 Convention = Literal["total", "linear"]
+
+
+def infeasible_floor(objective: Objective) -> float:
+    """Value above every feasible trial's, from which infeasible trials are ranked: a JS
+    distance is at most sqrt(ln 2) < 1; the progress error of a runnable layout (one step
+    per stage, restarts below the data) stays far below 1e3."""
+    return 1e3 if objective == "progress" else 1.0
 
 
 def speedup_of(spec: ModelSpec, height: int, width: int, steps, up_ratio: float, base_steps: int) -> flops.Flops:
@@ -87,6 +95,7 @@ def search_layout(
     z_bounds: tuple[float, float] = Z_BOUNDS,
     optimizer: Literal["global", "paper"] = "global",
     up_ratio: float | None = None,
+    resolution_gap: float = RESOLUTION_GAP,
     trials: int = 80,
     seed: int = 0,
     storage: str | None = None,
@@ -102,6 +111,7 @@ def search_layout(
     :mod:`ralu.calibrate.study`)."""
     # No stage can usefully take more steps than the whole budget allows at full cost.
     max_steps = max(1, math.ceil(base_steps / target) + 1)
+    floor = infeasible_floor(objective)
     inner_cache: dict[tuple, tuple[InnerResult, float, flops.Flops] | None] = {}
 
     def evaluate(steps: tuple[int, ...], ends: tuple[float, ...]):
@@ -111,7 +121,7 @@ def search_layout(
             if ratio is None:
                 inner_cache[key] = None
             else:
-                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds)
+                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap)
                 inner = optimise(problem, optimizer, seed=seed, effort="quick")
                 inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
         return inner_cache[key]
@@ -132,16 +142,16 @@ def search_layout(
         found = evaluate(steps, ends)
         if found is None:
             # Infeasible: rank by how far the cheapest ratio falls short, always above any
-            # feasible divergence (a JS distance is at most sqrt(ln 2) < 1).
+            # feasible value (see infeasible_floor).
             short = getattr(speedup_of(spec, height, width, steps, up_ratio or min(UP_RATIO_CHOICES), base_steps), convention)
             trial.set_user_attr("feasible", False)
-            return 1.0 + max(0.0, target - short) / target
+            return floor + max(0.0, target - short) / target
         inner, ratio, speed = found
         overshoot = getattr(speed, convention) / (target * (1.0 + BUDGET_SLACK)) - 1.0
         if overshoot > 0:
             # Too fast: the layout leaves budget unspent (see the module docstring).
             trial.set_user_attr("feasible", False)
-            return 1.0 + overshoot
+            return floor + overshoot
         trial.set_user_attr("feasible", True)
         trial.set_user_attr("up_ratio", ratio)
         trial.set_user_attr("speedup_total", speed.total)
@@ -170,8 +180,8 @@ def search_layout(
     steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
     first = round(best.params["end_1"], 2)
     layout = StageLayout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
-    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds), optimizer, seed=seed, effort="full")
     ratio = best.user_attrs["up_ratio"]
+    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap), optimizer, seed=seed, effort="full")
     history = [
         {"number": t.number, "value": t.value, **t.params, **t.user_attrs}
         for t in study.trials

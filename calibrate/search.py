@@ -20,8 +20,10 @@ from scipy.optimize import differential_evolution, minimize
 from ralu.runtime.schedule import restart_time_z
 
 from .densities import (
+    RESOLUTION_GAP,
     equal_mass_bin_masses,
     js_distance,
+    progress_error,
     realised_density,
     target_density,
     visited_timesteps,
@@ -33,7 +35,10 @@ PAPER_START_SHIFT = 3.0
 PAPER_START_Z = 2.0
 CONTINUOUS_GRID = 1000
 
-Objective = Literal["continuous", "discrete"]
+Objective = Literal["continuous", "discrete", "progress"]
+#: ``continuous`` and ``discrete`` compare timestep distributions (JS distance);
+#: ``progress`` is the progress-aware error of docs/method.md §4b (not a distance).
+OBJECTIVES: tuple[str, ...] = ("continuous", "discrete", "progress")
 
 
 @dataclass(frozen=True)
@@ -80,19 +85,24 @@ class NTDMObjective:
     """JS distance between P_target and P for a layout, as a function of ``[h..., Z]``.
 
     ``distance`` takes a population ``(P, K + 1)`` and returns ``(P,)``: vectorised so a
-    population search costs one numpy pass per generation.
+    population search costs one numpy pass per generation.  With ``objective="progress"``
+    it returns the progress-aware error of docs/method.md §4b instead (``up_ratio`` and
+    ``gap`` enter only there), and :meth:`distributions` the continuous densities.
     """
 
-    def __init__(self, layout: StageLayout, h0: float, objective: Objective = "continuous", grid: int | None = None, z_bounds: tuple[float, float] = Z_BOUNDS):
-        if objective not in ("continuous", "discrete"):
-            raise ValueError(f"objective {objective!r}: use 'continuous' or 'discrete'")
+    def __init__(self, layout: StageLayout, h0: float, objective: Objective = "continuous", grid: int | None = None, z_bounds: tuple[float, float] = Z_BOUNDS,
+                 up_ratio: float = 0.3, gap: float = RESOLUTION_GAP):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: use one of {list(OBJECTIVES)}")
         if not Z_BOUNDS[0] <= z_bounds[0] <= z_bounds[1]:
             raise ValueError(f"Z bounds {list(z_bounds)}: need {Z_BOUNDS[0]} <= low <= high (Z = 1/sqrt(c) >= 2 keeps c <= 1/4); equal bounds fix Z")
         self.z_bounds = (float(z_bounds[0]), float(z_bounds[1]))
         self.layout = layout
         self.h0 = float(h0)
         self.objective = objective
-        self.grid = int(grid) if grid else (CONTINUOUS_GRID if objective == "continuous" else sum(layout.steps))
+        self.grid = int(grid) if grid else (sum(layout.steps) if objective == "discrete" else CONTINUOUS_GRID)
+        self.up_ratio = float(up_ratio)
+        self.gap = float(gap)
         self._steps = np.asarray(layout.steps, dtype=float)
         self._ends = np.asarray(layout.ends, dtype=float)
         self._t = np.linspace(0.0, 1.0, self.grid)
@@ -116,12 +126,17 @@ class NTDMObjective:
         shifts, z = params[:, :-1], params[:, -1]
         starts = self.starts(z)
         ends = np.broadcast_to(self._ends, starts.shape)
-        if self.objective == "continuous":
+        if self.objective != "discrete":
             return target_density(self._t, self.h0, ends, starts), realised_density(self._t, self._steps, starts, ends, shifts)
         visited = visited_timesteps(self.layout.steps, starts, ends, shifts)
         return np.full(visited.shape[:-1] + (self.grid,), 1.0 / self.grid), equal_mass_bin_masses(visited, self.h0, ends, starts, self.grid)
 
     def distance(self, params: np.ndarray) -> np.ndarray:
+        if self.objective == "progress":
+            params = np.atleast_2d(np.asarray(params, dtype=float))
+            starts = self.starts(params[:, -1])
+            ends = np.broadcast_to(self._ends, starts.shape)
+            return progress_error(self.layout.steps, starts, ends, params[:, :-1], params[:, -1], self.h0, self.up_ratio, self.gap)
         target, realised = self.distributions(params)
         return js_distance(target, realised)
 
@@ -180,7 +195,7 @@ def optimise_global(problem: NTDMObjective, seed: int = 0, effort: Literal["full
         updating="deferred",
     )
     candidates = [evolved.x]
-    if problem.objective == "continuous":
+    if problem.objective != "discrete":  # smooth objectives get a gradient polish
         polished = minimize(problem, evolved.x, method="L-BFGS-B", bounds=problem.bounds())
         candidates.append(_clip_to_bounds(polished.x, problem.bounds()))
     scores = problem.distance(np.stack(candidates))

@@ -161,15 +161,16 @@ def _open_journal(path: str) -> BaseStorage:
         raise ValueError(f"cannot open journal storage {path!r}: {error.strerror}. Fix: choose a writable file") from None
 
 
-def open_study(storage: str | None, study_name: str | None, seed: int) -> optuna.Study:
-    """A minimising study: in memory, or shared through ``storage`` (see the module docstring)."""
+def open_study(storage: str | None, study_name: str | None, seed: int, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """A minimising study: in memory, or shared through ``storage`` (see the module docstring).
+    ``pruner`` (default none) stops trials that report clearly bad intermediate values."""
     if storage is None:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=16)
-        return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name)
+        return optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name, pruner=pruner or optuna.pruners.NopPruner())
     if not study_name:
         raise ValueError("--storage needs --study-name, so that several processes (or a resumed run) find the same study")
     sampler = _TrialSeededTPESampler(seed, multivariate=True, n_startup_trials=16)
-    study = optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name, storage=open_storage(storage), load_if_exists=True)
+    study = optuna.create_study(direction="minimize", sampler=sampler, study_name=study_name, storage=open_storage(storage), load_if_exists=True, pruner=pruner or optuna.pruners.NopPruner())
     fail_stale_trials(study)
     return study
 

@@ -1,0 +1,93 @@
+"""``ralu-calibrate --objective quality``: the quality-in-the-loop search from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ralu.runtime.schedule import save_schedule
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quality search (--objective quality)")
+    group.add_argument("--pipeline", help="local diffusers pipeline folder (FLUX or SD3), or 'testbed' for the offline quality testbed")
+    group.add_argument("--prompts", type=Path, help="prompts file: one prompt per line, or *.jsonl with prompt and seed (seeds default to --seed + index)")
+    group.add_argument("--metric", help="distance to the base model's samples: pixel (default, no weights), testbed (classifier features, paired), "
+                       "testbed-fd (Frechet distance of classifier features), or a folder holding a feature model saved with torch.export.save as features.pt2")
+    group.add_argument("--reference-seed-offset", type=int, default=0, metavar="K",
+                       help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-fd, "
+                       "K != 0 compares distributions instead of rewarding a retrace of the base model's path)")
+    group.add_argument("--cache-dir", type=Path, help="where the base model's reference samples are kept between runs (default .ralu-references)")
+    group.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per pruning report (default 8)")
+    group.add_argument("--guidance-scale", type=float, default=3.5)
+    group.add_argument("--device", default="cpu", help="torch device of the pipeline (default cpu)")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every input the quality search needs, before loading anything."""
+    missing = [name for name, value in (("--pipeline", args.pipeline), ("--prompts", args.prompts), ("--speedup", args.speedup)) if value is None]
+    if missing:
+        raise ValueError(f"--objective quality needs {', '.join(missing)}. Fix: e.g. --objective quality --pipeline DIR --prompts prompts.txt --speedup 4")
+    if args.steps is not None:
+        raise ValueError("--objective quality searches the whole schedule; --steps/--ends fix a layout. Fix: drop --steps and --ends")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
+        raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
+
+
+def load(args: argparse.Namespace):
+    """(pipeline, search keyword arguments) for ``--pipeline``."""
+    if args.pipeline == "testbed":
+        from .quality_search import speedup_on_testbed
+        from .testbed.conditioning import encode_prompts
+        from .testbed.data import IMAGE_SIZE
+        from .testbed.location import transformer_dir
+        from .testbed.model import load_pipeline, testbed_h0
+
+        pipe = load_pipeline()
+        options = dict(model="flux-dev", height=IMAGE_SIZE, width=IMAGE_SIZE, h0=testbed_h0(), base_steps=50, encode=encode_prompts,
+                       speedup_of=speedup_on_testbed(pipe, IMAGE_SIZE), pipeline_id=f"testbed:{transformer_dir(None)}", metric=args.metric or "testbed")
+        return pipe, options
+    from ralu.runtime.cli import CLIError, pipeline_class
+
+    try:
+        cls, _family = pipeline_class(Path(args.pipeline))
+        pipe = cls.from_pretrained(args.pipeline, local_files_only=True).to(args.device)
+    except CLIError as error:
+        raise ValueError(str(error)) from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load the pipeline from {args.pipeline!r} without the network: {str(error).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps, metric=args.metric,
+                   pipeline_id=str(Path(args.pipeline).resolve()))
+    return pipe, options
+
+
+def run_quality(args: argparse.Namespace, out: Path) -> int:
+    from ralu.runtime.batch import read_prompts
+
+    from .quality_search import search
+
+    check(args)
+    jobs = read_prompts(args.prompts, args.seed)
+    started = time.perf_counter()
+    pipe, options = load(args)
+    result = search(
+        pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
+        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr), **options,
+    )
+    save_schedule(result.best, out)
+    print(result.describe())
+    print(f"  took {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out}" + (" (the plain fewer-steps schedule: it scored best)" if result.plain_wins else ""))
+    if args.plain_out:
+        if result.plain is None:
+            print("  no plain candidate finished, so --plain-out is not written")
+        else:
+            save_schedule(result.plain, args.plain_out)
+            print(f"wrote {args.plain_out} (best plain schedule)")
+    return 0

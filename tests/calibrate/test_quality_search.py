@@ -1,0 +1,132 @@
+"""The quality-in-the-loop search on the offline testbed, at CI size (a few images, few trials)."""
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from ralu.calibrate import cli
+from ralu.calibrate.quality_search import (
+    Candidate,
+    ReferenceCache,
+    candidate_schedule,
+    load_metric,
+    pixel_distance,
+    prompts_for_testbed,
+    search_testbed,
+)
+from ralu.calibrate.testbed.conditioning import encode_prompts
+from ralu.calibrate.testbed.model import load_pipeline
+from ralu.calibrate.testbed.model import testbed_h0 as base_shift
+from ralu.runtime.schedule import load_schedule
+
+SPEEDUP = 4.5
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return load_pipeline()
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_references_are_the_plain_pipeline_and_are_cached(pipe, tmp_path):
+    prompts, seeds = prompts_for_testbed(2, 7)
+    calls = []
+    result = search_testbed(SPEEDUP, images=2, image_seed=7, pipe=pipe, trials=1, batch_size=2, cache_dir=tmp_path, metric="pixel",
+                            log=calls.append)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    # The cached reference of image 0 is FluxPipeline's own 50-step sample from the same seed.
+    plain = pipe(**encode_prompts(prompts[:1]), height=32, width=32, num_inference_steps=50, guidance_scale=3.5,
+                 generator=[torch.Generator().manual_seed(seeds[0])], output_type="pt").images[0]
+    cache = ReferenceCache(tmp_path, result_pipeline_id(pipe))
+    stored = cache.load(cache.path(prompts[0], seeds[0], 32, 32, 50, 3.5))
+    assert stored is not None and torch.allclose(stored, plain.clamp(0, 1), atol=1e-5)
+    # The first candidate is the plain fewer-steps sampler, which matches the budget exactly.
+    first = result.history[0]
+    assert first["stages"] == 1 and first["shift_1"] == pytest.approx(base_shift()) and first["speedup"] >= SPEEDUP
+    assert any("affords" in line for line in calls)
+
+
+def result_pipeline_id(pipe):
+    from ralu.calibrate.testbed.location import transformer_dir
+
+    return f"testbed:{transformer_dir(None)}"
+
+
+def test_search_scores_honestly_and_resumes_from_storage(pipe, tmp_path):
+    storage = str(tmp_path / "study.log")
+    options = dict(images=2, image_seed=3, pipe=pipe, batch_size=1, cache_dir=tmp_path / "refs", metric="pixel", storage=storage, study_name="s")
+    search_testbed(SPEEDUP, trials=2, **options)
+    result = search_testbed(SPEEDUP, trials=4, **options)
+    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage)))
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) >= 4 and result.trials == len(study.trials)
+    # Every sampled trial reported its running score after each batch of images (for pruning).
+    sampled = [t for t in finished if t.user_attrs.get("feasible") and "same_as" not in t.user_attrs]
+    assert sampled and all(sorted(t.intermediate_values) == [0, 1] for t in sampled)
+    # No parameter set evaluated twice: a repeat reuses the earlier value.
+    evaluated = [t.user_attrs["layout"] for t in finished if "layout" in t.user_attrs and "same_as" not in t.user_attrs]
+    assert len(evaluated) == len(set(evaluated))
+    # Paired pixel distance: the plain sampler retraces the base path, re-noised stages do not.
+    assert result.plain is not None and result.best_value == min(v for v in (result.plain_value, result.ralu_value) if v is not None)
+    assert result.plain_wins == (len(result.best.stages) == 1)
+    assert ("plain fewer-steps sampler scores best" in result.describe()) == result.plain_wins
+
+
+def test_trials_worse_than_the_median_are_pruned_after_their_first_batch(pipe):
+    calls = []
+
+    def worsening(images, references):  # every batch scores worse than all before it
+        calls.append(len(images))
+        return torch.full((len(images),), float(len(calls)), dtype=torch.float64)
+
+    result = search_testbed(SPEEDUP, images=2, image_seed=5, pipe=pipe, batch_size=1, metric=worsening, trials=7)
+    pruned = [t for t in result.history if t["state"] == "PRUNED"]
+    assert pruned and all(t["images_scored"] == 1 for t in pruned)
+    assert result.pruned == len(pruned)
+
+
+def test_candidate_schedules_validate_and_price_with_the_flops_model():
+    for candidate in (Candidate((11,), (1.0,), (3.1582,), 2.0, 0.0), Candidate((4, 6), (0.4, 1.0), (5.0, 3.0), 12.0, 0.0),
+                      Candidate((2, 3, 5), (0.2, 0.3, 1.0), (8.0, 2.8, 2.2), 6.0, 0.1)):
+        schedule = candidate_schedule("flux-dev", 1024, 1024, 50, 3.1582, candidate)
+        assert [s.steps for s in schedule.stages] == list(candidate.steps)
+        assert len(schedule.transitions) == len(candidate.steps) - 1
+        assert schedule.calibration.optimizer == "quality search"
+
+
+def test_metrics_by_name_callable_and_folder(tmp_path):
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert torch.allclose(load_metric(None)(a, b), torch.full((2,), 0.5, dtype=torch.float64))
+    assert load_metric(pixel_distance) is pixel_distance
+    with pytest.raises(ValueError, match="features.pt2"):
+        load_metric(tmp_path)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 4, 4),), dynamic_shapes=({0: torch.export.Dim("n")},)), str(tmp_path / "features.pt2"))
+    distances = load_metric(tmp_path)(a, b)
+    assert distances.shape == (2,) and (distances >= 0).all()
+
+
+def test_cli_quality_needs_its_inputs_in_one_line(tmp_path, capsys):
+    code, _, stderr = run_cli(["--model", "flux", "--objective", "quality", "--speedup", 4, "--out", tmp_path / "q.json", "--quiet"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--pipeline" in stderr and "--prompts" in stderr
+
+
+def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
+    prompts, seeds = prompts_for_testbed(2, 11)
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds)))
+    out, plain = tmp_path / "best.json", tmp_path / "plain.json"
+    code, stdout, _ = run_cli(["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", file, "--speedup", SPEEDUP,
+                               "--trials", 2, "--batch-size", 2, "--cache-dir", tmp_path / "refs", "--out", out, "--plain-out", plain, "--quiet"], capsys)
+    assert code == 0, stdout
+    assert "quality search" in stdout and "best plain" in stdout
+    assert load_schedule(plain).stages[0].steps >= 1 and len(load_schedule(plain).stages) == 1
+    assert load_schedule(out).calibration.optimizer == "quality search"
