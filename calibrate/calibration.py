@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import numbers
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
+
 from ralu.runtime.models import check_resolution, get_model
 from ralu.runtime.plan import STAGE_ROLES
 from ralu.runtime.schedule import (
@@ -28,7 +30,7 @@ from ralu.runtime.schedule import (
 
 from .densities import RESOLUTION_GAP
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
-from .search import OBJECTIVES, Z_BOUNDS, StageLayout, NTDMObjective, Objective, optimise
+from .search import OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
 #: could not be saved is refused before any work.
@@ -150,7 +152,11 @@ def calibrate(
 
     speed = speedup_of(spec, height, width, layout.steps, ratio, base_steps)
     if speedup is not None and getattr(speed, flops_convention) < speedup:
-        raise SpeedupUnreachable(f"steps {list(layout.steps)} with up_ratio {ratio} reach {getattr(speed, flops_convention):.2f}x ({flops_convention} FLOPs), below --speedup {speedup}. Fix: a smaller --up-ratio, fewer steps or a lower target")
+        reached = getattr(speed, flops_convention)
+        raise SpeedupUnreachable(
+            f"steps {list(layout.steps)} with up_ratio {ratio} reach {reached:.2f}x ({flops_convention} FLOPs), below --speedup {speedup}. "
+            "Fix: a smaller --up-ratio, fewer steps or a lower target"
+        )
 
     problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap)
     _check_finite(problem, inner, h0)

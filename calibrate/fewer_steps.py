@@ -12,6 +12,7 @@ import datetime as _dt
 from dataclasses import dataclass
 
 import numpy as np
+
 from ralu.runtime.models import get_model
 from ralu.runtime.schedule import Schedule, schedule_from_dict
 
@@ -90,7 +91,10 @@ class Comparison:
     def describe(self) -> str:
         steps = self.plain.stages[0].steps
         if self.stages == 1:
-            return f"  progress error (docs/method.md §4b, lower is better): {self.ralu_error:.4f}; a one-stage schedule is itself a plain sampler (base grid when its shift is h0); the plain {steps}-step sampler at this budget scores {self.plain_error:.4f}"
+            return (
+                f"  progress error (docs/method.md §4b, lower is better): {self.ralu_error:.4f}; a one-stage schedule is itself a plain sampler "
+                f"(base grid when its shift is h0); the plain {steps}-step sampler at this budget scores {self.plain_error:.4f}"
+            )
         verdict = (
             f"the plain {steps}-step sampler is predicted BETTER at this budget: RALU's low-resolution stages do not pay for themselves here"
             if self.plain_wins

@@ -25,8 +25,8 @@ from optuna.study import MaxTrialsCallback
 from ralu.runtime.models import ModelSpec
 
 from . import study as shared
-from .flops import pricing as flops
 from .densities import RESOLUTION_GAP
+from .flops import pricing as flops
 from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, StageLayout, optimise
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).

@@ -27,15 +27,16 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import optuna
 import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+
 from ralu.runtime.models import get_model, stage_image_tokens
 from ralu.runtime.schedule import Schedule, schedule_from_dict, stage_starts, transition
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from ralu.runtime.schedule import save_schedule
 
 from .bench.quality.config import BASE_STEPS, PAPER_PRESETS

@@ -60,7 +60,7 @@ class Job:
 # ----------------------------------------------------------------------------------------
 
 
-def read_prompts(path: "str | os.PathLike", base_seed: int, negative_prompt: str | None = None) -> list[Job]:
+def read_prompts(path: str | os.PathLike, base_seed: int, negative_prompt: str | None = None) -> list[Job]:
     """Jobs from a prompts file: ``*.jsonl`` holds one JSON object per line (``prompt``, and
     optionally ``seed`` and ``negative_prompt``), any other file one prompt per line.  Blank
     lines are skipped; the index counts prompts.  ``negative_prompt`` is the default for lines

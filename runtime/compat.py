@@ -7,8 +7,8 @@ be measured separately; ``paper_compat=True`` turns on all of them.  (The script
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class PaperCompat:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def parse(cls, value: "bool | Iterable[str] | PaperCompat | None") -> "PaperCompat":
+    def parse(cls, value: bool | Iterable[str] | PaperCompat | None) -> PaperCompat:
         """``False``/``None``: correct method; ``True``: every switch; an iterable of switch
         names: just those; a :class:`PaperCompat`: itself."""
         if isinstance(value, PaperCompat):

@@ -140,11 +140,11 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
         return_dict: bool = True,
         joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         max_sequence_length: int = 512,
         *,
-        schedule: "str | os.PathLike | Schedule | dict | None" = None,
-        paper_compat: "bool | list[str] | PaperCompat" = False,
+        schedule: str | os.PathLike | Schedule | dict | None = None,
+        paper_compat: bool | list[str] | PaperCompat = False,
     ) -> FluxPipelineOutput | tuple:
         # 1. Check inputs: everything that can be wrong is refused before any compute.
         plan, compat = self.check_ralu_inputs(

@@ -23,8 +23,8 @@ separately from timing runs on a GPU.  Without ``synchronize`` nothing is synchr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 #: Sections of the runtime's own work (the RALU overhead over a plain pipeline).
 OVERHEAD_SECTIONS = ("edge_decode", "edge_select", "noise", "gather_scatter", "positions")
@@ -33,13 +33,13 @@ MODEL_SECTION = "transformer"
 SECTIONS = OVERHEAD_SECTIONS + (MODEL_SECTION,)
 
 _NULL = nullcontext()
-_ACTIVE: "Profiler | None" = None
+_ACTIVE: Profiler | None = None
 
 
 class _Section:
     __slots__ = ("profiler", "name")
 
-    def __init__(self, profiler: "Profiler", name: str):
+    def __init__(self, profiler: Profiler, name: str):
         self.profiler, self.name = profiler, name
 
     def __enter__(self):
@@ -60,7 +60,7 @@ def section(name: str):
     return _Section(profiler, name)
 
 
-def active() -> "Profiler | None":
+def active() -> Profiler | None:
     """The active profiler, if any."""
     return _ACTIVE
 
@@ -78,7 +78,7 @@ class Profiler:
         self._since = 0.0
 
     @classmethod
-    def for_device(cls, device) -> "Profiler":
+    def for_device(cls, device) -> Profiler:
         """A profiler that synchronises ``device`` at section edges when it is a CUDA device."""
         import torch
 
@@ -87,7 +87,7 @@ class Profiler:
             return cls(synchronize=lambda: torch.cuda.synchronize(device))
         return cls()
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("a profiler is already active")

@@ -22,9 +22,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
-from .models import MODEL_FAMILIES, RESOLUTION_MULTIPLE
-
 from .cache import CacheSettings
+from .models import MODEL_FAMILIES, RESOLUTION_MULTIPLE
 
 SCHEDULE_VERSION = 1
 
@@ -261,7 +260,7 @@ class Schedule(BaseModel):
         return version
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Schedule":
+    def _check_consistency(self) -> Schedule:
         # Comparisons are written ``not (ok)`` so that a NaN, should one ever get here, fails them.
         if self.model not in MODEL_FAMILIES:
             raise ValueError(f"model {self.model!r} is unknown. Fix: use one of {sorted(MODEL_FAMILIES)}")
@@ -403,7 +402,7 @@ def shipped_schedules() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "schema.json")
 
 
-def load_schedule(source: "str | os.PathLike | Schedule | dict") -> Schedule:
+def load_schedule(source: str | os.PathLike | Schedule | dict) -> Schedule:
     """Load a schedule from a shipped name (``"flux-dev-7x"``), a file path, a parsed dict,
     or pass a :class:`Schedule` through."""
     if isinstance(source, Schedule):
@@ -479,7 +478,7 @@ def _parse_json(raw: bytes, where: str):
         raise ScheduleError(f"schedule {where} is not a usable JSON document ({_short(str(error))}). {fix}") from None
 
 
-def write_bytes_atomic(path: "str | os.PathLike", data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename:
     readers see the old file or the new one, never a partial one.
 
@@ -513,12 +512,12 @@ def _current_umask() -> int:
     return mask
 
 
-def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """:func:`write_bytes_atomic` for UTF-8 text."""
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def save_schedule(schedule: "Schedule | dict", path: "str | os.PathLike") -> Path:
+def save_schedule(schedule: Schedule | dict, path: str | os.PathLike) -> Path:
     """Validate and write a schedule (a :class:`Schedule` or a schedule dict) atomically."""
     if isinstance(schedule, Schedule):
         schedule = schedule.model_dump()

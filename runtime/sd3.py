@@ -227,7 +227,7 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
         joint_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature; never mutated)
         max_sequence_length: int = 256,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
@@ -235,8 +235,8 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         *,
-        schedule: "str | os.PathLike | Schedule | dict | None" = None,
-        paper_compat: "bool | list[str] | PaperCompat" = False,
+        schedule: str | os.PathLike | Schedule | dict | None = None,
+        paper_compat: bool | list[str] | PaperCompat = False,
         low_res_positions: str | None = None,
     ) -> StableDiffusion3PipelineOutput | tuple:
         # 1. Check inputs: everything that can be wrong is refused before any compute.

@@ -35,7 +35,6 @@ import weakref
 from typing import Any
 
 import torch
-
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
 
 from .tokens import patchify, unpatchify
@@ -72,7 +71,11 @@ def grid_origin(transformer, rows: int, cols: int) -> tuple[int, int]:
     """Table coordinate of the top-left token of a native ``rows x cols`` grid (centre crop)."""
     size = transformer.pos_embed.pos_embed_max_size
     if rows > size or cols > size:
-        raise ValueError(f"a {rows}x{cols} token grid does not fit the transformer's {size}x{size} position table (pos_embed_max_size). Fix: generate a smaller image (at most {size * transformer.pos_embed.patch_size * 8} px a side for a VAE factor of 8)")
+        largest = size * transformer.pos_embed.patch_size * 8
+        raise ValueError(
+            f"a {rows}x{cols} token grid does not fit the transformer's {size}x{size} position table (pos_embed_max_size). "
+            f"Fix: generate a smaller image (at most {largest} px a side for a VAE factor of 8)"
+        )
     return (size - rows) // 2, (size - cols) // 2
 
 
@@ -105,7 +108,7 @@ def _analytic_embedding(transformer, rows: torch.Tensor, cols: torch.Tensor, dim
     return torch.cat([emb_cols, emb_rows], dim=1)
 
 
-_FORMULA_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int, bool]]" = weakref.WeakKeyDictionary()
+_FORMULA_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int, bool]] = weakref.WeakKeyDictionary()
 
 
 def table_formula_matches(transformer) -> bool:

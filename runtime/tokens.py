@@ -136,17 +136,17 @@ class TokenLayout:
     # -- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def low(cls, batch: int, grid: tuple[int, int], device=None) -> "TokenLayout":
+    def low(cls, batch: int, grid: tuple[int, int], device=None) -> TokenLayout:
         """Every token low-res (stage 1)."""
         return cls(torch.zeros(batch, *grid, dtype=torch.bool, device=device), "low")
 
     @classmethod
-    def full(cls, batch: int, grid: tuple[int, int], device=None) -> "TokenLayout":
+    def full(cls, batch: int, grid: tuple[int, int], device=None) -> TokenLayout:
         """Every token full-res (last stage): the native full-size token sequence."""
         return cls(torch.ones(batch, *grid, dtype=torch.bool, device=device), "full")
 
     @classmethod
-    def from_selection(cls, selected: torch.Tensor, grid: tuple[int, int], role: str = "mixed") -> "TokenLayout":
+    def from_selection(cls, selected: torch.Tensor, grid: tuple[int, int], role: str = "mixed") -> TokenLayout:
         """Mixed layout: the low-res tokens with flat indices ``selected`` ``(B, k)`` upsampled."""
         b = selected.shape[0]
         mask = torch.zeros(b, grid[0] * grid[1], dtype=torch.bool, device=selected.device)

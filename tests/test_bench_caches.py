@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from diffusers.hooks import MagCacheConfig
+
 from ralu.calibrate.bench.cli import main as bench_main
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.runtime import RALUFluxPipeline, load_schedule
@@ -81,6 +82,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_cache_rows_count_the_work_that_ran(ralu, flux_embeds, make_schedule):
     from diffusers.hooks import FirstBlockCacheConfig
+
     from ralu.calibrate.bench.cache import measure
 
     schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)], height=128, width=128)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from ralu.runtime import batch
 from ralu.runtime.batch import Job, read_prompts
 from ralu.runtime.cli import main

@@ -18,10 +18,11 @@ from diffusers.hooks import (
     TaylorSeerCacheConfig,
 )
 from diffusers.hooks.hooks import StateManager
+from sd3_models import pipeline_components, text_inputs
+
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline, ScheduleError
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
 from ralu.runtime.schedule import schedule_from_dict
-from sd3_models import pipeline_components, text_inputs
 
 SIZE = 128
 FLUX_STAGES = [(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)]
@@ -229,6 +230,7 @@ def test_schedule_cache_section_errors(flux):
 def test_ralu_generate_applies_the_schedule_cache(saved_flux_pipeline, make_schedule, tmp_path):
     import numpy as np
     from PIL import Image
+
     from ralu.runtime.cli import main
     from ralu.runtime.schedule import save_schedule
 

@@ -15,9 +15,10 @@ import copy
 
 import pytest
 import torch
-from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from sd3_models import pipeline_components, text_inputs
 from torch._dynamo.utils import counters
+
+from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 
 SIZE = 128
 

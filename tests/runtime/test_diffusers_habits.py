@@ -282,10 +282,10 @@ def test_cli_refuses_an_ignored_sd3_negative_prompt_like_flux(tmp_path, make_sch
 
 
 def test_flux_fallback_with_first_block_cache_keeps_images_independent(flux_models, flux_embeds, make_schedule):
+    from conftest import tiny_flux_scheduler, tiny_flux_transformer
     from diffusers import FirstBlockCacheConfig
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from conftest import tiny_flux_scheduler, tiny_flux_transformer
     from ralu.runtime import RALUFluxPipeline
     from ralu.runtime.flux_rotary import supports_per_sample_positions
 

@@ -190,9 +190,8 @@ def test_per_sample_positions_equal_separate_forwards(flux_models, fused):
 
 
 def test_custom_processor_falls_back_to_one_forward_per_image(flux_embeds, flux_models, three_stage):
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
     from conftest import tiny_flux_scheduler, tiny_flux_transformer
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     class Custom(FluxAttnProcessor):
         pass
@@ -271,10 +270,9 @@ def test_progress_bar_shows_stage_and_step(ralu, flux_embeds, three_stage):
 
 def test_lora_on_the_pipe_keeps_working(tmp_path, flux_embeds, flux_models, three_stage):
     pytest.importorskip("peft")
+    from conftest import tiny_flux_scheduler, tiny_flux_transformer
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from conftest import tiny_flux_scheduler, tiny_flux_transformer
 
     donor = tiny_flux_transformer()
     donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]))

@@ -84,7 +84,7 @@ def test_latents_match_the_golden_values(expected, family):
         if value.dtype == torch.long:
             assert torch.equal(value, golden), name
         else:
-            torch.testing.assert_close(value, golden, rtol=TOLERANCE, atol=TOLERANCE, msg=lambda text: f"{name}: {text}")
+            torch.testing.assert_close(value, golden, rtol=TOLERANCE, atol=TOLERANCE, msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_golden_runs_are_not_trivial(expected):

@@ -70,7 +70,7 @@ def test_sd3_dispatch_is_lazy(tmp_path, schedule_file, capsys, monkeypatch):
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     common = ["--model", str(sd3), "--schedule", schedule_file, "--prompt", "x", "--out", str(tmp_path / "out")]
     try:
-        runtime.RALUStableDiffusion3Pipeline
+        _ = runtime.RALUStableDiffusion3Pipeline
     except (ImportError, AttributeError):
         assert "RALUStableDiffusion3Pipeline" in _error(capsys, common)
     # With the SD3 runtime present, the folder dispatches to it; a FLUX schedule is refused.

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from schedule_factory import schedule_dict
 
 from ralu.runtime import schedule as schedule_module
 from ralu.runtime.schedule import (
@@ -15,7 +16,6 @@ from ralu.runtime.schedule import (
     stage_sigmas,
     transition,
 )
-from schedule_factory import schedule_dict
 
 
 def write(tmp_path, data, name="s.json"):

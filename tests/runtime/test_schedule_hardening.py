@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schedule_factory import schedule_dict
 
 from ralu.runtime.plan import make_plan
 from ralu.runtime.schedule import (
@@ -33,7 +34,6 @@ from ralu.runtime.schedule import (
     schedule_from_dict,
     shipped_schedules,
 )
-from schedule_factory import schedule_dict
 
 SHIPPED = shipped_schedules()
 

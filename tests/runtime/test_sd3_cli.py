@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from sd3_models import pipeline_components, tiny_sd3_text_stack
 
 from ralu.runtime.cli import main
 from ralu.runtime.schedule import save_schedule
-from sd3_models import pipeline_components, tiny_sd3_text_stack
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from sd3_models import pipeline_components, text_inputs, tiny_transformer
 
 from ralu.runtime import RALUStableDiffusion3Pipeline, ScheduleError, load_schedule, shipped_schedules
 from ralu.runtime import sd3 as sd3_module
 from ralu.runtime.tokens import TokenLayout
-from sd3_models import pipeline_components, text_inputs, tiny_transformer
 
 SIZE = 128  # latent 16x16: low-res token grid 4x4 (M/4 = 16), full-res 8x8 (M = 64)
 THREE_STAGES = [(2, 0.3, 5.0), (2, 0.5, 2.5), (3, 1.0, 2.0)]

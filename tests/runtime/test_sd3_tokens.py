@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sd3_models import POOLED_DIM, SD3_MEDIUM_LIKE, SD35_MEDIUM_LIKE, TEXT_DIM, tiny_transformer
 
 from ralu.runtime import sd3_tokens as st
 from ralu.runtime.tokens import patchify, unpatchify
-from sd3_models import SD3_MEDIUM_LIKE, SD35_MEDIUM_LIKE, TEXT_DIM, POOLED_DIM, tiny_transformer
 
 VARIANTS = {"sd3-medium-like": SD3_MEDIUM_LIKE, "sd3.5-medium-like": SD35_MEDIUM_LIKE}
 
