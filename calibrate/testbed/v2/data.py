@@ -11,14 +11,15 @@ optional thin marks.  The label is a row of seven ints, one per attribute
 * ``orientation``: index k of the pattern's angle: stripes run at k x 45 degrees (their
   wave vector points that way), a checker is turned by k x 22.5 degrees (a checker repeats
   every 90 degrees, so its four angles sit in one quarter turn);
-* ``period``: the pattern's period, 4, 6 or 10 pixels at 64 px (about 5 % jitter);
+* ``period``: the pattern's period, 3, 5 or 9 pixels at 64 px (about 5 % jitter);
 * ``marks``: none, one thin line (1 px wide, light grey, any angle) across the scene, or
   four small light dots (2 x 2 px).
 
-Every attribute but the first three is what a half-size stage loses or blurs: at 32 px a
-4 px period is at the Nyquist limit (any jitter or a diagonal angle aliases it), a 1 px line
-drops to half its contrast, a 2 x 2 dot to one pixel.  The label therefore asks the
-generator for structure that only the full-size stage can draw, and the classifier
+Every attribute but the first three is what a half-size stage loses or blurs: at 32 px
+the 3 px period is beyond the Nyquist limit (2x2 pooling leaves about a quarter to a half of
+its contrast, and aliased), the 5 px one is at 2.5 px, a 1 px line drops to half its
+contrast and a 2 x 2 dot to one pixel.  The label therefore asks the generator for
+structure that only the full-size stage can draw, and the classifier
 (:mod:`.classifier`) reads it back.
 
 Rendering: every scene is evaluated on a grid :data:`SUPERSAMPLE` times finer and averaged
@@ -59,7 +60,7 @@ IMAGE_SIZE = 64
 #: Rendering grid per output pixel (per side).
 SUPERSAMPLE = 2
 #: Background period of each ``period`` value, in pixels at :data:`IMAGE_SIZE`.
-PERIODS_PX: tuple[float, ...] = (4.0, 6.0, 10.0)
+PERIODS_PX: tuple[float, ...] = (3.0, 5.0, 9.0)
 #: Relative jitter of the period (uniform in +-).
 PERIOD_JITTER = 0.05
 #: Angle step of ``orientation`` in degrees, per texture (a checker repeats every 90 degrees).
