@@ -3,6 +3,8 @@ FluxPipeline and StableDiffusion3Pipeline, and RALU schedules end to end (untrai
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,3 +85,20 @@ def test_missing_weights_name_the_training_command(tmp_path):
         tb.load_transformer("sd3", tmp_path)
     with pytest.raises(FileNotFoundError, match="train_autoencoder"):
         tb.load_autoencoder(tmp_path)
+
+
+def test_regime_check_runs_and_reports_its_criteria(autoencoder):
+    from ralu.calibrate.testbed.v2 import evaluate
+    from ralu.calibrate.testbed.v2.classifier import Classifier
+
+    pipe = tb.make_pipeline("sd3", tb.build_transformer("sd3", seed=2), autoencoder)
+    torch.manual_seed(0)
+    result = evaluate.regime_check(pipe, "sd3", Classifier().eval(), n=4, reference_n=16, autoencoder=autoencoder, baseline_steps=4, few_steps=(1, 2))
+    assert set(result["checks"]) == {"baseline draws fine structure", "few steps visibly worse"}
+    assert result["checks"]["baseline draws fine structure"] is False  # an untrained model draws noise
+    assert {"real scenes", "autoencoder reconstructions", "baseline, 4 steps", "1 steps", "2 steps"} == set(result["rows"])
+    row = result["rows"]["1 steps"]
+    assert {"accuracy", "fd", "spectral_distance", "blocking", "psnr", "ssim"} <= set(row)
+    assert result["rows"]["baseline, 4 steps"]["psnr"] == 100.0
+    assert result["comparisons"]["2 steps"]["fine accuracy"]["verdict"] in ("baseline better", "2 steps better", "not separable")
+    json.dumps(result)  # JSON-ready
