@@ -85,7 +85,7 @@ def test_shape_colour_position_and_marks_are_in_the_pixels():
     images, labels, geometry = data.make_batch(13, 0, labels=labels, return_geometry=True)
     rgb = (images + 1) / 2
     for i in range(labels.shape[0]):
-        shape, colour, position, _, _, _, marks = labels[i].tolist()
+        _, colour, position, _, _, _, marks = labels[i].tolist()
         inside = geometry.shape_mask[i] == 1.0
         assert inside.sum() > 100, "the shape is drawn"
         pixels = rgb[i][:, inside].T

@@ -44,7 +44,7 @@ def test_pipelines_derive_the_vae_factor_and_the_runtime_rule_follows(arch, auto
     ralu = (RALUFluxPipeline if arch == "flux" else RALUStableDiffusion3Pipeline).from_pipe(pipe)
     plan = ralu.plan(tb.testbed_schedule(_schedule(arch)))
     assert plan.grid == (8, 8) and plan.full_tokens == tb.FULL_TOKENS
-    assert [stage.tokens for stage in plan.stages][0] == tb.FULL_TOKENS // 4
+    assert plan.stages[0].tokens == tb.FULL_TOKENS // 4
 
 
 def _schedule(arch):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from . import data, training
 from . import model as tb
