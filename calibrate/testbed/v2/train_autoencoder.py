@@ -61,9 +61,9 @@ def reconstruction_psnr(autoencoder, n: int = 256, seed: int = 5_000_000_003) ->
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
-    training.add_common_arguments(p, default_out(AUTOENCODER), steps=3000, lr=1e-3, warmup=100)
-    p.add_argument("--batch", type=int, default=16, help="64 px scenes per step")
-    p.add_argument("--half-batch", type=int, default=16, help="32 px scenes per step")
+    training.add_common_arguments(p, default_out(AUTOENCODER), steps=6000, lr=1e-3, warmup=100)
+    p.add_argument("--batch", type=int, default=32, help="64 px scenes per step")
+    p.add_argument("--half-batch", type=int, default=32, help="32 px scenes per step")
     p.add_argument("--spectral-weight", type=float, default=0.1)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--stats-n", type=int, default=1024, help="scenes for scaling_factor / shift_factor")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         autoencoder.eval()
         stats = tb.latent_statistics(autoencoder, n=args.stats_n)
         autoencoder.register_to_config(**stats)
-        extra.update(latent_statistics=stats, reconstruction=reconstruction_psnr(autoencoder))
+        extra.update(latent_statistics=stats, reconstruction=reconstruction_psnr(autoencoder, n=min(256, args.stats_n)))
         print(f"latent statistics {stats}; reconstruction {extra['reconstruction']}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         autoencoder.save_pretrained(out, safe_serialization=True)

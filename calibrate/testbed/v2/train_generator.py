@@ -103,10 +103,10 @@ def flow_loss(arch: str, transformer, latents: torch.Tensor, cond: dict, generat
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=tb.ARCHITECTURES, required=True)
-    training.add_common_arguments(p, None, steps=2500, lr=6e-4, warmup=100)
+    training.add_common_arguments(p, None, steps=3000, lr=6e-4, warmup=100)
     p.add_argument("--autoencoder", default=None, help="the trained autoencoder's folder (default: the repository's)")
-    p.add_argument("--batch", type=int, default=32, help="full-size scenes per step")
-    p.add_argument("--half-batch", type=int, default=32, help="half-size scenes per step")
+    p.add_argument("--batch", type=int, default=48, help="full-size scenes per step")
+    p.add_argument("--half-batch", type=int, default=48, help="half-size scenes per step")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--drop", type=float, default=0.1, help="fraction of conditioning replaced by the empty prompt")
     p.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
