@@ -89,3 +89,17 @@ def test_bad_resumes_are_refused_with_one_line(autoencoder_dir, tmp_path, capsys
     assert err.count("\n") == 1 and "batch: 2 -> 4" in err
     assert training.main_guard(train_generator.main, ["--arch", "sd3", "--autoencoder", str(tmp_path / "none"), "--out", str(tmp_path / "g")]) == 2
     assert "no testbed v2 autoencoder" in capsys.readouterr().err
+
+
+def test_weights_are_found_like_v1s_and_missing_ones_stop_the_evaluation(tmp_path, monkeypatch, capsys):
+    from ralu.calibrate.testbed.v2 import evaluate
+    from ralu.calibrate.testbed.v2.location import PARTS, part_dir
+
+    monkeypatch.setenv("RALU_TESTBED_WEIGHTS", str(tmp_path))
+    assert [part_dir(part) for part in PARTS] == [tmp_path / "v2" / part for part in PARTS]
+    assert part_dir("sd3", tmp_path / "mine") == tmp_path / "mine"
+    with pytest.raises(ValueError, match="unknown testbed v2 part"):
+        part_dir("vae")
+    assert evaluate.main(["--arch", "flux", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_generator --arch flux" in err
