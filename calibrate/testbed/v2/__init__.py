@@ -21,3 +21,31 @@ position; v2 has what a low-resolution stage can lose:
 Weights live in the repository's ``testbed-weights/v2/`` (:mod:`.location`); the design and
 the training plan are in ``docs/testbed-v2.md``.
 """
+
+_LAZY = {
+    "make_batch": ".data",
+    "balanced_labels": ".data",
+    "ATTRIBUTES": ".data",
+    "encode_labels": ".conditioning",
+    "null_embeds": ".conditioning",
+    "load_pipeline": ".model",
+    "make_pipeline": ".model",
+    "call_inputs": ".model",
+    "testbed_schedule": ".model",
+    "load_autoencoder": ".model",
+    "load_classifier": ".classifier",
+    "regime_check": ".evaluate",
+    "generate": ".evaluate",
+}
+
+
+def __getattr__(name):
+    # Lazy: importing the package does not load diffusers, scipy or torchmetrics.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -118,8 +118,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     training.add_common_arguments(p, default_out(CLASSIFIER), steps=3000, lr=2e-3, warmup=100)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--eval-n", type=int, default=2000, help="fresh scenes for the accuracy in the record")
+    p.add_argument("--batch", type=training.positive_int, default=64)
+    p.add_argument("--eval-n", type=training.positive_int, default=2000, help="fresh scenes for the accuracy in the record")
     return p
 
 

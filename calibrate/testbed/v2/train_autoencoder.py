@@ -62,11 +62,11 @@ def reconstruction_psnr(autoencoder, n: int = 256, seed: int = 5_000_000_003) ->
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     training.add_common_arguments(p, default_out(AUTOENCODER), steps=6000, lr=1e-3, warmup=100)
-    p.add_argument("--batch", type=int, default=32, help="64 px scenes per step")
-    p.add_argument("--half-batch", type=int, default=32, help="32 px scenes per step")
+    p.add_argument("--batch", type=training.positive_int, default=32, help="64 px scenes per step")
+    p.add_argument("--half-batch", type=training.non_negative_int, default=32, help="32 px scenes per step")
     p.add_argument("--spectral-weight", type=float, default=0.1)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--stats-n", type=int, default=1024, help="scenes for scaling_factor / shift_factor")
+    p.add_argument("--stats-n", type=training.positive_int, default=1024, help="scenes for scaling_factor / shift_factor")
     return p
 
 

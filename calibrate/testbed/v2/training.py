@@ -52,18 +52,34 @@ def step_seed(seed: int, step: int, part: int) -> int:
     return 1_000_000_007 * (seed + 1) + 8 * step + part
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, out: Path | None, steps: int, lr: float, warmup: int) -> None:
     where = "the repository's testbed-weights/v2/<part>" if out is None else out
     parser.add_argument("--out", type=Path, default=out, help=f"output folder (default: {where}, from the repository root)")
-    parser.add_argument("--steps", type=int, default=steps, help="total optimizer steps of the run")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="total optimizer steps of the run")
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear warm-up, cosine decay to 10 %%)")
-    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--warmup", type=positive_int, default=warmup)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (start fresh if there is none)")
-    parser.add_argument("--stop-after", type=int, default=None, help="end this session after N more steps, writing a checkpoint")
-    parser.add_argument("--save-every", type=int, default=200, help="write a checkpoint every N steps")
-    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--stop-after", type=positive_int, default=None, help="end this session after N more steps, writing a checkpoint")
+    parser.add_argument("--save-every", type=positive_int, default=200, help="write a checkpoint every N steps")
+    parser.add_argument("--log-every", type=positive_int, default=25)
     parser.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after the last step")
 
 
