@@ -102,3 +102,11 @@ def test_regime_check_runs_and_reports_its_criteria(autoencoder):
     assert result["rows"]["baseline, 4 steps"]["psnr"] == 100.0
     assert result["comparisons"]["2 steps"]["fine accuracy"]["verdict"] in ("baseline better", "2 steps better", "not separable")
     json.dumps(result)  # JSON-ready
+
+
+def test_every_network_fits_25_mb_of_float32_weights():
+    from ralu.calibrate.testbed.v2.classifier import Classifier
+
+    networks = [tb.build_autoencoder(), Classifier(), tb.build_transformer("flux"), tb.build_transformer("sd3")]
+    sizes = [4 * sum(p.numel() for p in net.parameters()) for net in networks]
+    assert max(sizes) < 25e6, sizes
