@@ -110,3 +110,14 @@ def test_every_network_fits_25_mb_of_float32_weights():
     networks = [tb.build_autoencoder(), Classifier(), tb.build_transformer("flux"), tb.build_transformer("sd3")]
     sizes = [4 * sum(p.numel() for p in net.parameters()) for net in networks]
     assert max(sizes) < 25e6, sizes
+
+
+def test_an_image_does_not_depend_on_its_batch(autoencoder):
+    from ralu.calibrate.testbed.v2 import evaluate
+
+    pipe = tb.make_pipeline("flux", tb.build_transformer("flux", seed=3), autoencoder)
+    labels = data.balanced_labels(3, seed=4)
+    together = evaluate.generate(pipe, "flux", labels, seed=5, steps=2, batch_size=3)
+    alone = evaluate.generate(pipe, "flux", labels, seed=5, steps=2, batch_size=1)
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
