@@ -1,0 +1,74 @@
+"""Labels -> the "text" inputs both generators take (testbed v2).
+
+No text encoder: every attribute value owns a FIXED random embedding (a seeded generator,
+identical on every machine, never trained), and a label of seven attributes becomes seven
+"text tokens", one per attribute in :data:`ralu.calibrate.testbed.v2.data.ATTRIBUTES`
+order:
+
+* ``prompt_embeds`` ``(B, 7, JOINT_DIM)``: token a is the embedding of attribute a's value
+  (what T5 gives FLUX, and the joint text sequence gives SD3);
+* ``pooled_prompt_embeds`` ``(B, POOLED_DIM)``: the sum over attributes of a second table,
+  divided by sqrt(7) (CLIP's pooled vector).
+
+The same tables drive the FLUX and the SD3 generator (both take ``prompt_embeds`` and
+``pooled_prompt_embeds``).  :func:`null_embeds` is the empty prompt: 10 % of training
+conditioning is replaced by it, so it serves as the negative prompt of classifier-free
+guidance (SD3's default; FLUX's ``true_cfg_scale``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import ATTRIBUTES, NUM_VALUES, check_labels
+
+#: Width of a text token (the transformers' ``joint_attention_dim``).
+JOINT_DIM = 64
+#: Width of the pooled embedding (``pooled_projection_dim``).
+POOLED_DIM = 64
+#: Text tokens per prompt: one per attribute.
+TEXT_TOKENS = len(ATTRIBUTES)
+#: Seed of the fixed tables: part of the testbed's definition (the weights were trained
+#: with these tables), never change it.
+TABLE_SEED = 20251130
+
+
+def _tables() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(TABLE_SEED)
+    tokens = [torch.randn(k, JOINT_DIM, generator=generator) for k in NUM_VALUES]
+    pooled = [torch.randn(k, POOLED_DIM, generator=generator) for k in NUM_VALUES]
+    null_tokens = torch.randn(TEXT_TOKENS, JOINT_DIM, generator=generator)
+    null_pooled = torch.randn(POOLED_DIM, generator=generator)
+    return tokens, pooled, null_tokens, null_pooled
+
+
+_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = _tables()
+
+
+def encode_labels(labels, device=None, dtype=torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Labels ``(B, 7)`` -> ``{prefix}prompt_embeds`` and ``{prefix}pooled_prompt_embeds``."""
+    labels = check_labels(labels).cpu()
+    tokens = torch.stack([_TOKENS[a][labels[:, a]] for a in range(TEXT_TOKENS)], dim=1)
+    pooled = sum(_POOLED[a][labels[:, a]] for a in range(TEXT_TOKENS)) / math.sqrt(TEXT_TOKENS)
+    return {
+        f"{prefix}prompt_embeds": tokens.to(device=device, dtype=dtype),
+        f"{prefix}pooled_prompt_embeds": pooled.to(device=device, dtype=dtype),
+    }
+
+
+def null_embeds(batch: int, device=None, dtype=torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The empty prompt for ``batch`` images; ``prefix="negative_"`` gives the keys the
+    pipelines take for guidance."""
+    return {
+        f"{prefix}prompt_embeds": _NULL_TOKENS.expand(batch, -1, -1).to(device=device, dtype=dtype).clone(),
+        f"{prefix}pooled_prompt_embeds": _NULL_POOLED.expand(batch, -1).to(device=device, dtype=dtype).clone(),
+    }
+
+
+def drop_conditioning(cond: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``cond`` with the rows where ``keep`` is False replaced by the empty prompt (training's
+    conditioning dropout, which makes guidance possible)."""
+    null = null_embeds(keep.shape[0], device=keep.device)
+    return {key: torch.where(keep.view(-1, *[1] * (value.ndim - 1)), value, null[key].to(value.dtype)) for key, value in cond.items()}

@@ -1,0 +1,165 @@
+"""The regime check of testbed v2: is the trained testbed an instrument for RALU?
+
+    python -m ralu.calibrate.testbed.v2.evaluate --arch flux --n 128 --json reports/testbed-v2-flux.json
+
+Three questions, each answered with numbers and a pass / fail line:
+
+1. **The reference draws the fine structure.**  The base pipeline at its baseline steps
+   (FLUX 50, SD3 28) must be read back right by the classifier on every fine attribute
+   (texture, orientation, period, marks together) for at least :data:`MIN_FINE_ACCURACY` of
+   the images, and the classifier itself must be near perfect on real scenes and on their
+   autoencoder reconstructions (the ceiling a generator can reach through the decoder).
+2. **Few steps are visibly worse.**  The same pipeline with few steps (FLUX 6 and 11, SD3 5
+   and 9: the budgets of RALU's presets) must lose to the baseline with 95 % confidence on
+   a fine-detail metric: the per-image fine accuracy or the spectral distance to real
+   scenes (paired bootstrap over images: same noise, same labels).  If few plain steps
+   match the baseline, as in v1, a low-resolution stage has nothing to save and the
+   testbed cannot rank RALU.
+3. **The measures are calibrated.**  Real scenes against the real reference give the floor
+   of FD and spectral distance, printed beside the samplers' values.
+
+Every image i is generated from its own noise generator (seed, i) and the labels
+``balanced_labels(n, seed)``, so every method sees the same noise and conditioning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, metrics
+from . import model as tb
+from .classifier import load_classifier, predict
+
+#: Criterion 1: fraction of baseline samples with every fine attribute read back right.
+MIN_FINE_ACCURACY = 0.8
+#: Few-step counts compared with the baseline, per architecture.
+FEW_STEPS = {"flux": (6, 11), "sd3": (5, 9)}
+
+
+def image_generators(n: int, seed: int = 0) -> list[torch.Generator]:
+    """One generator per image: image i's noise depends on (seed, i) only."""
+    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate(pipe, arch: str, labels: torch.Tensor, seed: int = 0, steps: int | None = None, batch_size: int = 32, **call_kwargs) -> torch.Tensor:
+    """Images ``(n, 3, 64, 64)`` in [-1, 1] from ``pipe`` (a base or RALU pipeline of
+    ``arch``); ``steps=None`` leaves ``num_inference_steps`` out (RALU takes ``schedule=``)."""
+    labels = data.check_labels(labels)
+    noise = image_generators(labels.shape[0], seed)
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        chunk = labels[start : start + batch_size]
+        kwargs = dict(call_kwargs)
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        images = pipe(**tb.call_inputs(arch, chunk, device=device, dtype=dtype), generator=noise[start : start + chunk.shape[0]], output_type="pt", **kwargs).images
+        out.append(images.float().cpu() * 2.0 - 1.0)
+    return torch.cat(out)
+
+
+def method_metrics(images, labels, classifier, fd: metrics.FrechetDistance, real_spectra, baseline=None) -> dict:
+    """Every metric of one method's images (per-image values kept for paired comparisons)."""
+    predicted = predict(classifier, images)
+    right = predicted == labels
+    fine = [data.ATTRIBUTES.index(a) for a in data.FINE_ATTRIBUTES]
+    spectra = metrics.radial_power_spectrum(images)
+    result = {
+        "accuracy": metrics.attribute_accuracy(predicted, labels),
+        "fd": fd(images),
+        "spectral_distance": metrics.spectral_distance(spectra, real_spectra),
+        "blocking": metrics.blocking(images).mean().item(),
+        "per_image": {"fine_right": right[:, fine].all(dim=1).double(), "spectra": spectra},
+    }
+    if baseline is not None:
+        result["psnr"] = metrics.psnr(images, baseline).mean().item()
+        result["ssim"] = metrics.ssim(images, baseline).mean().item()
+    return result
+
+
+def regime_check(
+    pipe, arch: str, classifier, n: int = 128, seed: int = 0, reference_n: int = 1000, autoencoder=None, baseline_steps: int | None = None, few_steps: tuple[int, ...] | None = None
+) -> dict:
+    """Run the three checks (module docstring); returns a JSON-ready dict.  Step counts
+    default to :data:`ralu.calibrate.testbed.v2.model.BASE_STEPS` and :data:`FEW_STEPS`."""
+    labels = data.balanced_labels(n, seed)
+    reference, _ = data.make_batch(6_000_000_001 + seed, reference_n)
+    fd = metrics.FrechetDistance(classifier, reference)
+    real_spectra = metrics.radial_power_spectrum(reference)
+    real, _ = data.make_batch(7_000_000_003 + seed, 0, labels=labels)
+    rows = {"real scenes": method_metrics(real, labels, classifier, fd, real_spectra)}
+    if autoencoder is not None:
+        with torch.no_grad():
+            decoded = tb.latents_to_images(autoencoder, tb.images_to_latents(autoencoder, real)).clamp(-1, 1)
+        rows["autoencoder reconstructions"] = method_metrics(decoded, labels, classifier, fd, real_spectra)
+    timings = {}
+    start = time.time()
+    baseline_steps = tb.BASE_STEPS[arch] if baseline_steps is None else baseline_steps
+    baseline = generate(pipe, arch, labels, seed, baseline_steps)
+    timings[f"{baseline_steps} steps"] = round(time.time() - start, 1)
+    rows[f"baseline, {baseline_steps} steps"] = method_metrics(baseline, labels, classifier, fd, real_spectra, baseline)
+    comparisons = {}
+    base_row = rows[f"baseline, {baseline_steps} steps"]
+    for steps in FEW_STEPS[arch] if few_steps is None else few_steps:
+        start = time.time()
+        images = generate(pipe, arch, labels, seed, steps)
+        timings[f"{steps} steps"] = round(time.time() - start, 1)
+        name = f"{steps} steps"
+        rows[name] = row = method_metrics(images, labels, classifier, fd, real_spectra, baseline)
+        names = ("baseline", name)
+        comparisons[name] = {
+            "fine accuracy": metrics.paired_bootstrap(base_row["per_image"]["fine_right"], row["per_image"]["fine_right"], True, names=names).__dict__,
+            "spectral distance": metrics.paired_set_bootstrap(
+                base_row["per_image"]["spectra"], row["per_image"]["spectra"], lambda s: metrics.spectral_distance(s, real_spectra), False, names=names
+            ).__dict__,
+        }
+    base_fine = base_row["accuracy"]["fine"]
+    few_worse = {name: any(c["verdict"] == "baseline better" for c in comp.values()) for name, comp in comparisons.items()}
+    checks = {
+        "baseline draws fine structure": base_fine >= MIN_FINE_ACCURACY,
+        "few steps visibly worse": all(few_worse.values()),
+    }
+    for row in rows.values():
+        row.pop("per_image")
+    return {"arch": arch, "n": n, "seed": seed, "reference_n": reference_n, "rows": rows, "comparisons": comparisons, "checks": checks, "seconds": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.testbed.v2.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=tb.ARCHITECTURES, required=True)
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-n", type=int, default=1000)
+    parser.add_argument("--weights", default=None, help="generator folder (default: the repository's)")
+    parser.add_argument("--autoencoder", default=None)
+    parser.add_argument("--classifier", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        pipe = tb.load_pipeline(args.arch, path=args.weights, autoencoder=args.autoencoder)
+        classifier = load_classifier(args.classifier)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = regime_check(pipe, args.arch, classifier, args.n, args.seed, args.reference_n, pipe.vae)
+    result["command"] = "python -m ralu.calibrate.testbed.v2.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json is not None:
+        from .training import atomic_write_text
+
+        atomic_write_text(args.json, text)
+    print(text)
+    return 0 if all(result["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""Metrics of testbed v2 that see fine detail, with intervals and paired comparisons.
+
+Images are ``(n, 3, H, W)`` in [-1, 1] (what the generators decode to) unless said otherwise.
+
+* :func:`psnr`, :func:`ssim`: per image against a reference (the 50-step sample from the
+  same noise), from ``torchmetrics`` (SSIM: 11 x 11 gaussian window, sigma 1.5, on [0, 1]).
+  PSNR of identical images is capped at :data:`PSNR_CAP` dB so means stay finite.
+* :class:`FrechetDistance`, :func:`feature_frechet_distance`: FD in the features of the v2
+  classifier (trained on all seven attributes, so FD moves when fine structure does), with
+  ``torchmetrics``' ``FrechetInceptionDistance`` and the classifier as its feature network.
+* :func:`radial_power_spectrum`, :func:`spectral_distance`: the radially averaged power
+  spectrum of the luma and the mean absolute log10 ratio of two sets' mean spectra over the
+  radii 1 .. H/2: 0 for identical sets; a sampler that blurs or aliases the fine periods
+  moves the high radii.
+* :func:`blocking`: the 2x2-cell blocking index of the quality harness, on the grid of a
+  half-size latent pixel (:data:`BLOCK_PX` image pixels).
+* :func:`attribute_accuracy`: the fraction read back right per attribute, all seven, and the
+  four fine ones together.
+* :func:`mean_interval` (``scipy.stats.bootstrap``), :func:`paired_bootstrap` and
+  :func:`paired_set_bootstrap`: "A beats B with 95 % confidence" from the same images
+  resampled for both methods (paired: both were made from the same noise and labels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import data
+
+#: PSNR of identical images, dB.
+PSNR_CAP = 100.0
+#: Image pixels per side of a latent pixel of the half-size stage (nearest upsampling makes
+#: 2x2 blocks of half-size latent pixels, each 2 image pixels wide after decoding).
+BLOCK_PX = 2 * 2
+#: Verdict of a comparison whose interval contains zero.
+NOT_SEPARABLE = "not separable"
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped, float32."""
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    x = to_unit(images)
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+# ----------------------------------------------------------------------------------------
+# Per-image fidelity to a reference.
+# ----------------------------------------------------------------------------------------
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` PSNR in dB of every image against its reference, capped at :data:`PSNR_CAP`."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    values = peak_signal_noise_ratio(to_unit(images), to_unit(reference), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return torch.nan_to_num(values, posinf=PSNR_CAP).clamp(max=PSNR_CAP)
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` SSIM of every image against its reference."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(to_unit(images), to_unit(reference), data_range=1.0, reduction="none")
+
+
+def blocking(images: torch.Tensor, block: int = BLOCK_PX) -> torch.Tensor:
+    """``(n,)`` blocking index on the ``block``-pixel grid (see the quality harness's
+    ``blocking_index``: 0 without grid-aligned structure, 1 for nearest-upsampled images)."""
+    from ralu.calibrate.bench.quality.metrics import blocking_index
+
+    return blocking_index(images, block=block)
+
+
+# ----------------------------------------------------------------------------------------
+# Spectra.
+# ----------------------------------------------------------------------------------------
+
+
+def radial_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """``(n, H // 2)``: every image's luma power (Hann-windowed, mean removed) averaged over
+    the frequency rings of radius 1, 2, ..., H/2 (cycles per image)."""
+    y = luma(images).double()
+    n, h, w = y.shape
+    if h != w:
+        raise ValueError(f"radial spectra need square images, got {h}x{w}")
+    y = y - y.mean(dim=(1, 2), keepdim=True)
+    window = torch.hann_window(h, periodic=False, dtype=torch.float64)
+    power = torch.fft.fft2(y * window[:, None] * window[None, :]).abs().pow(2)
+    freq = torch.fft.fftfreq(h, d=1.0 / h, dtype=torch.float64)
+    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).round().long()
+    rings = h // 2
+    keep = (radius >= 1) & (radius <= rings)
+    index = (radius[keep] - 1).expand(n, -1)
+    total = torch.zeros(n, rings, dtype=torch.float64).scatter_add_(1, index, power[:, keep])
+    count = torch.zeros(rings, dtype=torch.float64).scatter_add_(0, radius[keep] - 1, torch.ones_like(power[0, keep]))
+    return total / count
+
+
+def spectral_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over radii of ``|log10 Pa(r) - log10 Pb(r)|``, ``P`` the set's mean radial power
+    spectrum: 0 for identical sets, 1 for a tenfold power difference at every radius.
+    ``a`` and ``b`` are images, or spectra from :func:`radial_power_spectrum`."""
+    pa = a if a.ndim == 2 else radial_power_spectrum(a)
+    pb = b if b.ndim == 2 else radial_power_spectrum(b)
+    return (torch.log10(pa.mean(0) + eps) - torch.log10(pb.mean(0) + eps)).abs().mean().item()
+
+
+# ----------------------------------------------------------------------------------------
+# Frechet distance in the classifier's features.
+# ----------------------------------------------------------------------------------------
+
+
+class _Passthrough(torch.nn.Module):
+    """A "feature network" that is the identity: FD of features computed beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def feature_frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FD between two feature sets ``(n, d)``, computed by ``torchmetrics``."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Passthrough(features_a.shape[1]), normalize=True)
+    metric.update(features_b.double(), real=True)
+    metric.update(features_a.double(), real=False)
+    return float(metric.compute())
+
+
+class FrechetDistance:
+    """FD of image sets to a fixed reference set, in the v2 classifier's features
+    (``torchmetrics``' ``FrechetInceptionDistance`` with :class:`.classifier.FeatureExtractor`)."""
+
+    def __init__(self, classifier, reference: torch.Tensor, batch_size: int = 256):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from .classifier import FeatureExtractor
+
+        self.metric = FrechetInceptionDistance(feature=FeatureExtractor(classifier), normalize=True, reset_real_features=False)
+        self.batch_size = batch_size
+        for chunk in to_unit(reference).split(batch_size):
+            self.metric.update(chunk, real=True)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        self.metric.reset()
+        for chunk in to_unit(images).split(self.batch_size):
+            self.metric.update(chunk, real=False)
+        return float(self.metric.compute())
+
+
+# ----------------------------------------------------------------------------------------
+# Conditioning accuracy.
+# ----------------------------------------------------------------------------------------
+
+
+def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Fraction right per attribute, ``"all"`` (every attribute right) and ``"fine"``
+    (every fine attribute right: texture, orientation, period, marks)."""
+    labels = data.check_labels(labels)
+    right = predicted.cpu() == labels
+    result = {name: right[:, i].float().mean().item() for i, name in enumerate(data.ATTRIBUTES)}
+    fine = [data.ATTRIBUTES.index(name) for name in data.FINE_ATTRIBUTES]
+    result["fine"] = right[:, fine].all(dim=1).float().mean().item()
+    result["all"] = right.all(dim=1).float().mean().item()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# Intervals and paired comparisons.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``difference`` = metric(A) - metric(B) with its bootstrap interval, and the verdict:
+    ``"A better"``, ``"B better"`` (by the metric's direction) or :data:`NOT_SEPARABLE`."""
+
+    difference: float
+    low: float
+    high: float
+    confidence: float
+    verdict: str
+
+    @property
+    def separable(self) -> bool:
+        return self.verdict != NOT_SEPARABLE
+
+
+def _bootstrap(statistic, n: int, vectorized: bool, data_arrays: tuple, confidence: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        data_arrays, statistic, vectorized=vectorized, paired=len(data_arrays) > 1, confidence_level=confidence,
+        n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """Mean of per-image values with a percentile bootstrap interval over images."""
+    x = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=np.float64)
+    if x.size < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {x.size}")
+    mean = float(x.mean())
+    if np.ptp(x) == 0:
+        return Interval(mean, mean, mean, confidence)
+    low, high = _bootstrap(lambda v, axis=-1: np.mean(v, axis=axis), x.size, True, (x,), confidence, n_resamples, seed)
+    return Interval(mean, low, high, confidence)
+
+
+def _verdict(low: float, high: float, higher_is_better: bool, names: tuple[str, str]) -> str:
+    if low <= 0.0 <= high:
+        return NOT_SEPARABLE
+    a_larger = low > 0.0
+    return f"{names[0] if a_larger == higher_is_better else names[1]} better"
+
+
+def paired_bootstrap(
+    a_values, b_values, higher_is_better: bool, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0, names: tuple[str, str] = ("A", "B")
+) -> Comparison:
+    """Compare per-image metrics of two methods on the same images (same noise, same labels):
+    the mean of ``a - b`` with a bootstrap interval over images."""
+    a = np.asarray(torch.as_tensor(a_values, dtype=torch.float64).cpu())
+    b = np.asarray(torch.as_tensor(b_values, dtype=torch.float64).cpu())
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"paired values must be two 1-D arrays of the same length >= 2, got {a.shape} and {b.shape}")
+    d = a - b
+    mean = float(d.mean())
+    if np.ptp(d) == 0:
+        low = high = mean
+    else:
+        low, high = _bootstrap(lambda v, axis=-1: np.mean(v, axis=axis), d.size, True, (d,), confidence, n_resamples, seed)
+    return Comparison(mean, low, high, confidence, _verdict(low, high, higher_is_better, names))
+
+
+def paired_set_bootstrap(
+    a_items: torch.Tensor,
+    b_items: torch.Tensor,
+    set_metric: Callable[[torch.Tensor], float],
+    higher_is_better: bool,
+    confidence: float = 0.95,
+    n_resamples: int = 200,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+) -> Comparison:
+    """Compare a set-level metric (FD to a reference, spectral distance to real images, ...)
+    of two methods: resample image indices, the same for both methods (image i of A and B
+    share noise and label), and take the interval of ``metric(A[idx]) - metric(B[idx])``."""
+    if a_items.shape[0] != b_items.shape[0] or a_items.shape[0] < 2:
+        raise ValueError(f"paired sets must hold the same number (>= 2) of items, got {a_items.shape[0]} and {b_items.shape[0]}")
+    n = a_items.shape[0]
+    everything = torch.arange(n)
+    difference = set_metric(a_items[everything]) - set_metric(b_items[everything])
+
+    def statistic(index):
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return set_metric(a_items[index]) - set_metric(b_items[index])
+
+    if torch.equal(a_items, b_items):
+        low = high = difference
+    else:
+        low, high = _bootstrap(statistic, n, False, (np.arange(n),), confidence, n_resamples, seed)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("the bootstrap interval is not finite (too few distinct images for this metric). Fix: use more images")
+    return Comparison(difference, low, high, confidence, _verdict(low, high, higher_is_better, names))
