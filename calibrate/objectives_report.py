@@ -34,7 +34,7 @@ from .bench.quality.metrics import evaluate_images, frechet_distance
 from .bench.quality.sampler import TestbedSampler
 from .bench.quality.schedules import ours_schedule, paper_schedule, searched_schedule
 from .calibration import calibrate
-from .flops import flops_speedup
+from .flops.pricing import flops_speedup
 from .search import NTDMObjective, StageLayout
 from .testbed import data
 from .testbed.classifier import features, load_classifier

@@ -165,8 +165,11 @@ def test_half_size_latents_are_refused_in_both_families(pipe, family, flux_embed
 
 
 def test_docstrings_say_what_latents_fix(pipe):
-    doc = " ".join(type(pipe).__doc__.split())
-    assert "``latents`` fix the initial noise only" in doc and "global RNG" in doc and "Half-size noise is refused" in doc
+    from ralu.runtime.pipeline import RALUPipelineMixin
+
+    shared = " ".join(RALUPipelineMixin.__doc__.split())
+    assert "``latents`` fix the initial noise only" in shared and "global RNG" in shared and "Half-size noise is refused" in shared
+    assert "RALUPipelineMixin" in type(pipe).__doc__  # each pipeline points at the shared promise
 
 
 # ----------------------------------------------------------------------------------------

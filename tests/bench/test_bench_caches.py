@@ -83,7 +83,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_cache_rows_count_the_work_that_ran(ralu, flux_embeds, make_schedule):
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from ralu.calibrate.bench.cache import measure
+    from ralu.calibrate.bench.cache.run import measure
 
     schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)], height=128, width=128)
     rows = measure(ralu, schedule, {"never": FirstBlockCacheConfig(threshold=0.0), "always": FirstBlockCacheConfig(threshold=1e9)}, calls(flux_embeds)[0])
