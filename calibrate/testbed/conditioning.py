@@ -35,16 +35,19 @@ TEXT_TOKENS = len(ATTRIBUTES)
 TABLE_SEED = 20250708
 
 
-def _tables() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(TABLE_SEED)
-    tokens = [torch.randn(k, JOINT_DIM, generator=generator) for k in NUM_VALUES]
-    pooled = [torch.randn(k, POOLED_DIM, generator=generator) for k in NUM_VALUES]
-    null_tokens = torch.randn(TEXT_TOKENS, JOINT_DIM, generator=generator)
-    null_pooled = torch.randn(POOLED_DIM, generator=generator)
+def embedding_tables(num_values, text_tokens: int, joint_dim: int, pooled_dim: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Fixed random embeddings, drawn in one order from ``seed``: per attribute a
+    ``(k, joint_dim)`` token table and a ``(k, pooled_dim)`` pooled table, then the null
+    (unconditional) tokens and pooled vector."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(k, joint_dim, generator=generator) for k in num_values]
+    pooled = [torch.randn(k, pooled_dim, generator=generator) for k in num_values]
+    null_tokens = torch.randn(text_tokens, joint_dim, generator=generator)
+    null_pooled = torch.randn(pooled_dim, generator=generator)
     return tokens, pooled, null_tokens, null_pooled
 
 
-_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = _tables()
+_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = embedding_tables(NUM_VALUES, TEXT_TOKENS, JOINT_DIM, POOLED_DIM, TABLE_SEED)
 
 
 def encode_labels(labels, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -101,7 +101,7 @@ def test_label_embeddings_are_fixed_and_distinct():
     for key in embeds:
         assert torch.equal(embeds[key], from_text[key])
     # fixed tables: a fresh computation gives the same numbers
-    tables = conditioning._tables()
+    tables = conditioning.embedding_tables(data.NUM_VALUES, conditioning.TEXT_TOKENS, conditioning.JOINT_DIM, conditioning.POOLED_DIM, conditioning.TABLE_SEED)
     assert torch.equal(tables[0][1][5], embeds["prompt_embeds"][2, 1])
     null = conditioning.null_embeds(2, prefix="negative_")
     assert null["negative_prompt_embeds"].shape == (2, conditioning.TEXT_TOKENS, conditioning.JOINT_DIM)

@@ -23,16 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..classifier import _conv
 from . import data, training
 from .location import CLASSIFIER, default_out, part_dir
 
 PROG = "ralu.calibrate.testbed.v2.classifier"
 FEATURE_DIM = 256
 WEIGHTS_FILE = "classifier.safetensors"
-
-
-def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Classifier(nn.Module):

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..conditioning import embedding_tables
 from .data import ATTRIBUTES, NUM_VALUES, check_labels
 
 #: Width of a text token (the transformers' ``joint_attention_dim``).
@@ -35,16 +36,7 @@ TEXT_TOKENS = len(ATTRIBUTES)
 TABLE_SEED = 20251130
 
 
-def _tables() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(TABLE_SEED)
-    tokens = [torch.randn(k, JOINT_DIM, generator=generator) for k in NUM_VALUES]
-    pooled = [torch.randn(k, POOLED_DIM, generator=generator) for k in NUM_VALUES]
-    null_tokens = torch.randn(TEXT_TOKENS, JOINT_DIM, generator=generator)
-    null_pooled = torch.randn(POOLED_DIM, generator=generator)
-    return tokens, pooled, null_tokens, null_pooled
-
-
-_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = _tables()
+_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = embedding_tables(NUM_VALUES, TEXT_TOKENS, JOINT_DIM, POOLED_DIM, TABLE_SEED)
 
 
 def encode_labels(labels, device=None, dtype=torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:

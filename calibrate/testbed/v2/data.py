@@ -37,6 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# v1's drawing of the coloured shapes: the same geometry and palette maths at any size.
+from ..data import _hsv_to_rgb, _shape_masks
+
 #: Attribute names, in label column order.
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "texture", "orientation", "period", "marks")
 
@@ -131,24 +134,6 @@ def describe(labels) -> list[str]:
         marks = {"none": "", "line": ", with a line", "dots": ", with dots"}[value["marks"]]
         out.append(f"a {value['colour']} {value['shape']}, {value['position']}, on {value['period']} {value['texture']} at {value['orientation']}{marks}")
     return out
-
-
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Vectorised HSV -> RGB, all in [0, 1]; returns (..., 3)."""
-    k = torch.stack([(5.0 + h * 6.0) % 6.0, (3.0 + h * 6.0) % 6.0, (1.0 + h * 6.0) % 6.0], dim=-1)
-    return v[..., None] - v[..., None] * s[..., None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-def _shape_masks(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Boolean masks for offsets dx, dy (n, S, S) from the centre and radius r (n, 1, 1)."""
-    circle = dx * dx + dy * dy <= r * r
-    square = torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r
-    half_height = 1.05 * r  # an upward equilateral triangle, its bounding box centred
-    triangle = (dy <= half_height) & (dx.abs() * math.sqrt(3.0) <= dy + half_height)
-    arm, length = 0.36 * r, 1.05 * r
-    cross = ((dx.abs() <= arm) & (dy.abs() <= length)) | ((dy.abs() <= arm) & (dx.abs() <= length))
-    choice = shape[:, None, None]
-    return torch.where(choice == 0, circle, torch.where(choice == 1, square, torch.where(choice == 2, triangle, cross)))
 
 
 def _draws(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
