@@ -21,6 +21,17 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("RALU_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    # Tools run in-process (training and evaluation mains) set torch's thread count; another
+    # count changes float reduction order, and the golden values are held to 1e-6.
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------
