@@ -193,19 +193,26 @@ def embed_tokens(transformer, patches: torch.Tensor, positions: torch.Tensor | N
     computed beforehand (a sampler does it once per stage, not once per step); it replaces
     ``positions``, which may then be None.
     """
-    pos_embed = transformer.pos_embed
+    position_embeds = _checked_position_embeds(transformer, patches, positions, position_embeds, "embed_tokens")
+    return _project(transformer.pos_embed, patches, position_embeds)
+
+
+def _checked_position_embeds(transformer, patches: torch.Tensor, positions, position_embeds, caller: str) -> torch.Tensor:
+    """The position embeddings of ``patches`` ``(B, n, C, p, p)``: ``position_embeds`` as
+    given, or computed from ``positions``; a ValueError when the patch size or the counts
+    do not match the transformer."""
     _, count, _, patch, patch_w = patches.shape
-    if patch != pos_embed.patch_size or patch_w != pos_embed.patch_size:
-        raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {pos_embed.patch_size}")
+    if patch != transformer.pos_embed.patch_size or patch_w != transformer.pos_embed.patch_size:
+        raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {transformer.pos_embed.patch_size}")
     if position_embeds is None:
         if positions is None:
-            raise ValueError("embed_tokens needs positions or position_embeds")
+            raise ValueError(f"{caller} needs positions or position_embeds")
         if positions.shape[-2] != count:
             raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
-        position_embeds = position_embedding(transformer, positions)
-    elif position_embeds.shape[-2] != count:
+        return position_embedding(transformer, positions)
+    if position_embeds.shape[-2] != count:
         raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
-    return _project(pos_embed, patches, position_embeds)
+    return position_embeds
 
 
 def _project(pos_embed, patches: torch.Tensor, position_embeds: torch.Tensor) -> torch.Tensor:
@@ -294,17 +301,8 @@ def token_forward(
     check_sd3_transformer(transformer)
     if patches.dim() != 5:
         raise ValueError(f"patches must be (B, n, C, p, p), got shape {tuple(patches.shape)}")
-    _, count, _, patch, patch_w = patches.shape
-    if patch != transformer.pos_embed.patch_size or patch_w != transformer.pos_embed.patch_size:
-        raise ValueError(f"patches are {patch}x{patch_w} but the transformer's patch size is {transformer.pos_embed.patch_size}")
-    if position_embeds is None:
-        if positions is None:
-            raise ValueError("token_forward needs positions or position_embeds")
-        if positions.shape[-2] != count:
-            raise ValueError(f"{count} patches but {positions.shape[-2]} positions")
-        position_embeds = position_embedding(transformer, positions)
-    elif position_embeds.shape[-2] != count:
-        raise ValueError(f"{count} patches but {position_embeds.shape[-2]} position embeddings")
+    position_embeds = _checked_position_embeds(transformer, patches, positions, position_embeds, "token_forward")
+    count, patch = patches.shape[1], patches.shape[3]
     # The tokens, laid out as a one-row latent strip, go through the model's own forward (so
     # its hooks, caches and a compiled forward see the step); only the patch embedding's
     # output is substituted (see _substitution), and the strip the forward returns is cut
