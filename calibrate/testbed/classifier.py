@@ -36,7 +36,27 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class Classifier(nn.Module):
+class AttributeClassifier(nn.Module):
+    """A CNN ``body`` and ``embed`` to features, one linear head per attribute; a subclass
+    builds the three modules and says how images are ``prepare``d."""
+
+    body: nn.Module
+    embed: nn.Module
+    heads: nn.ModuleList
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, FEATURE_DIM)`` penultimate features (for Frechet distances)."""
+        return self.embed(self.body(self.prepare(images)))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.features(images)
+        return [head(feats) for head in self.heads]
+
+
+class Classifier(AttributeClassifier):
     """32 px RGB -> logits for shape (4), colour (6) and position (4)."""
 
     def __init__(self):
@@ -56,13 +76,6 @@ class Classifier(nn.Module):
             images = F.interpolate(images, size=(data.IMAGE_SIZE, data.IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
         return images
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 128)`` penultimate features (for Frechet distances)."""
-        return self.embed(self.body(self.prepare(images)))
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.features(images)
-        return [head(feats) for head in self.heads]
 
 
 def load_classifier(path: str | Path | None = None, device="cpu") -> Classifier:
@@ -79,21 +92,21 @@ def load_classifier(path: str | Path | None = None, device="cpu") -> Classifier:
 
 
 @torch.no_grad()
-def attribute_logits(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+def attribute_logits(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
     """One pass of the classifier: logits per attribute, a list of ``(n, k)`` tensors in
     :data:`ralu.calibrate.testbed.data.ATTRIBUTES` order, for images ``(n, 3, H, W)`` in [-1, 1]."""
     device = next(classifier.parameters()).device
     chunks = [[logit.cpu() for logit in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
-    return [torch.cat([c[a] for c in chunks]) for a in range(len(data.ATTRIBUTES))]
+    return [torch.cat([c[a] for c in chunks]) for a in range(len(classifier.heads))]
 
 
 def labels_from_logits(logits: list[torch.Tensor]) -> torch.Tensor:
-    """Predicted labels ``(n, 3)``: the most likely value of every attribute."""
+    """Predicted labels ``(n, attributes)``: the most likely value of every attribute."""
     return torch.stack([logit.argmax(dim=1) for logit in logits], dim=1)
 
 
-def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels ``(n, 3)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
+def predict(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels ``(n, attributes)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
     return labels_from_logits(attribute_logits(classifier, images, batch_size))
 
 
@@ -106,8 +119,8 @@ def label_probability(logits: list[torch.Tensor], labels: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def features(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Penultimate features ``(n, 128)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
+def features(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Penultimate features ``(n, FEATURE_DIM)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
     device = next(classifier.parameters()).device
     return torch.cat([classifier.features(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 

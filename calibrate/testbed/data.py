@@ -91,17 +91,23 @@ def class_index(labels: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def check_labels(labels: torch.Tensor) -> torch.Tensor:
+def check_label_table(labels, attributes, num_values) -> torch.Tensor:
+    """``labels`` as an ``(n, len(attributes))`` int64 tensor whose column ``a`` lies in
+    ``[0, num_values[a])``, or a one-line ``ValueError`` (a single row may be given 1-d)."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.ndim == 1:
         labels = labels[None]
-    if labels.ndim != 2 or labels.shape[1] != len(ATTRIBUTES):
-        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (n, {len(ATTRIBUTES)}) columns {ATTRIBUTES}")
-    for column, (name, k) in enumerate(zip(ATTRIBUTES, NUM_VALUES)):
+    if labels.ndim != 2 or labels.shape[1] != len(attributes):
+        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (n, {len(attributes)}) columns {attributes}")
+    for column, (name, k) in enumerate(zip(attributes, num_values)):
         bad = (labels[:, column] < 0) | (labels[:, column] >= k)
         if bad.any():
             raise ValueError(f"label column {name!r} must be in [0, {k}); got {labels[bad, column].tolist()[:5]}")
     return labels
+
+
+def check_labels(labels: torch.Tensor) -> torch.Tensor:
+    return check_label_table(labels, ATTRIBUTES, NUM_VALUES)
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

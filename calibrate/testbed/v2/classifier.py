@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..classifier import _conv
+from ..classifier import AttributeClassifier, _conv, predict
 from . import data, training
 from .location import CLASSIFIER, default_out, part_dir
 
@@ -32,7 +32,7 @@ FEATURE_DIM = 256
 WEIGHTS_FILE = "classifier.safetensors"
 
 
-class Classifier(nn.Module):
+class Classifier(AttributeClassifier):
     """64 px RGB in [-1, 1] -> one head of logits per attribute (:data:`data.ATTRIBUTES`)."""
 
     def __init__(self):
@@ -52,13 +52,6 @@ class Classifier(nn.Module):
         if images.shape[-2:] != (data.IMAGE_SIZE, data.IMAGE_SIZE):
             raise ValueError(f"images of {tuple(images.shape[-2:])} px: the v2 classifier reads {data.IMAGE_SIZE}x{data.IMAGE_SIZE} scenes")
         return images
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.body(self.prepare(images)))
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.features(images)
-        return [head(feats) for head in self.heads]
 
 
 class FeatureExtractor(nn.Module):
@@ -82,26 +75,6 @@ def load_classifier(path=None, device="cpu") -> Classifier:
     model = Classifier()
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.to(device).eval()
-
-
-@torch.no_grad()
-def attribute_logits(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
-    """Logits per attribute (a list of ``(n, k)``) for images ``(n, 3, 64, 64)`` in [-1, 1]."""
-    device = next(classifier.parameters()).device
-    chunks = [[logit.cpu() for logit in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
-    return [torch.cat([c[a] for c in chunks]) for a in range(len(data.ATTRIBUTES))]
-
-
-def predict(classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
-    """Predicted labels ``(n, 7)``."""
-    return torch.stack([logit.argmax(dim=1) for logit in attribute_logits(classifier, images)], dim=1)
-
-
-@torch.no_grad()
-def features(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Penultimate features ``(n, 256)`` for images in [-1, 1]."""
-    device = next(classifier.parameters()).device
-    return torch.cat([classifier.features(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 # v1's drawing of the coloured shapes: the same geometry and palette maths at any size.
-from ..data import _hsv_to_rgb, _shape_masks
+from ..data import _hsv_to_rgb, _shape_masks, check_label_table
 
 #: Attribute names, in label column order.
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "texture", "orientation", "period", "marks")
@@ -97,16 +97,7 @@ class Geometry:
 
 def check_labels(labels) -> torch.Tensor:
     """``labels`` as an ``(n, 7)`` int64 tensor, or a one-line ``ValueError``."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if labels.ndim == 1:
-        labels = labels[None]
-    if labels.ndim != 2 or labels.shape[1] != len(ATTRIBUTES):
-        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (n, {len(ATTRIBUTES)}) columns {ATTRIBUTES}")
-    for column, (name, k) in enumerate(zip(ATTRIBUTES, NUM_VALUES)):
-        bad = (labels[:, column] < 0) | (labels[:, column] >= k)
-        if bad.any():
-            raise ValueError(f"label column {name!r} must be in [0, {k}); got {labels[bad, column].tolist()[:5]}")
-    return labels
+    return check_label_table(labels, ATTRIBUTES, NUM_VALUES)
 
 
 def sample_labels(n: int, generator: torch.Generator) -> torch.Tensor:
