@@ -78,7 +78,8 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
     result = search(
         pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
-        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr), **options,
+        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
+        **({} if args.min_signal is None else {"min_signal": args.min_signal}), **options,
     )
     save_schedule(result.best, out)
     print(result.describe())
