@@ -37,7 +37,7 @@ SHIFT_BOUNDS = (0.5, 10.0)
 Z_BOUNDS = (2.0, 100.0)
 #: Least signal a transition must keep (``signal_scale`` a = s_{k+1} / e_k) by default, and
 #: below which ``ralu-calibrate`` says the earlier stages' work is mostly discarded.  The
-#: published presets keep about 0.14 to 0.29; Z = 100 keeps about 0.01 to 0.03.
+#: published presets keep 0.18 to 0.31; Z = 100 keeps about 0.01 to 0.03.
 MIN_SIGNAL = 0.1
 PAPER_START_SHIFT = 3.0
 PAPER_START_Z = 2.0
