@@ -34,6 +34,10 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError("--objective quality searches the whole schedule; --steps/--ends fix a layout. Fix: drop --steps and --ends")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.min_signal is not None:
+        from .search import check_min_signal
+
+        check_min_signal(args.min_signal)
     if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
         raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
 

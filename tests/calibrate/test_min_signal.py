@@ -166,3 +166,10 @@ def test_quality_search_draws_z_below_the_cap():
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     assert min(kept(c) for c in drawn(0.0)) < MIN_SIGNAL  # the bound binds
     assert min(kept(c) for c in drawn(MIN_SIGNAL)) >= MIN_SIGNAL
+
+
+def test_quality_objective_checks_the_value_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", tmp_path / "none.txt", "--speedup", 4, "--min-signal", 2]
+    code, _, err = run(argv + ["--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "min_signal=2.0 must be a number in [0, 1)" in err
