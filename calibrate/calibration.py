@@ -30,7 +30,7 @@ from ralu.runtime.schedule import (
 
 from .densities import RESOLUTION_GAP
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
-from .search import OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, optimise
+from .search import MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
 #: could not be saved is refused before any work.
@@ -69,6 +69,7 @@ def calibrate(
     objective: Objective = "continuous",
     grid: int | None = None,
     z_bounds: tuple[float, float] = Z_BOUNDS,
+    min_signal: float | None = None,
     gap: float = RESOLUTION_GAP,
     flops_convention: Convention = "linear",
     trials: int = 80,
@@ -86,6 +87,10 @@ def calibrate(
     progress-aware error of docs/method.md §4b (``gap``: its resolution gap g) instead of a
     JS distance; the file then records the schedule's continuous JS distance and names the
     objective in ``calibration.optimizer``.
+
+    ``min_signal`` A: every transition keeps at least the signal A (``signal_scale``
+    a = s_{k+1} / e_k), which caps Z (docs/method.md §4).  Default ``MIN_SIGNAL`` (0.1) with
+    the global optimizer; 0 (no cap, the published method) with ``optimizer="paper"``.
     """
     spec = get_model(model)
     height = _whole("height", height, 1, MAX_SIDE)
@@ -100,6 +105,7 @@ def calibrate(
     seed = _whole("seed", seed, *SEED_RANGE)
     grid = None if grid is None else _whole("grid", grid, 2, 10**6)
     z_bounds = _z_bounds(z_bounds)
+    min_signal = _min_signal(min_signal, optimizer)
     gap = _real("gap", gap)
     if gap < 0.0:
         raise ValueError(f"--resolution-gap {gap:g} must be at least 0 (an RMS difference relative to the data's). Fix: e.g. {RESOLUTION_GAP}")
@@ -134,7 +140,7 @@ def calibrate(
     if steps is None:
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
-            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, trials=trials, seed=seed,
+            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, min_signal=min_signal, trials=trials, seed=seed,
             storage=storage, study_name=study_name, show_progress=show_progress, log=log,
         )
         layout, inner = found.layout, found.inner
@@ -148,7 +154,7 @@ def calibrate(
             best = getattr(speedup_of(spec, height, width, layout.steps, 0.1, base_steps), flops_convention)
             raise SpeedupUnreachable(f"layout steps {list(layout.steps)} reaches only {best:.2f}x ({flops_convention} FLOPs) even at up_ratio 0.1, below --speedup {speedup}. Fix: fewer steps, or a lower --speedup")
         layout_kind = "given"
-        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap), optimizer, seed=seed, effort="full")
+        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal), optimizer, seed=seed, effort="full")
 
     speed = speedup_of(spec, height, width, layout.steps, ratio, base_steps)
     if speedup is not None and getattr(speed, flops_convention) < speedup:
@@ -158,7 +164,7 @@ def calibrate(
             "Fix: a smaller --up-ratio, fewer steps or a lower target"
         )
 
-    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap)
+    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal)
     _check_finite(problem, inner, h0)
     starts = stage_starts(list(layout.ends), inner.c)
     # The file records JS numbers; a progress-calibrated schedule records its continuous JS
@@ -188,6 +194,7 @@ def calibrate(
             h0=h0,
             grid=problem.grid,
             z_bounds=problem.z_bounds,
+            min_signal=problem.min_signal,
             tool_version=tool_version(),
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         ).model_dump(),
@@ -254,6 +261,13 @@ def _z_bounds(bounds) -> tuple[float, float]:
             f"beyond {Z_LIMIT:g} every stage restarts from pure noise). Fix: e.g. --z-bounds {Z_BOUNDS[0]:g} {Z_BOUNDS[1]:g}; equal values fix Z"
         )
     return low, high
+
+
+def _min_signal(value, optimizer: str) -> float:
+    if value is None:
+        # The published method has no such bound; its runs stay as they were.
+        return 0.0 if optimizer == "paper" else MIN_SIGNAL
+    return check_min_signal(value)
 
 
 def _base_shift(spec, height: int, width: int, h0) -> float:

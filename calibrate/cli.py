@@ -13,10 +13,7 @@ from ralu.runtime.schedule import SHIFT_RANGE, Schedule, save_schedule
 
 from .clitools import OneLineParser, check_writable, one_line
 from .densities import RESOLUTION_GAP
-
-#: A restart below this fraction of the previous end keeps little of the earlier stages
-#: (the published presets restart at about 0.2 e_k; Z = 100 restarts at about 0.02 e_k).
-RESTART_WARNING = 0.1
+from .search import MIN_SIGNAL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the plain fewer-steps schedule at the same budget (one stage; runs exactly like the plain pipeline)")
     parser.add_argument("--z-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(2.0, 100.0),
                         help="search range of Z = 1/sqrt(c) (default 2 100, the paper's); equal values fix c. A low HIGH keeps more of each stage's work at a transition")
+    parser.add_argument("--min-signal", type=float, metavar="A",
+                        help=f"least signal a = s/e every transition keeps, an upper bound on Z (default {MIN_SIGNAL:g}; 0 with --optimizer paper, "
+                        "the published method; 0 means no bound)")
     parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
     parser.add_argument("--trials", type=int, default=80, help="outer search trials (default 80)")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,11 +89,11 @@ def summary(schedule: Schedule, seconds: float) -> str:
         f"  took {seconds:.1f} s",
     ]
     for t in schedule.transitions:
-        if t.start < RESTART_WARNING * t.end:
+        if t.signal_scale < MIN_SIGNAL:
             lines.append(
-                f"  note: stage {t.after_stage + 1} restarts at s = {t.start:.4f}, close to pure noise (signal kept a = {t.signal_scale:.3f}): "
+                f"  note: stage {t.after_stage + 1} restarts at s = {t.start:.4f}, close to pure noise (signal kept a = s/e = {t.signal_scale:.3f} < {MIN_SIGNAL:g}): "
                 "most of the earlier stages' work is discarded. The divergence is nearly flat in Z there; judge image quality before shipping it "
-                "(ralu-bench quality --schedule FILE)."
+                "(ralu-bench quality --schedule FILE), or bound it with --min-signal."
             )
     return "\n".join(lines)
 
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     schedule = calibrate(
         args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
         height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
-        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), gap=args.resolution_gap, flops_convention=args.flops,
+        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), min_signal=args.min_signal, gap=args.resolution_gap, flops_convention=args.flops,
         trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
         show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
     )

@@ -10,6 +10,10 @@ The divergence does not see how many steps a layout takes, only how they are spr
 alone, the search would answer "7x" with a 12x layout of six steps.  A layout that leaves
 budget unspent answers a different target, so the search also requires the speed-up to
 stay within ``BUDGET_SLACK`` (10 %) above the target: target <= speed-up <= 1.1 target.
+
+With ``min_signal`` every trial's inner search caps Z so that each transition keeps that
+signal (:func:`ralu.calibrate.search.z_ceiling`); a layout whose cap falls below the
+lowest Z searched is infeasible.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ralu.runtime.models import ModelSpec
 from . import study as shared
 from .densities import RESOLUTION_GAP
 from .flops import pricing as flops
-from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, StageLayout, optimise
+from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, SignalUnreachable, StageLayout, optimise, z_ceiling
 
 #: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
@@ -96,6 +100,7 @@ def search_layout(
     optimizer: Literal["global", "paper"] = "global",
     up_ratio: float | None = None,
     resolution_gap: float = RESOLUTION_GAP,
+    min_signal: float = 0.0,
     trials: int = 80,
     seed: int = 0,
     storage: str | None = None,
@@ -109,6 +114,13 @@ def search_layout(
     ``trials`` is the number of finished trials the study ends with: with a shared
     ``storage`` it counts those of earlier runs and of other workers (see
     :mod:`ralu.calibrate.study`)."""
+    # The kept signal rises with the first end, so the latest first end is the best case.
+    best_case = z_ceiling((FIRST_END_RANGE[1], 1.0), min_signal)
+    if best_case < z_bounds[0]:
+        raise SignalUnreachable(
+            f"--min-signal {min_signal:g} needs Z <= {best_case:.4g} even with the latest first end searched ({FIRST_END_RANGE[1]:g}), "
+            f"below the lowest Z searched, {z_bounds[0]:g}. Fix: a lower --min-signal (0 for no limit) or a lower --z-bounds LOW"
+        )
     # No stage can usefully take more steps than the whole budget allows at full cost.
     max_steps = max(1, math.ceil(base_steps / target) + 1)
     floor = infeasible_floor(objective)
@@ -121,7 +133,7 @@ def search_layout(
             if ratio is None:
                 inner_cache[key] = None
             else:
-                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap)
+                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal)
                 inner = optimise(problem, optimizer, seed=seed, effort="quick")
                 inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
         return inner_cache[key]
@@ -139,6 +151,11 @@ def search_layout(
                     trial.set_user_attr(key, value)
             trial.set_user_attr(shared.SAME_AS_ATTR, twin.user_attrs.get(shared.SAME_AS_ATTR, twin.number))
             return twin.value
+        ceiling = z_ceiling(ends, min_signal)
+        if ceiling < z_bounds[0]:
+            # No Z in range keeps the signal asked for: rank by how far the cap falls short.
+            trial.set_user_attr("feasible", False)
+            return floor + (z_bounds[0] - ceiling) / z_bounds[0]
         found = evaluate(steps, ends)
         if found is None:
             # Infeasible: rank by how far the cheapest ratio falls short, always above any
@@ -175,13 +192,14 @@ def search_layout(
 
     feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not feasible:
-        raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs). Fix: raise --trials or lower --speedup")
+        keeping = f" keeping signal >= {min_signal:g} at every transition" if min_signal > 0 else ""
+        raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
     best = min(feasible, key=lambda t: (t.value, t.number))
     steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
     first = round(best.params["end_1"], 2)
     layout = StageLayout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
     ratio = best.user_attrs["up_ratio"]
-    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap), optimizer, seed=seed, effort="full")
+    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal), optimizer, seed=seed, effort="full")
     history = [
         {"number": t.number, "value": t.value, **t.params, **t.user_attrs}
         for t in study.trials

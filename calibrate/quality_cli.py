@@ -34,6 +34,10 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError("--objective quality searches the whole schedule; --steps/--ends fix a layout. Fix: drop --steps and --ends")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.min_signal is not None:
+        from .search import check_min_signal
+
+        check_min_signal(args.min_signal)
     if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
         raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
 
@@ -78,7 +82,8 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
     result = search(
         pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
-        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr), **options,
+        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
+        **({} if args.min_signal is None else {"min_signal": args.min_signal}), **options,
     )
     save_schedule(result.best, out)
     print(result.describe())

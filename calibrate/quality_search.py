@@ -43,7 +43,7 @@ from ralu.runtime.schedule import Schedule, schedule_from_dict, stage_starts, tr
 from . import study as shared
 from .fewer_steps import ONE_STAGE_C, plain_schedule
 from .flops import pricing
-from .search import CONTINUOUS_GRID, SHIFT_BOUNDS, Z_BOUNDS, NTDMObjective, StageLayout
+from .search import CONTINUOUS_GRID, MIN_SIGNAL, SHIFT_BOUNDS, Z_BOUNDS, NTDMObjective, StageLayout, check_min_signal, z_ceiling
 
 #: Up-ratios and end grid of the search (the layout search's).
 UP_RATIOS = (0.1, 0.15, 0.2, 0.25, 0.3)
@@ -155,7 +155,8 @@ class Candidate:
                            "z": round(self.z, 3), "up_ratio": self.up_ratio})
 
 
-def candidate_schedule(model: str, height: int, width: int, base_steps: int, h0: float, candidate: Candidate, tool_version: str = "0+unknown") -> Schedule:
+def candidate_schedule(model: str, height: int, width: int, base_steps: int, h0: float, candidate: Candidate, tool_version: str = "0+unknown",
+                       min_signal: float = 0.0) -> Schedule:
     """A validated schedule for ``candidate`` (one stage: :func:`plain_schedule`'s form with its shift)."""
     name = get_model(model).name
     c = ONE_STAGE_C if len(candidate.steps) == 1 else 1.0 / candidate.z**2
@@ -173,7 +174,7 @@ def candidate_schedule(model: str, height: int, width: int, base_steps: int, h0:
         "transitions": [transition(e, c, k + 1).model_dump() for k, e in enumerate(candidate.ends[:-1])],
         "calibration": {
             "optimizer": "quality search", "layout": "searched", "target_speedup": None, "flops_convention": "linear", "seed": None,
-            "h0": float(h0), "grid": CONTINUOUS_GRID, "z_bounds": [Z_BOUNDS[0], Z_BOUNDS[1]], "tool_version": tool_version,
+            "h0": float(h0), "grid": CONTINUOUS_GRID, "z_bounds": [Z_BOUNDS[0], Z_BOUNDS[1]], "min_signal": min_signal, "tool_version": tool_version,
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         },
     }
@@ -358,7 +359,7 @@ def step_caps(speedup_of: SpeedupOf, target: float, plain_steps: int, limit: int
     return caps
 
 
-def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int]) -> Candidate:
+def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int], min_signal: float = 0.0) -> Candidate:
     n_stages = trial.suggest_categorical("stages", [1, 2, 3])
     steps = tuple(trial.suggest_int(f"steps_{k + 1}" if n_stages == 1 else f"steps_{k + 1}_of_{n_stages}", 1, caps[(n_stages, k)]) for k in range(n_stages))
     if n_stages == 1:
@@ -369,7 +370,9 @@ def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int]) -
         first = round(trial.suggest_float("end_1", *FIRST_END, step=END_STEP), 2)
         ends = (first, round(first + trial.suggest_float("gap_2", *SECOND_GAP, step=END_STEP), 2), 1.0)
     shifts = tuple(trial.suggest_float(f"shift_{k + 1}", *SHIFT_BOUNDS, log=True) for k in range(n_stages))
-    z = trial.suggest_float("z", *Z_BOUNDS, log=True) if n_stages > 1 else Z_BOUNDS[0]
+    # Z is drawn below the cap that keeps min_signal at every transition (none for 0).
+    z_high = min(Z_BOUNDS[1], max(Z_BOUNDS[0], z_ceiling(ends, min_signal)))
+    z = trial.suggest_float("z", Z_BOUNDS[0], z_high, log=True) if n_stages > 1 else Z_BOUNDS[0]
     ratio = trial.suggest_categorical("up_ratio", list(UP_RATIOS)) if n_stages == 3 else 0.0
     return Candidate(steps, ends, shifts, z, ratio)
 
@@ -412,6 +415,7 @@ def search(
     pipeline_id: str | None = None,
     extra_candidates: Sequence[Candidate] = (),
     reference_seed_offset: int = 0,
+    min_signal: float = MIN_SIGNAL,
     show_progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
     **call_kwargs,
@@ -426,7 +430,9 @@ def search(
     pipeline's ``name_or_path``).  ``reference_seed_offset`` (default 0: the same seeds)
     draws the references from other seeds: with a set distance (``"testbed-fd"``) that
     compares distributions without rewarding a candidate for retracing the base model's
-    path image by image.  Extra keyword arguments go to every pipeline call.
+    path image by image.  ``min_signal``: every candidate's transitions keep at least this
+    signal (Z is drawn below the cap of docs/method.md §4; a given candidate above it is
+    infeasible; 0: no cap).  Extra keyword arguments go to every pipeline call.
     """
     ralu = to_ralu(pipe)
     family = "flux" if type(ralu).__name__.startswith("RALUFlux") else "sd3"
@@ -440,6 +446,7 @@ def search(
         raise ValueError(f"speedup={speedup!r} must be a number above 1. Fix: e.g. speedup=4")
     if int(trials) < 1:
         raise ValueError(f"trials={trials!r} must be at least 1")
+    min_signal = check_min_signal(min_signal)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     images = ImageSet(list(prompts), seeds, encode, guidance_scale, int(batch_size), dict(call_kwargs))
     speedup_of = speedup_of or default_speedup_of(spec.name, height, width, base_steps)
@@ -460,7 +467,7 @@ def search(
     references = [sampler.references(list(b)) for b in batches]
 
     def objective(trial: optuna.Trial) -> float:
-        candidate = _suggest(trial, h0, caps)
+        candidate = _suggest(trial, h0, caps, min_signal)
         for name, value in (("steps", list(candidate.steps)), ("ends", list(candidate.ends)), ("z", candidate.z), ("up_ratio", candidate.up_ratio)):
             trial.set_user_attr(name, value)
         speed = speedup_of(candidate.steps, candidate.up_ratio)
@@ -468,12 +475,16 @@ def search(
         if speed < speedup:
             trial.set_user_attr("feasible", False)
             return INFEASIBLE + (speedup - speed)
+        ceiling = z_ceiling(candidate.ends, min_signal)
+        if candidate.z > ceiling:  # an enqueued candidate, or no Z in range keeps the signal
+            trial.set_user_attr("feasible", False)
+            return INFEASIBLE + (candidate.z - ceiling) / candidate.z
         twin = shared.find_twin(trial, candidate.key())
         if twin is not None:
             trial.set_user_attr(shared.SAME_AS_ATTR, twin.user_attrs.get(shared.SAME_AS_ATTR, twin.number))
             trial.set_user_attr("feasible", twin.user_attrs.get("feasible", False))
             return twin.value
-        schedule = candidate_schedule(spec.name, height, width, base_steps, h0, candidate)
+        schedule = candidate_schedule(spec.name, height, width, base_steps, h0, candidate, min_signal=min_signal)
         made, distances = [], []
         for step, (indices, refs) in enumerate(zip(batches, references)):
             made.append(sampler.sample(schedule, list(indices)))
@@ -504,7 +515,7 @@ def search(
             study.optimize(objective, n_trials=trials - done, show_progress_bar=show_progress,
                            callbacks=[MaxTrialsCallback(trials, states=finished)])
     shared.wait_for_running(study, log)
-    return _result(study, spec.name, height, width, base_steps, h0)
+    return _result(study, spec.name, height, width, base_steps, h0, min_signal)
 
 
 def _params(candidate: Candidate) -> dict:
@@ -525,7 +536,7 @@ def _candidate(trial: optuna.trial.FrozenTrial) -> Candidate:
     return Candidate(tuple(trial.user_attrs["steps"]), tuple(trial.user_attrs["ends"]), shifts, trial.user_attrs["z"], trial.user_attrs["up_ratio"])
 
 
-def _result(study: optuna.Study, model: str, height: int, width: int, base_steps: int, h0: float) -> SearchResult:
+def _result(study: optuna.Study, model: str, height: int, width: int, base_steps: int, h0: float, min_signal: float = 0.0) -> SearchResult:
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not complete:
         raise ValueError(f"no candidate among {len(study.trials)} trials met the budget and finished. Fix: raise the number of trials or lower the speed-up")
@@ -537,7 +548,7 @@ def _result(study: optuna.Study, model: str, height: int, width: int, base_steps
             return None, None
         best = min(trials, key=lambda t: (t.value, t.number))
         speedups[key] = best.user_attrs["speedup"]
-        return candidate_schedule(model, height, width, base_steps, h0, _candidate(best)), float(best.value)
+        return candidate_schedule(model, height, width, base_steps, h0, _candidate(best), min_signal=min_signal), float(best.value)
 
     best, best_value = best_of("best", complete)
     plain, plain_value = best_of("plain", [t for t in complete if t.params["stages"] == 1])

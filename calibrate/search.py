@@ -1,7 +1,9 @@
 """The inner NT-DM search: per-stage shifts h_k and noise strength c for a fixed layout.
 
 Parameters are searched as ``[h_1, ..., h_K, Z]`` with ``Z = 1/sqrt(c)`` (the published
-parametrisation), bounds ``h in [0.5, 10]`` and ``Z in [2, 100]``.
+parametrisation), bounds ``h in [0.5, 10]`` and ``Z in [2, 100]``.  ``min_signal`` lowers
+the upper Z bound so that every transition keeps at least that signal (see
+:func:`z_ceiling`).
 
 * ``paper``: the published local method (see :func:`optimise_paper`).
 * ``global``: differential evolution over the whole box, polished by L-BFGS-B, and never
@@ -11,13 +13,15 @@ parametrisation), bounds ``h in [0.5, 10]`` and ``Z in [2, 100]``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.optimize import differential_evolution, minimize
 
-from ralu.runtime.schedule import restart_time_z
+from ralu.runtime.schedule import largest_z, restart_time_z
 
 from .densities import (
     RESOLUTION_GAP,
@@ -31,6 +35,10 @@ from .densities import (
 
 SHIFT_BOUNDS = (0.5, 10.0)
 Z_BOUNDS = (2.0, 100.0)
+#: Least signal a transition must keep (``signal_scale`` a = s_{k+1} / e_k) by default, and
+#: below which ``ralu-calibrate`` says the earlier stages' work is mostly discarded.  The
+#: published presets keep 0.18 to 0.31; Z = 100 keeps about 0.01 to 0.03.
+MIN_SIGNAL = 0.1
 PAPER_START_SHIFT = 3.0
 PAPER_START_Z = 2.0
 CONTINUOUS_GRID = 1000
@@ -63,6 +71,10 @@ class StageLayout:
         return len(self.steps)
 
 
+class SignalUnreachable(ValueError):
+    """No Z within the bounds keeps the signal asked for at every transition."""
+
+
 @dataclass(frozen=True)
 class InnerResult:
     """Best shifts and noise strength found for one layout."""
@@ -81,6 +93,27 @@ class InnerResult:
         return self.js_distance**2
 
 
+def check_min_signal(value) -> float:
+    """``value`` as a float in [0, 1), or a ValueError naming the fix."""
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond the float range
+        number = math.nan
+    if not 0.0 <= number < 1.0:  # NaN fails too
+        raise ValueError(
+            f"min_signal={value!r} must be a number in [0, 1): the fraction a = s/e of the signal a transition keeps, "
+            f"and a < 1 always. Fix: e.g. --min-signal {MIN_SIGNAL:g}, or 0 for no limit"
+        )
+    return number
+
+
+def z_ceiling(ends, min_signal: float) -> float:
+    """Largest Z at which every transition of a layout (each end but the last) keeps at
+    least ``min_signal``; infinite for 0 or a single stage.  The kept signal falls with Z
+    and rises with the end, so the first transition is the one that binds."""
+    return min((largest_z(float(e), min_signal) for e in ends[:-1]), default=math.inf)
+
+
 class NTDMObjective:
     """JS distance between P_target and P for a layout, as a function of ``[h..., Z]``.
 
@@ -88,15 +121,27 @@ class NTDMObjective:
     population search costs one numpy pass per generation.  With ``objective="progress"``
     it returns the progress-aware error of docs/method.md §4b instead (``up_ratio`` and
     ``gap`` enter only there), and :meth:`distributions` the continuous densities.
+    ``min_signal`` > 0 caps Z at :func:`z_ceiling` (0, the default, leaves ``z_bounds`` as
+    given): the searched box shrinks, the objective does not change.
     """
 
     def __init__(self, layout: StageLayout, h0: float, objective: Objective = "continuous", grid: int | None = None, z_bounds: tuple[float, float] = Z_BOUNDS,
-                 up_ratio: float = 0.3, gap: float = RESOLUTION_GAP):
+                 up_ratio: float = 0.3, gap: float = RESOLUTION_GAP, min_signal: float = 0.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: use one of {list(OBJECTIVES)}")
         if not Z_BOUNDS[0] <= z_bounds[0] <= z_bounds[1]:
             raise ValueError(f"Z bounds {list(z_bounds)}: need {Z_BOUNDS[0]} <= low <= high (Z = 1/sqrt(c) >= 2 keeps c <= 1/4); equal bounds fix Z")
         self.z_bounds = (float(z_bounds[0]), float(z_bounds[1]))
+        self.min_signal = float(min_signal)
+        ceiling = z_ceiling(layout.ends, self.min_signal)
+        if ceiling < self.z_bounds[0]:
+            raise SignalUnreachable(
+                f"--min-signal {self.min_signal:g} needs Z <= {ceiling:.4g} after the first end {layout.ends[0]:g} "
+                f"(kept signal a = 1/(Z (1 - e) + e)), below the lowest Z searched, {self.z_bounds[0]:g}. "
+                "Fix: a lower --min-signal (0 for no limit), a lower --z-bounds LOW, or a later first end"
+            )
+        #: The Z range really searched: z_bounds, capped by the kept-signal bound.
+        self.z_range = (self.z_bounds[0], min(self.z_bounds[1], ceiling))
         self.layout = layout
         self.h0 = float(h0)
         self.objective = objective
@@ -112,7 +157,7 @@ class NTDMObjective:
         return self.layout.n_stages + 1
 
     def bounds(self) -> list[tuple[float, float]]:
-        return [SHIFT_BOUNDS] * self.layout.n_stages + [self.z_bounds]
+        return [SHIFT_BOUNDS] * self.layout.n_stages + [self.z_range]
 
     def starts(self, z: np.ndarray) -> np.ndarray:
         """Stage starts ``(P, K)`` for noise strengths ``c = 1/Z^2``."""

@@ -19,7 +19,7 @@ from ralu.runtime.schedule import Schedule, save_schedule, schedule_json_schema,
 from .calibration import calibrate
 from .plot import plot_schedule
 from .presets import PAPER_H0, PRESETS
-from .search import NTDMObjective, StageLayout, optimise_paper
+from .search import MIN_SIGNAL, NTDMObjective, StageLayout, optimise_paper
 
 COMMAND = "python -m ralu.calibrate.shipped"
 
@@ -63,7 +63,8 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
 Regenerate with: `{COMMAND}` (about a minute on 2 CPU cores; seed {seed}, {trials} outer trials).
 
 All at 1024x1024 with the base model's real shift h0 (FLUX.1-dev: exp(mu) = 3.158 at 4096
-image tokens; SD3: 3.0), continuous objective (the paper's), global inner optimiser.
+image tokens; SD3: 3.0), continuous objective (the paper's), global inner optimiser, Z capped
+so that every transition keeps at least a = s/e = {MIN_SIGNAL:g} of the signal (`--min-signal`).
 `NAME` uses the paper's stage layout and up-ratio; `NAME-searched` is the layout the outer
 Optuna search finds for the same target (linear FLOPs, speed-up within [target, 1.1 target]).
 "paper optimiser, same h0" is the published local method (L-BFGS-B from [3, 3, 3, 2]) on the
@@ -82,8 +83,9 @@ The JS divergence measures how the model evaluations are spread over time, not i
 quality.  Two things it rewards deserve a quality check before a schedule is preferred:
 
 - **Large Z (small c)**: each stage restarts close to pure noise (small re-noised start
-  s_k), so little of the earlier stages' work survives.  Several searched layouts sit at the
-  bound Z = 100 (`ralu-calibrate` prints a note when s_k < 0.1 e_k).
+  s_k), so little of the earlier stages' work survives.  Left unbounded (`--min-signal 0`),
+  several searched layouts sat at the bound Z = 100; the cap keeps a = s_k / e_k >= {MIN_SIGNAL:g}
+  (`ralu-calibrate` prints a note below that).
 - **Long low-resolution stages**: the searched layouts push e1/e2 later than the paper's,
   which the divergence cannot see as a cost in detail.
 

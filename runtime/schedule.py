@@ -70,7 +70,7 @@ class TransitionCoefficients(BaseModel):
     after_stage: StrictInt = Field(ge=1, description="1-based index of the stage that ends here.")
     end: StrictFloat = Field(ge=0.0, le=1.0, description="Progress time e_k where stage k stops.")
     start: StrictFloat = Field(ge=0.0, le=1.0, description="Progress time s_{k+1} = e_k / (delta_k + e_k) where stage k+1 restarts.")
-    signal_scale: StrictFloat = Field(ge=0.0, le=1.0, description="a = 1 / (delta_k + e_k), multiplies the upsampled latent.")
+    signal_scale: StrictFloat = Field(ge=0.0, le=1.0, description="a = 1 / (delta_k + e_k) = s_{k+1} / e_k, multiplies the upsampled latent: the signal the transition keeps.")
     noise_scale: StrictFloat = Field(ge=0.0, le=1.0, description="b = 1 - s_{k+1}, multiplies the injected noise.")
     overlap: StrictFloat = Field(ge=0.0, le=1.0, description="e_k - s_{k+1}: the span of progress time that is denoised twice.")
 
@@ -89,6 +89,28 @@ def restart_time_z(end, z):
     return end / (z * (1.0 - end) + end)
 
 
+def kept_signal(end: float, c: float) -> float:
+    """The signal a transition at ``end`` keeps: ``a = 1 / (delta + e)``, the factor on the
+    upsampled latent (``signal_scale``).  Since ``s = a e``, it is also ``s / e``: the
+    fraction of the progress the stages before reached that the next stage starts from, so
+    "restarts below A e" and "keeps less than A" are one test.  The same arithmetic as
+    :func:`transition`, so a bound checked here holds in the file."""
+    return 1.0 / ((1.0 - end) / math.sqrt(c) + end)
+
+
+def largest_z(end: float, min_signal: float) -> float:
+    """The largest ``Z = 1/sqrt(c)`` at which a transition at ``end`` keeps at least
+    ``min_signal`` (:func:`kept_signal`): ``1 / (Z (1 - e) + e) >= A`` is
+    ``Z <= (1/A - e) / (1 - e)``, infinite for ``A = 0``.  Rounding is resolved downwards,
+    so ``kept_signal(end, 1 / largest_z(end, A)**2) >= A`` holds exactly."""
+    if min_signal <= 0.0:
+        return math.inf
+    z = (1.0 / min_signal - end) / (1.0 - end)
+    while z > 0.0 and kept_signal(end, 1.0 / z**2) < min_signal:
+        z = math.nextafter(z, 0.0)
+    return z
+
+
 def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoefficients:
     """NT-DM noise matching at a resolution change (docs/method.md §3).
 
@@ -97,13 +119,12 @@ def transition(end: float, c: float, after_stage: int = 1) -> TransitionCoeffici
     """
     if not 0.0 < c <= 0.25:
         raise ScheduleError(f"noise strength c={c} is outside (0, 1/4]; the correlated noise covariance I - cJ is only PSD there")
-    delta = (1.0 - end) / math.sqrt(c)
     start = float(restart_time(end, c))
     return TransitionCoefficients(
         after_stage=after_stage,
         end=end,
         start=start,
-        signal_scale=1.0 / (delta + end),
+        signal_scale=kept_signal(end, c),
         noise_scale=1.0 - start,
         overlap=end - start,
     )
@@ -199,6 +220,10 @@ class Calibration(BaseModel):
     h0: StrictFloat = Field(ge=BASE_SHIFT_RANGE[0], le=BASE_SHIFT_RANGE[1], description="Shift of the base model's own schedule at this resolution.")
     grid: StrictInt = Field(ge=2, le=10**6, description="Grid points (continuous) or bins (discrete) of the divergence.")
     z_bounds: tuple[_Z, _Z] = Field(description="Search range [low, high] of Z = 1/sqrt(c); equal values mean c was fixed.")
+    min_signal: StrictFloat = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Least signal a (signal_scale) every transition was required to keep, an upper bound on Z within z_bounds; 0 = none (also files written before the option).",
+    )
     tool_version: str = Field(max_length=MAX_TEXT, description="ralu version that wrote the file.")
     created: str = Field(max_length=MAX_TEXT, description="UTC creation time, ISO 8601.")
 
@@ -289,6 +314,12 @@ class Schedule(BaseModel):
             for key, value in want.model_dump().items():
                 if not abs(getattr(got, key) - value) <= _TOLERANCE:
                     raise ValueError(f"transitions.{k}.{key}={getattr(got, key)} is inconsistent with c and the ends (expected {value:.9f}). Fix: recalibrate")
+        for k, want in enumerate(expected_transitions):
+            if not want.signal_scale >= self.calibration.min_signal:
+                raise ValueError(
+                    f"transitions.{k} keeps signal a = {want.signal_scale:.6f}, below calibration.min_signal={self.calibration.min_signal:g} "
+                    "the file claims. Fix: recalibrate, or correct calibration.min_signal"
+                )
         return self
 
     def sigmas(self, stage_index: int) -> np.ndarray:
