@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,7 +50,9 @@ class ArchRun:
     def __init__(self, config: V2Config, arch: str, pipe, reference: Reference, stats: Statistics, weights: dict[str, str], log):
         self.config, self.arch, self.pipe, self.reference, self.stats, self.log = config, arch, pipe, reference, stats, log
         self.cost = transformer_cost(arch, pipe.transformer.config)
-        self.sampler = V2Sampler(arch, pipe, config.batch_size, WorkStore(config.work_dir), weights, self.cost)
+        # the images depend on the autoencoder and this generator only
+        own = {part: weights[part] for part in (AUTOENCODER, FLUX if arch == "flux" else SD3)}
+        self.sampler = V2Sampler(arch, pipe, config.batch_size, WorkStore(config.work_dir), own, self.cost)
         self.methods, self.schedules = plan_arch(config, arch, self.cost, log)
         self.baselines: dict[int, torch.Tensor] = {}
         self.grid: dict[str, torch.Tensor] = {}
@@ -238,7 +241,7 @@ def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, 
         log(f"  {run.arch} regime check at {regimes[run.arch].budget}x: {'passed' if regimes[run.arch].passed else 'NOT passed'}")
     report = V2Report(
         command=command, created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), wall_seconds=round(time.time() - started, 1),
-        config={**asdict(config), "threads_used": torch.get_num_threads()},
+        config=json.loads(json.dumps({**asdict(config), "threads_used": torch.get_num_threads()})),  # as the JSON reads back (lists, not tuples)
         weights={"folders": {k: str(v) for k, v in folders.items()}, "sha256": weights},
         testbed=testbeds, reference=real_rows, rows=rows, verdicts=all_verdicts, regime=regimes, caches=caches, sweeps=sweeps,
     )
