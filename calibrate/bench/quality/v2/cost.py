@@ -27,7 +27,7 @@ from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.flops.counting import count_flops, fit_quadratic
 from ralu.calibrate.flops.pricing import Flops
 from ralu.calibrate.testbed.v2 import model as tb
-from ralu.calibrate.testbed.v2.conditioning import JOINT_DIM, POOLED_DIM, TEXT_TOKENS
+from ralu.calibrate.testbed.v2.conditioning import TEXT_TOKENS
 
 #: SD3 token counts (square grids of patches) its quadratic cost is fitted through.
 _SD3_FIT_SIDES = (4, 8, 16)

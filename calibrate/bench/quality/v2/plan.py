@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.config import BOTTLENECK_ROLES, DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES
+from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.methods import Method, bottleneck_method, closest, naive_method, ralu_forwards, ralu_method
 from ralu.calibrate.bench.quality.schedules import ours_schedule, paper_schedule, searched_schedule

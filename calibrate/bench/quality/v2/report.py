@@ -68,21 +68,26 @@ REGIME_COLUMNS = [
     Column("seed spread", lambda m: "n/a" if m.seed_spread is None else f"{m.seed_spread:.{DIGITS[m.metric] + 1}f}"),
     Column("worse beyond spread", lambda m: "yes" if m.worse else "no"),
 ]
+
+
+def _cache_cell(key: str):
+    """The cell of one metric in the cache table: cached minus uncached, its interval and the verdict."""
+    return lambda effect: _cache_text(effect, key)
+
+
+def _cache_text(effect, key: str) -> str:
+    v = next(v for v in effect.verdicts if v.metric == key)
+    d = DIGITS[key] + 1
+    sign = {"not separable": "n.s."}.get(v.verdict, "cached better" if v.verdict == f"{v.a} better" else "uncached better")
+    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
+
+
 CACHE_COLUMNS = [
     Column("row", lambda c: c.method),
     Column("cache", lambda c: c.cache),
     Column("speed-up uncached -> cached (linear)", lambda c: f"{c.speedup_uncached:.2f}x -> {c.speedup_cached:.2f}x ({c.gain:.2f}x gained)"),
-    *[Column(f"{label}: cached - uncached", (lambda key: lambda c: _cache_cell(c, key))(key)) for key, label, _, _ in METRICS],
+    *[Column(f"{label}: cached - uncached", _cache_cell(key)) for key, label, _, _ in METRICS],
 ]
-
-
-def _cache_cell(effect, key: str) -> str:
-    v = next(v for v in effect.verdicts if v.metric == key)
-    d = DIGITS[key] + 1
-    sign = {"not separable": "n.s."}.get(v.verdict, "cached better" if v.verdict.startswith(v.a) else "uncached better")
-    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
-
-
 SWEEP_COLUMNS = [
     Column("Z", lambda p: f"{p.z:g}"),
     Column("c", lambda p: f"{p.c:.4f}"),
