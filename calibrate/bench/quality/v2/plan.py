@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ralu.calibrate.bench.quality.config import BOTTLENECK_ROLES, DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES
+from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES
 from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.methods import Method, bottleneck_method, closest, naive_method, ralu_forwards, ralu_method
@@ -139,7 +139,7 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
     """Every row of ``arch``: the baseline, then per budget the plain pipeline with fewer steps,
     FLUX's staged peers, the RALU rows (SD3: crop and stretch), their cache rows; then
     ``--schedule`` rows of this architecture.  Also the schedules by budget (for the sweep)."""
-    size, latent = data.IMAGE_SIZE, tb.LATENT_SIZE
+    size = data.IMAGE_SIZE
     full, half = tb.FULL_TOKENS, tb.FULL_TOKENS // 4
     h0, base = tb.base_shift(arch), tb.BASE_STEPS[arch]
     pipeline_name = "FluxPipeline" if arch == "flux" else "StableDiffusion3Pipeline (classifier-free guidance)"
@@ -162,10 +162,8 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
         methods.append(ArchMethod("base-steps", budget, label["base-steps"], "pipeline", steps=n, forwards=[full] * n, arch=arch,
                                   details={"steps": [n], "describe": f"plain {pipeline_name}, {n} steps, shift h0 = {h0:.4f}"}))
         if arch == "flux":
-            peers = [bottleneck_method(budget, target, cost, h0, full, half), naive_method(budget, target, cost, h0, full, half, switch_t=preset.ends[-2])]
-            for peer in peers:
-                # v1 names the resolutions in pixels of its identity "VAE"; here they are latent sizes
-                peer.details["resolutions"] = [f"{latent if r == 'full' else latent // 2} latent px" for r in BOTTLENECK_ROLES]
+            peers = [bottleneck_method(budget, target, cost, h0, full, half, full_px=size),
+                     naive_method(budget, target, cost, h0, full, half, switch_t=preset.ends[-2], full_px=size)]
             methods += [_as_arch(p, arch) for p in peers]
         rows = [
             ("ralu-paper", paper, arch == "flux", {"source": f"published {preset.name} preset" + (", paper_compat=True" if arch == "flux" else ", exact noise")}),

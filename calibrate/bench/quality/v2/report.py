@@ -53,6 +53,7 @@ ROW_COLUMNS = [
 DEFINITION_COLUMNS = [Column("method", lambda r: r.label), Column("budget", lambda r: f"{r.budget}x"), Column("definition", lambda r: r.details.get("describe", ""))]
 VERDICT_COLUMNS = [
     Column("metric", lambda v: v.metric),
+    Column("question", lambda v: v.question),
     Column("A", lambda v: v.a),
     Column("B", lambda v: v.b),
     Column("A, B", lambda v: f"{v.a_value:.{DIGITS[v.metric]}f}, {v.b_value:.{DIGITS[v.metric]}f}"),
