@@ -123,3 +123,25 @@ def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
     assert "published presets" in capsys.readouterr().err
     assert main(["quality", "--quick", "--weights", str(tmp_path)]) == 2
     assert "--weights-dir" in capsys.readouterr().err
+
+
+def test_the_reference_fd_equals_the_testbed_fd():
+    """The bootstraps' fast FD (reference statistics kept) is the testbed's FD."""
+    import torch
+
+    from ralu.calibrate.bench.quality.v2.stats import Reference
+    from ralu.calibrate.testbed.v2 import metrics
+
+    class Features(torch.nn.Module):  # a "classifier" whose features are a fixed projection of the image
+        def __init__(self):
+            super().__init__()
+            self.projection = torch.randn(3 * 64 * 64, 256, generator=torch.Generator().manual_seed(0)) / 64
+
+        def features(self, images):
+            return images.flatten(1) @ self.projection + (images.flatten(1) @ self.projection) ** 2
+
+    g = torch.Generator().manual_seed(1)
+    reference = Reference(Features(), torch.rand(400, 3, 64, 64, generator=g) * 2 - 1)
+    for n in (300, 40):  # 40 < 256 dimensions: a singular covariance
+        feats = torch.randn(n, 256, generator=g).double() * 0.3 + 0.1
+        assert reference.fd_of(feats) == pytest.approx(metrics.feature_frechet_distance(feats, reference.features), rel=1e-6, abs=1e-8)
