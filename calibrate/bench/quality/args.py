@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, help="images per seed (default v1: 128, v2: 256)")
     parser.add_argument("--budgets", type=int, nargs="+", help=f"budgets, named after the published presets (v1: {sorted(PAPER_PRESETS)}, default 4 7; v2: FLUX 4 7, SD3 2 3, a subset of those)")
     parser.add_argument("--z-values", type=float, nargs="*", help="Z = 1/sqrt(c) of the noise sweep (default 2.5 ... 90; none: no sweep)")
-    parser.add_argument("--sweep-seeds", type=int, help="how many of the seeds the noise sweep uses (default all)")
+    parser.add_argument("--sweep-seeds", type=int, help="how many of the seeds the noise sweep uses (default v1: all, v2: 1)")
     parser.add_argument("--trials", type=int, help="trials of the outer layout search (default 80)")
     parser.add_argument("--real-images", type=int, help="real images of the FD reference (default 1000)")
     parser.add_argument("--batch-size", type=int, help="images per pipeline call (default 64)")

@@ -106,7 +106,8 @@ def make_config(args) -> V2Config:
         raise ValueError("--images and --real-images must be at least 2 (Frechet distances and bootstraps need two images)")
     for path in config.schedules:
         schedule_arch(path)
-    sweep_seeds = config.seeds[: max(1, args.sweep_seeds or len(config.seeds))]
+    # the sweep's seeds: the first (its images are as many as a row's per seed) unless asked
+    sweep_seeds = config.seeds[: max(1, args.sweep_seeds or 1)]
     work = args.work_dir if args.work_dir is not None else Path(args.out_dir) / f".{REPORT_NAME}-work"
     return replace(config, sweep_seeds=sweep_seeds, work_dir=str(work), batch_size=min(config.batch_size, config.images))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ralu.calibrate.bench.common import Column, render_from_json, table
 from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REPORT_NAME
 from ralu.calibrate.bench.quality.v2.schema import Estimate, V2Report
-from ralu.calibrate.bench.quality.v2.stats import METRICS
+from ralu.calibrate.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS
 
 #: Digits per metric in the tables.
 DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3}
@@ -89,6 +89,12 @@ CACHE_COLUMNS = [
     Column("speed-up uncached -> cached (linear)", lambda c: f"{c.speedup_uncached:.2f}x -> {c.speedup_cached:.2f}x ({c.gain:.2f}x gained)"),
     *[Column(f"{label}: cached - uncached", _cache_cell(key)) for key, label, _, _ in METRICS],
 ]
+#: Accuracy of every attribute (pooled value only), per row.
+ATTRIBUTE_COLUMNS = [
+    Column("method", lambda r: r.label),
+    Column("budget", lambda r: f"{r.budget}x"),
+    *[Column(key.removeprefix("accuracy_"), (lambda k: lambda r: f"{r.metrics[k].value:.3f}")(key)) for key in ATTRIBUTE_METRICS],
+]
 SWEEP_COLUMNS = [
     Column("Z", lambda p: f"{p.z:g}"),
     Column("c", lambda p: f"{p.c:.4f}"),
@@ -161,6 +167,8 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
                       f"The plain pipeline with {g.fewer_steps} steps against the {g.baseline_steps}-step baseline: passed when it is worse on at least one "
                       "metric with 95 % confidence and by more than the spread across seeds.  "
                       f"**{'Passed' if g.passed else 'Not passed'}.**", "", *table(REGIME_COLUMNS, g.metrics), ""]
+        lines += ["Accuracy per attribute (the first three survive a half-size stage, the last four are fine detail):", "",
+                  *table(ATTRIBUTE_COLUMNS, [x for x in rows if x.cache is None]), ""]
         lines += [f"Samples (seed {cfg['seeds'][0]}; one row per method): ![samples {arch}]({figures.grids[arch]})", ""]
         for sweep in [s for s in report.sweeps if s.arch == arch]:
             lines += [f"### Noise strength sweep ({sweep.budget}x layout)", "",

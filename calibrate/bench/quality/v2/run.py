@@ -188,19 +188,31 @@ def arch_testbed(run: ArchRun, rows: list[Row]) -> ArchTestbed:
     )
 
 
-def estimate_minutes(runs: list[ArchRun], config: V2Config) -> float:
-    """Minutes for the whole run: one timed baseline-size batch per architecture scaled by every
-    row's planned forwards (a rough guide; metrics and bootstraps add a little)."""
+def planned_flops(run: ArchRun):
+    """A row's planned transformer FLOPs per image (SD3: both guidance branches)."""
+    branches = 2 if run.arch == "sd3" else 1
+    return lambda method: branches * run.cost.of(method.forwards).total
+
+
+def estimate_minutes(runs: list[ArchRun], config: V2Config, probe_images: int = 4) -> float:
+    """Minutes of sampling for the whole run: per architecture, the seconds per planned FLOP
+    of a short plain call and of a short RALU call (RALU's token gathering and SD3's token path
+    cost more per FLOP), times every row's planned FLOPs (cache rows counted uncached: an upper
+    bound).  Images already in the work folder and the statistics are not counted."""
     total = 0.0
     for run in runs:
-        labels = data.balanced_labels(min(config.batch_size, config.images), 0)
-        call = tb.call_inputs(run.arch, labels)
-        t0 = time.time()
-        run.pipe(**call, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(labels.shape[0])], output_type="latent")
-        per_forward = (time.time() - t0) / 2 / labels.shape[0]
-        forwards = sum(run.cost.of(m.forwards).total / run.cost.forward(tb.FULL_TOKENS).total for m in run.methods) * len(config.seeds)
-        forwards += len(config.z_values) * len(config.sweep_seeds) * sum(run.cost.of(m.forwards).total for m in run.methods if m.key == "ralu-ours") / run.cost.forward(tb.FULL_TOKENS).total / max(1, len(config.budgets[run.arch]))
-        total += forwards * per_forward * config.images / 60.0
+        labels = data.balanced_labels(probe_images, 0)
+        flops = planned_flops(run)
+        rate = {}
+        probe = next(m for m in run.methods if m.kind == "ralu")
+        for kind, method in (("pipeline", ArchMethod("probe", 1, "probe", "pipeline", steps=2, forwards=[tb.FULL_TOKENS] * 2, arch=run.arch)), ("ralu", probe)):
+            t0 = time.time()
+            run.sampler._generate(method, labels, 0)
+            rate[kind] = (time.time() - t0) / (probe_images * flops(method))
+        per_image = sum(rate["ralu" if m.kind == "ralu" else "pipeline"] * flops(m) for m in run.methods) * len(config.seeds)
+        sweep_rows = [m for m in run.methods if m.key.startswith("ralu-ours") and m.cache is None and m.budget == config.budgets[run.arch][0]][:1]
+        per_image += len(config.z_values) * len(config.sweep_seeds) * sum(rate["ralu"] * flops(m) for m in sweep_rows)
+        total += per_image * config.images / 60.0
     return total
 
 
