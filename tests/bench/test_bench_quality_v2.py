@@ -38,6 +38,8 @@ def test_rows_per_arch_and_budget(quick_v2):
     for budget in (2, 3):
         expected = {"base-steps"} | {f"{k}-{p}" for k in ("ralu-paper", "ralu-ours", "ralu-searched") for p in ("crop", "stretch")}
         assert expected | {"ralu-ours-crop+taylorseer", "ralu-ours-crop+magcache"} <= by("sd3", budget)
+    # paper_compat is FLUX's published-script mode; SD3's published rows run with exact noise
+    assert all(("paper_compat" in r["label"]) == (r["arch"] == "flux" and r["method"].startswith("ralu-paper")) for r in rows)
     for row in rows:
         assert _finite(row["flops_speedup_linear"]) and row["flops_speedup_linear"] > 0
         if row["cache"] is None:

@@ -176,7 +176,8 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
                 m = ralu_method(key, budget, schedule, full, compat, extra=extra)
                 name = key if positions is None else f"{key}-{positions}"
                 m.details["describe"] += "" if positions is None else f", low_res_positions={positions!r}"
-                methods.append(_as_arch(m, arch, key=name, label=m.label + ("" if positions is None else f", {positions}"), positions=positions))
+                text = m.label if compat else m.label.replace(" (paper_compat)", "")  # SD3's published row runs with exact noise
+                methods.append(_as_arch(m, arch, key=name, label=text + ("" if positions is None else f", {positions}"), positions=positions))
         if config.caches:
             methods += cache_rows(arch, methods, budget)
     for path in config.schedules:
