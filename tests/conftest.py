@@ -7,6 +7,7 @@ model family in their own section.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,30 @@ def saved_flux_pipeline(tmp_path_factory, flux_models):
     folder = tmp_path_factory.mktemp("tiny-flux")
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_v2_weights(folder: Path) -> Path:
+    """Random-init testbed v2 weights laid out like ``testbed-weights/v2/`` (autoencoder/
+    classifier/ flux/ sd3/) under ``folder``: speed and code paths do not depend on training.
+    The autoencoder's scaling and shift factors are measured as training measures them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ralu.calibrate.testbed.v2 import model as tb
+    from ralu.calibrate.testbed.v2.classifier import WEIGHTS_FILE, Classifier
+
+    vae = tb.build_autoencoder(0).eval()
+    vae.register_to_config(**tb.latent_statistics(vae, n=64, batch=64))
+    vae.save_pretrained(folder / "autoencoder")
+    for i, arch in enumerate(tb.ARCHITECTURES):
+        tb.build_transformer(arch, seed=1 + i).save_pretrained(folder / arch)
+    torch.manual_seed(3)
+    (folder / "classifier").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in Classifier().state_dict().items()}, str(folder / "classifier" / WEIGHTS_FILE))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def v2_weights(tmp_path_factory) -> Path:
+    """A folder of random-init testbed v2 weights, built once per session."""
+    return build_v2_weights(tmp_path_factory.mktemp("v2-weights"))

@@ -156,7 +156,7 @@ def quick_run(tiny_testbed, tmp_path_factory):
     extra = out / "extra-7x.json"
     save_schedule(load_schedule("flux-dev-7x"), extra)  # a 1024 px file: retargeted to 32 px
     argv = [
-        "quality", "--quick", "--out-dir", str(out), "--schedule", str(extra),
+        "quality", "--testbed", "v1", "--quick", "--out-dir", str(out), "--schedule", str(extra),
         "--weights", str(tiny_testbed / "transformer"), "--classifier", str(tiny_testbed / "classifier"),
     ]
     assert main(argv) == 0
@@ -165,7 +165,7 @@ def quick_run(tiny_testbed, tmp_path_factory):
 
 def test_quick_writes_reports(quick_run):
     out, report = quick_run
-    assert report["command"].startswith("ralu-bench quality --quick")
+    assert report["command"].startswith("ralu-bench quality --testbed v1 --quick")
     md = (out / "quality.md").read_text()
     assert "## Which method wins" in md and "## Noise strength sweep" in md and "![samples](quality/samples.png)" in md
     for name in ("samples.png", "tradeoff.png", "sweep.png"):
@@ -217,10 +217,13 @@ def test_quick_metric_sanity(quick_run):
 def test_bad_requests_fail_before_any_compute(capsys):
     from ralu.calibrate.bench.cli import main
 
-    assert main(["quality", "--quick", "--schedule", "sd3-medium-3x"]) == 2
+    assert main(["quality", "--testbed", "v1", "--quick", "--schedule", "sd3-medium-3x"]) == 2
     assert "testbed is a FLUX transformer" in capsys.readouterr().err
-    assert main(["quality", "--quick", "--budgets", "3"]) == 2
+    assert main(["quality", "--testbed", "v1", "--quick", "--budgets", "3"]) == 2
     assert "published presets" in capsys.readouterr().err
+    assert main(["quality", "--testbed", "v1", "--quick", "--arch", "sd3"]) == 2
+    err = capsys.readouterr().err
+    assert "FLUX transformer only" in err and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------

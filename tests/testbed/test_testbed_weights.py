@@ -83,7 +83,7 @@ def test_evaluate_cli_without_weights_exits_2_with_one_line(no_checkout, capsys)
 def test_bench_quality_without_weights_exits_2_with_one_line(no_checkout, capsys, tmp_path):
     from ralu.calibrate.bench.cli import main
 
-    assert main(["quality", "--quick", "--out-dir", str(tmp_path / "out")]) == 2
+    assert main(["quality", "--testbed", "v1", "--quick", "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and ENV_VAR in err
     assert not (tmp_path / "out").exists()

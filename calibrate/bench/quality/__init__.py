@@ -1,5 +1,10 @@
 """``ralu-bench quality``: image quality of RALU against its peers at matched cost, on the
-quality testbed (:mod:`ralu.calibrate.testbed`).
+offline quality testbeds: v2 by default (64 px latent-space FLUX and SD3 generators,
+fine-detail metrics with bootstrap intervals and paired verdicts; code in the v2 subpackage,
+docs/testbed-v2.md §5), v1 with ``--testbed v1``.
+
+The rest of this docstring describes v1 (:mod:`ralu.calibrate.testbed`), whose modules v2
+reuses, parameterised by architecture.
 
 Everything runs offline on the testbed: a small ``FluxTransformer2DModel`` in pixel space
 (32x32 RGB, an identity "VAE", 256 image tokens at full size, 64 at half size; its

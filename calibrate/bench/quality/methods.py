@@ -71,9 +71,9 @@ def closest(candidates, cost_of, target: float):
     return min(candidates, key=lambda c: abs(cost_of(c).total - target))
 
 
-def bottleneck_method(budget: float, target: float, cost: TestbedCost, h0: float, full: int, half: int) -> Method:
+def bottleneck_method(budget: float, target: float, cost: TestbedCost, h0: float, full: int, half: int, full_px: int = 32) -> Method:
     """Bottleneck Sampling at a FLOPs target: the FLUX default steps 6/20/8 scaled (and
-    rounded) to the budget."""
+    rounded) to the budget (``full_px``: the full-size image side, for the description)."""
     def steps_for(alpha):
         return tuple(max(1, round(n * alpha)) for n in BOTTLENECK_STEPS)
 
@@ -89,16 +89,16 @@ def bottleneck_method(budget: float, target: float, cost: TestbedCost, h0: float
     return Method(
         "bottleneck", budget, METHOD_LABELS["bottleneck"], "staged", stages=stages, transition="renoise", forwards=forwards,
         details={
-            "steps": list(steps), "resolutions": ["32 px", "16 px", "32 px"], "shifts": [round(h, 4) for h in shifts],
+            "steps": list(steps), "resolutions": [f"{full_px} px", f"{full_px // 2} px", f"{full_px} px"], "shifts": [round(h, 4) for h in shifts],
             "sigma_ranges": [[s, e] for s, e in zip(BOTTLENECK_RESTARTS, ends)],
-            "describe": (f"{'/'.join(map(str, steps))} steps at 32/16/32 px, shifts {'/'.join(f'{h:.2f}' for h in shifts)} "
+            "describe": (f"{'/'.join(map(str, steps))} steps at {full_px}/{full_px // 2}/{full_px} px, shifts {'/'.join(f'{h:.2f}' for h in shifts)} "
                          f"(3, 2, 3 x h0), sigma 1 -> 0.8, 0.8 -> 0.6, 0.6 -> 0; at each change the Tweedie estimate is "
                          "resized (2x2 mean down, nearest up) and re-noised with fresh noise to the restart level"),
         },
     )
 
 
-def naive_method(budget: float, target: float, cost: TestbedCost, h0: float, full: int, half: int, switch_t: float) -> Method:
+def naive_method(budget: float, target: float, cost: TestbedCost, h0: float, full: int, half: int, switch_t: float, full_px: int = 32) -> Method:
     """Naive two-stage upsampling: the base h0 grid of N steps, the steps until progress
     time ``switch_t`` at half size, then the noisy latent nearest-upsampled and continued at
     full size from the same sigma, no re-noising; N chosen to match the FLOPs target."""
@@ -122,8 +122,8 @@ def naive_method(budget: float, target: float, cost: TestbedCost, h0: float, ful
         details={
             "steps": [low, n - low], "switch_sigma": float(sigmas[low]), "shift": round(h0, 4),
             "describe": (f"{n} steps on the base grid (shift h0 = {h0:.3f}); the first {low} (down to sigma {sigmas[low]:.3f}, "
-                         f"progress t = {1 - sigmas[low]:.3f}) at 16 px, then the noisy latent nearest-upsampled and the "
-                         f"remaining {n - low} steps at 32 px, no re-noising"),
+                         f"progress t = {1 - sigmas[low]:.3f}) at {full_px // 2} px, then the noisy latent nearest-upsampled and the "
+                         f"remaining {n - low} steps at {full_px} px, no re-noising"),
         },
     )
 

@@ -91,6 +91,16 @@ def make_config(args: argparse.Namespace) -> Config:
                    batch_size=min(config.batch_size, config.images))
 
 
+def v1_refusal(args: argparse.Namespace) -> str | None:
+    """The v2-only options a v1 run refuses, as one line (None: none given)."""
+    if getattr(args, "arch", None) and set(args.arch) != {"flux"}:
+        return "--arch sd3: testbed v1 is a FLUX transformer only. Fix: use --testbed v2 for SD3"
+    for name in ("weights_dir", "work_dir"):
+        if getattr(args, name, None) is not None:
+            return f"--{name.replace('_', '-')} is a testbed v2 option. Fix: use --weights / --classifier with --testbed v1"
+    return None
+
+
 def check_schedule_file(path: str) -> None:
     """A ``--schedule`` must load, be for FLUX (the testbed is a FLUX transformer) and be
     calibrated for the testbed's base shift (FLUX.1-dev at 1024 px)."""
@@ -295,6 +305,13 @@ def write_reports(report: QualityReport, samples: SampleGrid, out_dir: Path) -> 
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "testbed", "v1") == "v2":
+        from ralu.calibrate.bench.quality.v2.run import run_v2_from_args
+
+        return run_v2_from_args(args)
+    problem = v1_refusal(args)
+    if problem:
+        return fail("ralu-bench quality", ValueError(problem))
     try:
         config = make_config(args)
     except ValueError as error:

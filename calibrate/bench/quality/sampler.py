@@ -80,20 +80,34 @@ class TestbedSampler:
         )[0]
         return FluxPipeline._unpack_latents(v, h, w, 1).float()
 
+    # The testbed's conventions, which another testbed's sampler overrides: the per-image
+    # noise generators, the label conditioning and the decode to images in [-1, 1].
+    def _generators(self, n: int, seed: int):
+        return image_generators(n, seed)
+
+    def _condition(self, labels):
+        return encode_labels(labels, dtype=self.transformer.dtype)
+
+    def _to_images(self, latent):
+        return latents_to_images(latent, self.pipe.vae)
+
+    def _decode(self, latent):
+        image = self._to_images(latent)
+        return ((image / 2.0 + 0.5).clamp(0.0, 1.0)) * 2.0 - 1.0
+
     def staged(self, method: Method, labels, seed: int):
-        generators = image_generators(labels.shape[0], seed)
+        generators = self._generators(labels.shape[0], seed)
         out = []
         for start in range(0, labels.shape[0], self.batch_size):
             chunk = labels[start : start + self.batch_size]
             gens = generators[start : start + chunk.shape[0]]
-            cond = encode_labels(chunk, dtype=self.transformer.dtype)
+            cond = self._condition(chunk)
             guidance = None
             if self.transformer.config.guidance_embeds:
                 guidance = torch.full([1], self.guidance_scale, dtype=torch.float32).expand(chunk.shape[0])
             with torch.no_grad():
                 latent = self._run_stages(method, gens, cond, guidance)
-            image = latents_to_images(latent, self.pipe.vae)
-            out.append(((image / 2.0 + 0.5).clamp(0.0, 1.0)) * 2.0 - 1.0)
+                out.append(self._decode(latent))
         return torch.cat(out)
 
     def _noise(self, gens, shape):

@@ -9,16 +9,17 @@ import numpy as np
 from ralu.calibrate.bench.quality.config import BASE_STEPS, PAPER_PRESETS
 from ralu.calibrate.calibration import calibrate, tool_version
 from ralu.calibrate.flops.pricing import flops_speedup
-from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE
+from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE, PublishedPreset
 from ralu.calibrate.search import Z_BOUNDS, NTDMObjective, StageLayout
 from ralu.calibrate.testbed.model import testbed_schedule
 from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
 
 
-def paper_schedule(budget: int, size: int):
-    """The published preset for ``budget`` (docs/method.md §5) as a schedule at ``size`` px."""
+def paper_schedule(budget: int, size: int, preset: PublishedPreset | None = None, base_steps: int = BASE_STEPS):
+    """The published preset for ``budget`` (docs/method.md §5; the FLUX one unless ``preset``
+    is given, with its model's ``base_steps``) as a schedule at ``size`` px."""
 
-    p = PAPER_PRESETS[budget]
+    p = PAPER_PRESETS[budget] if preset is None else preset
     c = p.c
     problem = NTDMObjective(StageLayout(p.steps, p.ends), PAPER_H0)
     distance = float(problem.distance(np.array([[*p.shifts, p.z]]))[0])
@@ -29,7 +30,7 @@ def paper_schedule(budget: int, size: int):
         "model": p.model,
         "height": size,
         "width": size,
-        "base_steps": BASE_STEPS,
+        "base_steps": base_steps,
         "stages": [{"steps": n, "start": s, "end": e, "shift": h} for n, s, e, h in zip(p.steps, starts, p.ends, p.shifts)],
         "c": c,
         "up_ratio": p.up_ratio,
@@ -49,22 +50,23 @@ def paper_schedule(budget: int, size: int):
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         },
     }
-    return schedule_from_dict(data, f"published FLUX {budget}x preset")
+    return schedule_from_dict(data, f"published {p.name} preset")
 
 
-def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", z_bounds: tuple[float, float] | None = None):
-    """Our calibration of the preset's layout at the testbed's h0 (global optimiser), at ``size`` px.
+def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", z_bounds: tuple[float, float] | None = None, preset: PublishedPreset | None = None):
+    """Our calibration of the preset's layout (the FLUX one of ``budget`` unless ``preset``)
+    at the testbed's h0 (global optimiser), at ``size`` px.
 
     Given ``z_bounds`` (the noise-strength sweep) are taken as they are, with no
     kept-signal bound: the sweep measures large Z on purpose."""
-    p = PAPER_PRESETS[budget]
+    p = PAPER_PRESETS[budget] if preset is None else preset
     return calibrate(
         p.model, steps=list(p.steps), ends=list(p.ends), up_ratio=p.up_ratio, height=size, width=size,
         h0=h0, optimizer=optimizer, z_bounds=z_bounds or Z_BOUNDS, min_signal=None if z_bounds is None else 0.0, flops_convention="total",
     )
 
 
-def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int = 0):
+def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int = 0, preset: PublishedPreset | None = None, move=testbed_schedule):
     """Our outer layout search for the preset's budget, moved to the testbed's 32 px.
 
     The search prices layouts with FLUX.1-dev's cost model, which at 32 px would be
@@ -72,7 +74,7 @@ def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int 
     resolution whose base shift equals the testbed's h0) for the preset's FLUX total-FLOPs
     speed-up there, and the schedule is then moved to the testbed's size.
     """
-    p = PAPER_PRESETS[budget]
+    p = PAPER_PRESETS[budget] if preset is None else preset
     target = flops_speedup(p.model, PAPER_SIZE, PAPER_SIZE, list(p.steps), p.up_ratio).total
     found = calibrate(p.model, speedup=round(target, 3), h0=h0, flops_convention="total", trials=trials, seed=seed)
-    return testbed_schedule(found)
+    return move(found)

@@ -228,6 +228,23 @@ def mean_interval(values, confidence: float = 0.95, n_resamples: int = 2000, see
     return Interval(mean, low, high, confidence)
 
 
+def set_interval(items: torch.Tensor, set_metric: Callable[[torch.Tensor], float], confidence: float = 0.95, n_resamples: int = 200, seed: int = 0) -> Interval:
+    """A set-level metric (FD, spectral distance) of ``items`` (images, features or spectra)
+    with a percentile bootstrap interval over the items."""
+    n = items.shape[0]
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 items, got {n}")
+    value = set_metric(items)
+
+    def statistic(index):
+        return set_metric(items[torch.as_tensor(np.asarray(index), dtype=torch.long)])
+
+    low, high = _bootstrap(statistic, n, False, (np.arange(n),), confidence, n_resamples, seed)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("the bootstrap interval is not finite (too few distinct images for this metric). Fix: use more images")
+    return Interval(value, low, high, confidence)
+
+
 def _verdict(low: float, high: float, higher_is_better: bool, names: tuple[str, str]) -> str:
     if low <= 0.0 <= high:
         return NOT_SEPARABLE

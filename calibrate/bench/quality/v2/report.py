@@ -1,0 +1,189 @@
+"""``reports/quality-v2.md`` from the typed :class:`~ralu.calibrate.bench.quality.v2.schema.V2Report`.
+
+To print the Markdown of a saved report (no torch):
+``python -m ralu.calibrate.bench.quality.v2.report FILE``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from ralu.calibrate.bench.common import Column, render_from_json, table
+from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REPORT_NAME
+from ralu.calibrate.bench.quality.v2.schema import Estimate, V2Report
+from ralu.calibrate.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS
+
+#: Digits per metric in the tables.
+DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3}
+
+
+@dataclass(frozen=True)
+class FigurePaths:
+    grids: dict[str, str]
+    tradeoff: str
+    sweep: str | None
+
+
+def figure_paths(report: V2Report) -> FigurePaths:
+    """Where the figures go, relative to the report."""
+    return FigurePaths({a: f"{REPORT_NAME}/samples-{a}.png" for a in report.testbed}, f"{REPORT_NAME}/tradeoff.png",
+                       f"{REPORT_NAME}/sweep.png" if report.sweeps else None)
+
+
+def interval(e: Estimate | None, digits: int) -> str:
+    """``value [low, high] ±seed-spread``."""
+    if e is None:
+        return "n/a"
+    text = f"{e.value:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}]"
+    return text if e.seed_std is None else f"{text} ±{e.seed_std:.{digits}f}"
+
+
+def _metric(key: str, label: str) -> Column:
+    return Column(label, lambda r: interval(r.metrics.get(key), DIGITS[key]))
+
+
+METRIC_COLUMNS = [_metric(key, label) for key, label, _, _ in METRICS]
+ROW_COLUMNS = [
+    Column("method", lambda r: r.label),
+    Column("steps", lambda r: "/".join(str(s) for s in r.details.get("steps", []))),
+    Column("speed-up total (linear)", lambda r: (f"{r.flops_speedup_total:.2f}x" if r.flops_speedup_total else "n/a") + f" ({r.flops_speedup_linear:.2f}x)"),
+    *METRIC_COLUMNS,
+]
+DEFINITION_COLUMNS = [Column("method", lambda r: r.label), Column("budget", lambda r: f"{r.budget}x"), Column("definition", lambda r: r.details.get("describe", ""))]
+VERDICT_COLUMNS = [
+    Column("metric", lambda v: v.metric),
+    Column("question", lambda v: v.question),
+    Column("A", lambda v: v.a),
+    Column("B", lambda v: v.b),
+    Column("A, B", lambda v: f"{v.a_value:.{DIGITS[v.metric]}f}, {v.b_value:.{DIGITS[v.metric]}f}"),
+    Column("A - B [95 % interval]", lambda v: f"{v.difference:+.{DIGITS[v.metric] + 1}f} [{v.low:+.{DIGITS[v.metric] + 1}f}, {v.high:+.{DIGITS[v.metric] + 1}f}]"),
+    Column("verdict", lambda v: f"**{v.verdict}**" if v.verdict != "not separable" else v.verdict),
+]
+REGIME_COLUMNS = [
+    Column("metric", lambda m: m.metric),
+    Column("baseline", lambda m: f"{m.baseline:.{DIGITS[m.metric]}f}"),
+    Column("fewer steps", lambda m: f"{m.fewer_steps:.{DIGITS[m.metric]}f}"),
+    Column("difference [95 %]", lambda m: f"{m.difference:+.{DIGITS[m.metric] + 1}f} [{m.low:+.{DIGITS[m.metric] + 1}f}, {m.high:+.{DIGITS[m.metric] + 1}f}]"),
+    Column("verdict", lambda m: m.verdict),
+    Column("seed spread", lambda m: "n/a" if m.seed_spread is None else f"{m.seed_spread:.{DIGITS[m.metric] + 1}f}"),
+    Column("worse beyond spread", lambda m: "yes" if m.worse else "no"),
+]
+
+
+def _cache_cell(key: str):
+    """The cell of one metric in the cache table: cached minus uncached, its interval and the verdict."""
+    return lambda effect: _cache_text(effect, key)
+
+
+def _cache_text(effect, key: str) -> str:
+    v = next(v for v in effect.verdicts if v.metric == key)
+    d = DIGITS[key] + 1
+    sign = {"not separable": "n.s."}.get(v.verdict, "cached better" if v.verdict == f"{v.a} better" else "uncached better")
+    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
+
+
+CACHE_COLUMNS = [
+    Column("row", lambda c: c.method),
+    Column("cache", lambda c: c.cache),
+    Column("speed-up uncached -> cached (linear)", lambda c: f"{c.speedup_uncached:.2f}x -> {c.speedup_cached:.2f}x ({c.gain:.2f}x gained)"),
+    *[Column(f"{label}: cached - uncached", _cache_cell(key)) for key, label, _, _ in METRICS],
+]
+#: Accuracy of every attribute (pooled value only), per row.
+ATTRIBUTE_COLUMNS = [
+    Column("method", lambda r: r.label),
+    Column("budget", lambda r: f"{r.budget}x"),
+    *[Column(key.removeprefix("accuracy_"), (lambda k: lambda r: f"{r.metrics[k].value:.3f}")(key)) for key in ATTRIBUTE_METRICS],
+]
+SWEEP_COLUMNS = [
+    Column("Z", lambda p: f"{p.z:g}"),
+    Column("c", lambda p: f"{p.c:.4f}"),
+    Column("shifts", lambda p: "/".join(f"{h:.2f}" for h in p.shifts)),
+    Column("JS distance", lambda p: f"{p.js_distance:.4f}"),
+    *METRIC_COLUMNS,
+]
+
+
+def render_markdown(report: V2Report, figures: FigurePaths) -> str:
+    cfg = report.config
+    lines = [
+        "# Image quality at matched cost (testbed v2)",
+        "",
+        f"Regenerate: `{report.command}` ({report.wall_seconds / 60:.1f} min, {cfg['threads_used']} CPU thread(s)).",
+        "",
+    ]
+    if cfg["quick"]:
+        lines += ["**Quick mode** (CI): a handful of images, short searches, few resamples.  It exercises every code path; its numbers mean nothing.", ""]
+    lines += [
+        "RALU against its peers at the same cost on testbed v2 (`ralu.calibrate.testbed.v2`, docs/testbed-v2.md): 64 px scenes in a factor-2 "
+        "latent space, a FLUX generator in `FluxPipeline` and an SD3 generator in `StableDiffusion3Pipeline` (real classifier-free guidance), "
+        "RALU through `from_pipe`, and a classifier that reads seven attributes, four of them fine detail.",
+        "",
+        "## Set-up",
+        "",
+        f"- Seeds {cfg['seeds']}, {cfg['images']} images per seed: labels `balanced_labels(n, seed)`, one noise generator per image "
+        "(`image_generators`), the same for every row.  Values are over the images of all seeds pooled: `value [95 % bootstrap interval over images] "
+        "±standard deviation across seeds`.",
+        f"- Weights: {', '.join(f'{k} `{v}`' for k, v in report.weights['folders'].items())} (file hashes in the JSON).",
+        "- Metrics: **FD** in the v2 classifier's features against "
+        f"{cfg['real_images']} real scenes; **spectral distance** of the mean radial power spectrum to the same real scenes; **fine accuracy**: "
+        "texture, orientation, period and marks all read back right; **accuracy**: all seven attributes right; **PSNR / SSIM** against the "
+        "baseline sample of the same noise and labels; **blocking** on the 4 px grid of half-size latent pixels.",
+        "- Cost, per image.  *Total*: every transformer forward priced by `count_flops` on the meta device at the image-token count it really ran "
+        "(a hook on the first block records it), times its batch rows (SD3 runs both guidance branches in one batch: two rows per step), plus every "
+        "decode priced the same way at the latent size really decoded: the final 64 px decode for every row and RALU's edge-selection decode of the "
+        "half-size latent at 32 px.  *Linear*: the `nn.Linear` multiply-adds really executed (forward hooks: what a cache skips is not counted) plus "
+        "the decodes' convolution and linear FLOPs; cache rows have only this one.",
+        "",
+    ]
+    for arch, t in report.testbed.items():
+        f = t.forward_gflops
+        lines.append(f"- {ARCH_NAMES[arch]}: `{t.pipeline}`, baseline {t.base_steps} steps, h0 = {t.h0:.4f}, guidance {t.guidance_scale}, "
+                     f"{t.guidance_branches} transformer row(s) per step; forward at {t.full_tokens} / {t.half_tokens} tokens "
+                     f"{f[str(t.full_tokens)]['total']:.3f} / {f[str(t.half_tokens)]['total']:.3f} GFLOPs; decode at 64 / 32 px "
+                     f"{t.decode_gflops['64 px']['total']:.3f} / {t.decode_gflops['32 px']['total']:.3f} GFLOPs; baseline {t.baseline_gflops_total:.2f} GFLOPs per image.")
+    r = report.reference
+    lines += ["", f"Floor (fresh real scenes with the same labels): FD {interval(r['fd'], 2)}, spectral distance {interval(r['spectral_distance'], 3)}, "
+              f"fine accuracy {interval(r['fine_accuracy'], 3)}, accuracy {interval(r['accuracy'], 3)}, blocking {interval(r['blocking'], 3)}.", ""]
+    if "sd3" in report.testbed:
+        lines += ["Bottleneck Sampling and naive upsampling run on FLUX only: the harness's staged Euler sampler follows FluxPipeline's conventions "
+                  "(packing, rotary positions, guidance input); SD3's patch embedding and classifier-free guidance would need a second sampler.", ""]
+    for arch in report.testbed:
+        rows = [x for x in report.rows if x.arch == arch]
+        lines += [f"## {ARCH_NAMES[arch]}", "", "### Methods", "", *table(DEFINITION_COLUMNS, [x for x in rows if x.cache is None]), ""]
+        for budget in sorted({x.budget for x in rows}):
+            group = [x for x in rows if x.budget == budget and x.cache is None]
+            lines += [f"### {'baseline' if budget == 1 else f'{budget}x'}", "", *table(ROW_COLUMNS, group), ""]
+            found = [v for v in report.verdicts if v.arch == arch and v.budget == budget]
+            if found:
+                lines += ["Verdicts (paired bootstrap over the same images; a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, found), ""]
+            effects = [c for c in report.caches if c.arch == arch and c.budget == budget]
+            if effects:
+                lines += [f"Caches at {budget}x (speed-up in linear FLOPs executed, decoder included; quality change paired against the same row uncached):", "",
+                          *table(CACHE_COLUMNS, effects), ""]
+        g = report.regime.get(arch)
+        if g:
+            lines += [f"### Regime check ({g.budget}x)", "",
+                      f"The plain pipeline with {g.fewer_steps} steps against the {g.baseline_steps}-step baseline: passed when it is worse on at least one "
+                      "metric with 95 % confidence and by more than the spread across seeds.  "
+                      f"**{'Passed' if g.passed else 'Not passed'}.**", "", *table(REGIME_COLUMNS, g.metrics), ""]
+        lines += ["Accuracy per attribute (the first three survive a half-size stage, the last four are fine detail):", "",
+                  *table(ATTRIBUTE_COLUMNS, [x for x in rows if x.cache is None]), ""]
+        lines += [f"Samples (seed {cfg['seeds'][0]}; one row per method): ![samples {arch}]({figures.grids[arch]})", ""]
+        for sweep in [s for s in report.sweeps if s.arch == arch]:
+            lines += [f"### Noise strength sweep ({sweep.budget}x layout)", "",
+                      f"RALU (ours, exact noise{', crop' if arch == 'sd3' else ''}) with the shifts re-optimised for each fixed Z; seeds {sweep.seeds}, "
+                      f"{sweep.images_per_seed} images each; the global calibration puts Z at {sweep.global_z:.2f}.", "", *table(SWEEP_COLUMNS, sweep.points), ""]
+    lines += [f"Quality against cost (bars: 95 % intervals): ![trade-off]({figures.tradeoff})", ""]
+    if figures.sweep:
+        lines += [f"![sweep]({figures.sweep})", ""]
+    return "\n".join(lines)
+
+
+def render_json(text: str) -> str:
+    report = V2Report.model_validate_json(text)
+    return render_markdown(report, figure_paths(report))
+
+
+if __name__ == "__main__":
+    sys.exit(render_from_json(sys.argv[1:], "ralu.calibrate.bench.quality.v2.report", render_json))

@@ -1,0 +1,149 @@
+"""What ``reports/quality-v2.json`` holds: the typed records of a v2 run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ralu.calibrate.bench.quality.schema import Record
+
+
+class Estimate(Record):
+    """A metric over the images of all seeds pooled, its 95 % bootstrap interval over images,
+    its value per seed and their standard deviation (None for one seed)."""
+
+    value: float
+    low: float
+    high: float
+    seed_std: float | None
+    per_seed: list[float]
+
+
+class Row(Record):
+    """One row: a method (with a cache, for cache rows) at a budget of one architecture."""
+
+    arch: str
+    method: str
+    label: str
+    budget: int | float
+    cache: str | None
+    uncached: str | None  # the row a cache row is compared with
+    flops_speedup_total: float | None  # None for cache rows (what a cache skips is counted in linear FLOPs only)
+    flops_speedup_linear: float
+    gflops_total: float | None
+    gflops_linear: float
+    decoder_gflops: float
+    forwards: float  # transformer forwards per image (SD3: both guidance branches of a step in one forward)
+    decodes: dict[str, float]  # decodes per image by output size
+    metrics: dict[str, Estimate]
+    seeds: list[int]
+    images_per_seed: int
+    seconds: float
+    reused: bool  # every batch came from the work folder
+    details: dict[str, Any]
+
+
+class Verdict(Record):
+    """Row ``a`` against row ``b`` on one metric, paired over the same images: ``difference`` =
+    metric(a) - metric(b) with its 95 % bootstrap interval."""
+
+    arch: str
+    budget: int | float
+    metric: str
+    question: str
+    a: str
+    b: str
+    a_value: float
+    b_value: float
+    difference: float
+    low: float
+    high: float
+    verdict: str  # "<a> better", "<b> better" or "not separable"
+
+
+class RegimeMetric(Record):
+    metric: str
+    baseline: float
+    fewer_steps: float
+    difference: float  # fewer steps - baseline
+    low: float
+    high: float
+    verdict: str
+    seed_spread: float | None
+    beyond_spread: bool
+    worse: bool  # worse for fewer steps with 95 % confidence and beyond the spread across seeds
+
+
+class Regime(Record):
+    """At the largest budget: is the plain pipeline with fewer steps worse than the baseline?"""
+
+    arch: str
+    budget: int | float
+    baseline_steps: int
+    fewer_steps: int
+    metrics: list[RegimeMetric]
+    passed: bool
+
+
+class CacheEffect(Record):
+    """A cache on a row: speed-up gained (linear FLOPs executed, decoder included) and the quality change."""
+
+    arch: str
+    budget: int | float
+    method: str  # the uncached row
+    cache: str
+    speedup_uncached: float
+    speedup_cached: float
+    gain: float  # speedup_cached / speedup_uncached
+    verdicts: list[Verdict]  # cached against uncached, per metric
+
+
+class SweepPoint(Record):
+    z: float
+    c: float
+    js_distance: float
+    shifts: list[float]
+    metrics: dict[str, Estimate]
+
+
+class Sweep(Record):
+    arch: str
+    budget: int | float
+    seeds: list[int]
+    images_per_seed: int
+    global_z: float
+    points: list[SweepPoint]
+
+
+class ArchTestbed(Record):
+    arch: str
+    pipeline: str
+    base_steps: int
+    h0: float
+    guidance_scale: float
+    guidance_branches: int  # transformer rows per image and step (SD3's classifier-free guidance: 2)
+    full_tokens: int
+    half_tokens: int
+    text_tokens: int
+    forward_gflops: dict[str, dict[str, float]]  # by image-token count, batch 1: total and linear
+    decode_gflops: dict[str, dict[str, float]]  # by output size
+    baseline_gflops_total: float
+    baseline_gflops_linear: float
+    budgets: list[int]
+    staged_peers: bool
+
+
+class V2Report(Record):
+    """``reports/quality-v2.json``."""
+
+    command: str
+    created: str
+    wall_seconds: float
+    config: dict[str, Any]
+    weights: dict[str, Any]
+    testbed: dict[str, ArchTestbed]
+    reference: dict[str, Estimate]  # real scenes (same labels) against the real reference
+    rows: list[Row]
+    verdicts: list[Verdict]
+    regime: dict[str, Regime]
+    caches: list[CacheEffect]
+    sweeps: list[Sweep]

@@ -1,0 +1,148 @@
+"""``ralu-bench quality --testbed v2`` end to end on random-init v2 weights (the code paths,
+not the numbers): rows per architecture and budget, verdicts, the regime entry, caches,
+sweeps, figures, the Markdown re-rendered from the JSON, resuming from the work folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ralu.calibrate.bench.quality.v2 import report as v2_report
+from ralu.calibrate.bench.quality.v2.schema import V2Report
+from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS
+
+
+@pytest.fixture(scope="module")
+def quick_v2(v2_weights, tmp_path_factory):
+    from ralu.calibrate.bench.cli import main
+
+    out = tmp_path_factory.mktemp("quality-v2")
+    assert main(["quality", "--quick", "--weights-dir", str(v2_weights), "--out-dir", str(out)]) == 0
+    return out, json.loads((out / "quality-v2.json").read_text())
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_rows_per_arch_and_budget(quick_v2):
+    _, report = quick_v2
+    rows = report["rows"]
+    by = lambda arch, budget: {r["method"] for r in rows if r["arch"] == arch and r["budget"] == budget}  # noqa: E731
+    assert by("flux", 1) == {"baseline"} and by("sd3", 1) == {"baseline"}
+    for budget in (4, 7):
+        assert {"base-steps", "bottleneck", "naive-upsample", "ralu-paper", "ralu-ours", "ralu-searched",
+                "ralu-ours+first_block", "ralu-ours+taylorseer", "ralu-ours+magcache", "base-steps+first_block", "base-steps+taylorseer"} <= by("flux", budget)
+    for budget in (2, 3):
+        expected = {"base-steps"} | {f"{k}-{p}" for k in ("ralu-paper", "ralu-ours", "ralu-searched") for p in ("crop", "stretch")}
+        assert expected | {"ralu-ours-crop+taylorseer", "ralu-ours-crop+magcache"} <= by("sd3", budget)
+    # paper_compat is FLUX's published-script mode; SD3's published rows run with exact noise
+    assert all(("paper_compat" in r["label"]) == (r["arch"] == "flux" and r["method"].startswith("ralu-paper")) for r in rows)
+    for row in rows:
+        assert _finite(row["flops_speedup_linear"]) and row["flops_speedup_linear"] > 0
+        if row["cache"] is None:
+            assert _finite(row["flops_speedup_total"])
+        for key, _, _, _ in METRICS:
+            e = row["metrics"][key]
+            assert all(_finite(e[k]) for k in ("value", "low", "high")) and len(e["per_seed"]) == 2 and _finite(e["seed_std"]), (row["method"], key)
+
+
+def test_costs_price_guidance_and_decodes(quick_v2):
+    _, report = quick_v2
+    tb = report["testbed"]
+    assert tb["flux"]["guidance_branches"] == 1 and tb["sd3"]["guidance_branches"] == 2
+    base = {r["arch"]: r for r in report["rows"] if r["method"] == "baseline"}
+    assert base["flux"]["flops_speedup_total"] == pytest.approx(1.0) and base["flux"]["decodes"] == {"64 px": 1.0}
+    # the baseline's total: its forwards at 256 tokens (SD3: two rows per step) plus one 64 px decode
+    for arch, steps, rows in (("flux", 50, 1), ("sd3", 28, 2)):
+        expected = steps * rows * tb[arch]["forward_gflops"]["256"]["total"] + tb[arch]["decode_gflops"]["64 px"]["total"]
+        assert tb[arch]["baseline_gflops_total"] == pytest.approx(expected, rel=1e-9)
+    ralu = next(r for r in report["rows"] if r["method"] == "ralu-ours" and r["budget"] == 4)
+    assert ralu["decodes"] == {"32 px": 1.0, "64 px": 1.0}  # the edge decode is priced
+    assert 3.0 < ralu["flops_speedup_total"] < 6.0
+
+
+def test_verdicts_regime_caches_and_sweeps(quick_v2):
+    _, report = quick_v2
+    verdicts = report["verdicts"]
+    for arch, budgets in (("flux", (4, 7)), ("sd3", (2, 3))):
+        for budget in budgets:
+            found = [v for v in verdicts if v["arch"] == arch and v["budget"] == budget]
+            assert {v["metric"] for v in found} == {k for k, _, _, _ in METRICS} and len(found) == 2 * len(METRICS)
+            for v in found:
+                assert v["low"] <= v["high"] and v["verdict"] in (f"{v['a']} better", f"{v['b']} better", "not separable")
+    for arch, budget in (("flux", 7), ("sd3", 3)):
+        regime = report["regime"][arch]
+        assert regime["budget"] == budget and [m["metric"] for m in regime["metrics"]] == list(REGIME_METRICS)
+        assert regime["passed"] == any(m["worse"] for m in regime["metrics"])
+        assert all(m["worse"] == (m["verdict"] == "baseline better" and m["beyond_spread"]) for m in regime["metrics"])
+    caches = report["caches"]
+    assert {(c["arch"], c["cache"]) for c in caches} >= {("flux", "first_block"), ("flux", "taylorseer"), ("flux", "magcache"), ("sd3", "taylorseer"), ("sd3", "magcache")}
+    for c in caches:
+        assert c["gain"] == pytest.approx(c["speedup_cached"] / c["speedup_uncached"]) and len(c["verdicts"]) == len(METRICS)
+    assert {(s["arch"], s["budget"]) for s in report["sweeps"]} == {("flux", 4), ("sd3", 2)}
+    assert all(len(s["points"]) == 2 for s in report["sweeps"])
+
+
+def test_markdown_and_figures_from_the_json(quick_v2):
+    out, _ = quick_v2
+    text = (out / "quality-v2.json").read_text()
+    md = (out / "quality-v2.md").read_text()
+    assert v2_report.render_json(text) == md
+    assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
+    report = V2Report.model_validate_json(text)
+    figures = v2_report.figure_paths(report)
+    for path in (*figures.grids.values(), figures.tradeoff, figures.sweep):
+        assert (out / path).stat().st_size > 1000
+
+
+def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):
+    from ralu.calibrate.bench.cli import main
+
+    out, first = quick_v2
+    second = out / "again"
+    argv = ["quality", "--quick", "--arch", "flux", "--budgets", "4", "--z-values", "--weights-dir", str(v2_weights),
+            "--out-dir", str(second), "--work-dir", str(out / ".quality-v2-work")]
+    assert main(argv) == 0
+    rows = json.loads((second / "quality-v2.json").read_text())["rows"]
+    assert len(rows) == 12 and all(r["reused"] for r in rows)
+    before = {(r["method"], r["budget"]): r for r in first["rows"] if r["arch"] == "flux"}
+    for row in rows:
+        assert row["metrics"]["psnr"]["value"] == before[(row["method"], row["budget"])]["metrics"]["psnr"]["value"]
+
+
+def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
+    from ralu.calibrate.bench.cli import main
+
+    assert main(["quality", "--quick", "--weights-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no testbed v2" in err and "Fix: train it with" in err and "docs/testbed-v2.md" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["quality", "--quick", "--budgets", "5", "--arch", "sd3"]) == 2
+    assert "published presets" in capsys.readouterr().err
+    assert main(["quality", "--quick", "--weights", str(tmp_path)]) == 2
+    assert "--weights-dir" in capsys.readouterr().err
+
+
+def test_the_reference_fd_equals_the_testbed_fd():
+    """The bootstraps' fast FD (reference statistics kept) is the testbed's FD."""
+    import torch
+
+    from ralu.calibrate.bench.quality.v2.stats import Reference
+    from ralu.calibrate.testbed.v2 import metrics
+
+    class Features(torch.nn.Module):  # a "classifier" whose features are a fixed projection of the image
+        def __init__(self):
+            super().__init__()
+            self.projection = torch.randn(3 * 64 * 64, 256, generator=torch.Generator().manual_seed(0)) / 64
+
+        def features(self, images):
+            return images.flatten(1) @ self.projection + (images.flatten(1) @ self.projection) ** 2
+
+    g = torch.Generator().manual_seed(1)
+    reference = Reference(Features(), torch.rand(400, 3, 64, 64, generator=g) * 2 - 1)
+    for n in (300, 40):  # 40 < 256 dimensions: a singular covariance
+        feats = torch.randn(n, 256, generator=g).double() * 0.3 + 0.1
+        assert reference.fd_of(feats) == pytest.approx(metrics.feature_frechet_distance(feats, reference.features), rel=1e-6, abs=1e-8)
