@@ -30,6 +30,7 @@ from ralu.runtime.schedule import (
 
 from .densities import RESOLUTION_GAP
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
+from .presets import PRESETS
 from .search import MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
@@ -52,6 +53,11 @@ def tool_version() -> str:
 
 class SpeedupUnreachable(ValueError):
     """The requested speed-up exceeds what any layout can reach."""
+
+
+def published_layouts(model: str) -> tuple[StageLayout, ...]:
+    """The stage layouts of ``model``'s published presets: the layout search's first trials."""
+    return tuple(StageLayout(p.steps, p.ends) for p in PRESETS if p.model == model)
 
 
 def calibrate(
@@ -141,7 +147,7 @@ def calibrate(
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
             objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, min_signal=min_signal, trials=trials, seed=seed,
-            storage=storage, study_name=study_name, show_progress=show_progress, log=log,
+            start_layouts=published_layouts(spec.name), storage=storage, study_name=study_name, show_progress=show_progress, log=log,
         )
         layout, inner = found.layout, found.inner
         ratio = found.up_ratio

@@ -1,0 +1,37 @@
+"""The layout search starts from the model's published layouts, so it never returns a
+layout worse by its own objective than a published one that meets the target."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralu.calibrate.calibration import calibrate, published_layouts
+from ralu.calibrate.layout_search import layout_params
+from ralu.calibrate.presets import PRESETS
+from ralu.calibrate.search import StageLayout
+
+
+def test_published_layouts_are_in_the_searched_space():
+    layouts = published_layouts("flux-dev")
+    assert [layout.steps for layout in layouts] == [p.steps for p in PRESETS if p.model == "flux-dev"]
+    for layout in layouts + published_layouts("sd3-medium"):
+        params = layout_params(layout, max_steps=14)
+        assert params is not None, layout
+        assert (params["steps_1"], params["steps_2"], params["steps_3"]) == layout.steps
+        assert params["end_1"] == layout.ends[0] and round(params["end_1"] + params["gap_2"], 2) == layout.ends[1]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [StageLayout((2, 3, 20), (0.2, 0.3, 1.0)), StageLayout((2, 3, 5), (0.05, 0.3, 1.0)), StageLayout((2, 3, 5), (0.2, 0.9, 1.0)), StageLayout((2, 3, 5), (0.22, 0.3, 1.0))],
+)
+def test_layouts_outside_the_space_are_not_enqueued(layout):
+    assert layout_params(layout, max_steps=9) is None
+
+
+def test_search_returns_no_worse_than_the_published_layout():
+    # Three trials: exactly the three published FLUX layouts; at 7x only the 7x one meets the target.
+    found = calibrate("flux-dev", speedup=7, trials=3, show_progress=False)
+    preset_7x = next(p for p in PRESETS if p.name == "flux-dev-7x")
+    assert found.stages and [s.steps for s in found.stages] == list(preset_7x.steps)
+    assert [s.end for s in found.stages] == list(preset_7x.ends)
