@@ -61,7 +61,7 @@ from ralu.calibrate.testbed.model import (
 def make_config(args: argparse.Namespace) -> Config:
     if args.quick:
         # threads None: keep the process's setting (the test suite runs single-threaded)
-        config = Config(quick=True, seeds=(0,), images=4, z_values=QUICK_Z_VALUES, trials=12, real_images=200, grid_images=4, batch_size=4, threads=None)
+        config = Config(quick=True, seeds=(0,), images=4, z_values=QUICK_Z_VALUES, trials=20, real_images=200, grid_images=4, batch_size=4, threads=None)
     else:
         config = Config()
     overrides = {
