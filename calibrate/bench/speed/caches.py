@@ -36,16 +36,6 @@ from ralu.calibrate.flops.pricing import ZERO
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.runtime.cache import disable_cache, enable_cache
 
-#: Why the plain pipeline has no MagCache row (the report prints it).
-NO_PLAIN_MAGCACHE = (
-    "MagCache has no plain-pipeline row: its ratio table belongs to one step grid, ralu.calibrate.magcache measures it "
-    "through the RALU pipeline's per-stage callback (the plain pipeline has no stages to report), and the quality "
-    "harness, whose settings these rows reuse, declares no plain MagCache row either."
-)
-#: Why SD3 has no plain-pipeline cache rows.
-NO_PLAIN_SD3 = "SD3's plain pipeline opens no cache context, which diffusers' cache hooks need: SD3 caches run on RALU rows only."
-
-
 @dataclass
 class Method:
     """One call measured in this table: ``call()`` runs it uncached; ``cache`` is enabled around it."""

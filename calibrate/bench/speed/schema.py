@@ -11,6 +11,15 @@ REPORT_NAME = "speed"
 OVERHEAD_TARGET = 0.03
 WALL_FLOPS_TOLERANCE = 0.10
 
+#: Why the plain pipeline has no MagCache row (the report prints it).
+NO_PLAIN_MAGCACHE = (
+    "MagCache has no plain-pipeline row: its ratio table belongs to one step grid, ralu.calibrate.magcache measures it "
+    "through the RALU pipeline's per-stage callback (the plain pipeline has no stages to report), and the quality "
+    "harness, whose settings these rows reuse, declares no plain MagCache row either."
+)
+#: Why SD3 has no plain-pipeline cache rows.
+NO_PLAIN_SD3 = "SD3's plain pipeline opens no cache context, which diffusers' cache hooks need: SD3 caches run on RALU rows only."
+
 #: The runtime's overhead sections, as the report names them.
 OVERHEAD_LABELS = {
     "edge_decode": "edge decode (Tweedie, VAE)",
