@@ -36,6 +36,7 @@ from ralu.calibrate.flops.pricing import ZERO
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.runtime.cache import disable_cache, enable_cache
 
+
 @dataclass
 class Method:
     """One call measured in this table: ``call()`` runs it uncached; ``cache`` is enabled around it."""

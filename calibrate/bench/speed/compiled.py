@@ -57,7 +57,7 @@ def measure_compile_rows(config: BenchConfig, run: FamilyRun, backend: str, meas
         inductor.compile_threads = config.threads  # its C++ builds keep to the threads asked for
     try:
         transformer.compile(backend=backend)
-        for index, (method, name, steps, _, warm) in enumerate(methods):
+        for index, (_, name, steps, _, warm) in enumerate(methods):
             progress(f"{family}: compiling ({backend}) for {name or 'plain'} {steps} (untimed warm-up)")
             before, breaks = graphs(), graph_breaks()
             try:

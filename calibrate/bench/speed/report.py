@@ -21,11 +21,11 @@ from ralu.calibrate.bench.common import (
     times,
 )
 from ralu.calibrate.bench.speed.schema import (
+    NO_PLAIN_MAGCACHE,
+    NO_PLAIN_SD3,
     OVERHEAD_LABELS,
     OVERHEAD_TARGET,
     WALL_FLOPS_TOLERANCE,
-    NO_PLAIN_MAGCACHE,
-    NO_PLAIN_SD3,
     CacheRow,
     CompileRow,
     ScheduleRow,
