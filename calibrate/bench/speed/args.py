@@ -13,10 +13,10 @@ QUICK_COMPILE_BACKEND = "aot_eager"
 HELP = "wall-clock speed-up, overhead and peak memory of the runtime against plain diffusers pipelines"
 EXAMPLES = (
     "examples:\n"
-    "  ralu-bench speed --threads 1                 # the CPU report (reduced widths, about 30 min on 2 cores)\n"
+    "  ralu-bench speed --threads 1                 # the CPU report (reduced widths; 2 cores: about 30 min, 1.5 h with the cache rows)\n"
     "  ralu-bench speed --quick --out-dir /tmp/q    # CI: the same code path in well under a minute\n"
-    "  ralu-bench speed --device cuda               # one GPU: real widths, bf16, absolute timings (< 10 min)\n"
-    "  ralu-bench speed --threads 1 --compile       # also the rows with a compiled transformer (inductor)"
+    "  ralu-bench speed --device cuda               # one GPU: real widths, bf16, absolute timings (< 10 min without the cache rows)\n"
+    "  ralu-bench speed --threads 1 --compile       # also the rows with a compiled transformer (inductor; CPU: another 30-45 min)"
 )
 
 
