@@ -333,7 +333,8 @@ def compile_section(report: SpeedReport, cpu: bool) -> list[str]:
         f"Regenerate: `{report.command}`. The transformer compiled with `transformer.compile(backend=...)` (backend "
         f"{', '.join(f'`{b}`' for b in backends)}),",
         "shared by both pipelines. Every method first runs untimed with the same shapes (one step; RALU: one step per",
-        "stage): *warm-up* is that call, where dynamo compiles, *graphs* what it compiled (a new token count compiles",
+        "stage): *warm-up* is that call, where dynamo compiles (inductor reuses its on-disk cache of earlier runs),",
+        "*graphs* what it compiled (a new token count compiles",
         "again until dynamo's automatic dynamic shapes make one graph serve them all, so later methods may compile",
         "nothing). *Recompiles*: graphs compiled during the timed calls (dynamo's `unique_graphs` counter; 0 when the",
         "warm-up compiled everything). *Wall*" + (" / *CPU time*" if cpu else "") + ": against the uncompiled plain pipeline at the same base",
