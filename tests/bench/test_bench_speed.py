@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from ralu.runtime import shipped_schedules
+
 REQUIRED_ROW_KEYS = {"schedule", "flops_speedup_total", "flops_speedup_linear", "wall_speedup", "overhead_fraction", "peak_mem_ratio"}
 
 
@@ -108,3 +110,138 @@ def test_cli_registers_speed_and_rejects_impossible_configs(capsys):
     assert cli.main(["speed", "--widths", "full"]) == 2  # real widths need a GPU
     assert cli.main(["speed", "--quick", "--schedules", "no-such-schedule"]) == 2
     assert "unknown schedule" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# The step-cache and compiled-transformer rows (--quick end to end, and pieces in process).
+# ----------------------------------------------------------------------------------------
+
+
+def test_cache_rows_cover_every_schedule_with_its_familys_caches(quick_report):
+    from ralu.calibrate.bench.quality.v2.plan import CACHE_KINDS
+    from ralu.calibrate.bench.quality.v2.sampler import CACHE_SETTINGS
+
+    report, _, _ = quick_report
+    rows = report["cache_rows"]
+    for name in shipped_schedules():
+        family = "flux" if name.startswith("flux") else "sd3"
+        ralu = {row["cache"] for row in rows if row["schedule"] == name and row["method"] == "ralu"}
+        assert ralu == set(CACHE_KINDS[family]), name
+        plain = {row["cache"] for row in rows if row["schedule"] == name and row["method"] == "plain"}
+        # FLUX's plain pipeline: uncached and with the caches the quality harness runs on it; SD3's opens no cache context.
+        assert plain == ({"none", "first_block", "taylorseer"} if family == "flux" else set()), name
+    for row in rows:
+        # The quality harness's settings, declared there once.
+        assert row["settings"] == (CACHE_SETTINGS[row["cache"]][1] if row["cache"] != "none" else None)
+        for key in ("seconds", "wall_speedup", "cpu_time_speedup", "executed_linear_tflops", "uncached_linear_tflops",
+                    "baseline_linear_tflops", "flops_speedup", "flops_gain"):
+            assert positive_finite(row[key]), (row["schedule"], row["cache"], key)
+        assert len(row["seconds_all"]) == report["config"]["repeats"]
+        assert math.isclose(row["flops_speedup"], row["baseline_linear_tflops"] / row["executed_linear_tflops"], rel_tol=1e-9)
+        assert row["executed_linear_tflops"] <= row["uncached_linear_tflops"]  # a cache only ever skips work
+        if row["cache"] == "none":
+            assert row["executed_linear_tflops"] == row["uncached_linear_tflops"] and row["wall_gain"] is None
+        else:
+            assert positive_finite(row["wall_gain"]) and positive_finite(row["cpu_time_gain"])
+        if row["cache"] == "taylorseer":
+            # cache_interval 2 after step 1: every stage of 3 or more steps skips a forward.
+            assert row["executed_linear_tflops"] < row["uncached_linear_tflops"]
+        if row["cache"] == "magcache":
+            assert [len(stage) for stage in row["mag_ratios"]] == row["steps"]
+        else:
+            assert row["mag_ratios"] is None
+    # The plain row of equal cost: its configuration FLOPs are the closest to the schedule's.
+    summary = {row["schedule"]: row for row in report["rows"]}
+    for row in rows:
+        if row["method"] == "plain" and row["cache"] == "none":
+            speedup = summary[row["schedule"]]["config_flops_speedup_total"]
+            steps = row["steps"][0]
+            assert abs(math.log(row["base_steps"] / steps / speedup)) <= min(abs(math.log(row["base_steps"] / k / speedup)) for k in (steps - 1, steps + 1) if k > 0)
+
+
+def test_compile_rows_compile_in_the_warm_up_only(quick_report):
+    report, markdown, _ = quick_report
+    rows = report["compile_rows"]
+    assert report["config"]["compile_backend"] == "aot_eager"
+    assert {row["schedule"] for row in rows if row["method"] == "ralu"} == set(shipped_schedules())
+    assert {row["family"] for row in rows if row["method"] == "plain"} == {"flux", "sd3"}
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["recompiles"] == 0  # the timed calls are second calls: nothing left to compile
+        assert row["graph_breaks"] == 0
+        for key in ("seconds", "wall_speedup", "cpu_time_speedup", "wall_gain", "cpu_time_gain"):
+            assert positive_finite(row[key]), (row, key)
+    # Each family's first method compiles (the later ones may reuse a dynamic graph).
+    assert all(next(row for row in rows if row["family"] == family)["graphs_compiled"] >= 1 for family in ("flux", "sd3"))
+    for heading in ("## Step caches", "## Compiled transformer"):
+        assert heading in markdown
+
+
+def test_a_report_with_the_new_rows_round_trips(quick_report):
+    import json
+
+    from ralu.calibrate.bench.common import json_text
+    from ralu.calibrate.bench.speed.schema import SpeedReport
+
+    report, _, _ = quick_report
+    text = json_text(report)
+    assert json_text(SpeedReport.model_validate_json(text).model_dump(mode="json")) == text
+    # Without the new sections (older reports, --no-caches): the keys are left out, not null.
+    old = {key: value for key, value in report.items() if key not in ("cache_rows", "compile_rows")}
+    assert "cache_rows" not in json.loads(json_text(SpeedReport.model_validate(old).model_dump(mode="json")))
+
+
+@pytest.fixture(scope="module")
+def flux_run():
+    from ralu.calibrate.bench.speed.config import make_config
+    from ralu.calibrate.bench.speed.models import build_family
+
+    config = make_config(quick=True, threads=1, schedules=("flux-dev-7x",))
+    return config, build_family(config, config.family("flux"))
+
+
+def test_a_cache_that_never_skips_executes_every_linear_flop(flux_run):
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from ralu.calibrate.bench.cache.run import executed_linear_flops
+    from ralu.calibrate.bench.speed.caches import cached
+    from ralu.calibrate.bench.speed.models import call_baseline
+
+    config, run = flux_run
+    transformer = run.base.transformer
+
+    def executed(cache):
+        with cached(transformer, cache), executed_linear_flops(transformer) as counter:
+            call_baseline(config, run, 4)
+        return counter["flops"]
+
+    uncached = executed(None)
+    assert uncached > 0
+    assert executed(FirstBlockCacheConfig(threshold=0.0)) == uncached  # threshold 0: never skips
+    assert executed(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1)) < uncached
+    assert transformer._cache_config is None  # disabled again
+
+
+def test_a_compile_failure_is_one_line_in_the_rows(flux_run):
+    from ralu.calibrate.bench.speed.compiled import measure_compile_rows
+
+    config, run = flux_run
+    rows = measure_compile_rows(config, run, "no_such_backend", measured={})
+    assert rows and all(row.error and "\n" not in row.error and row.seconds is None for row in rows)
+    assert run.base.transformer._compiled_call_impl is None  # eager again
+
+
+def test_cli_flags_for_the_new_rows():
+    from ralu.calibrate.bench import cli
+    from ralu.calibrate.bench.speed.config import make_config
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["speed", "--compile", "--no-caches"])
+    assert args.compile == "inductor" and args.caches is False
+    args = parser.parse_args(["speed"])
+    assert args.compile is None and args.caches is True
+    assert make_config(quick=True).compile_backend == "aot_eager"
+    assert make_config().compile_backend is None
+    assert make_config(quick=True, compile_backend="eager").compile_backend == "eager"
+    with pytest.raises(ValueError, match="compile backend"):
+        make_config(compile_backend="nope")

@@ -15,7 +15,22 @@ For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
   change of machine load hits both;
 * the runtime's own overhead (:mod:`ralu.runtime.profiling` sections: edge decode, edge
   selection, noise, token gather/scatter, positions) as a fraction of the RALU time;
-* peak memory of a RALU call relative to a baseline call (and the edge decode's own peak).
+* peak memory of a RALU call relative to a baseline call (and the edge decode's own peak);
+* step caches (unless ``--no-caches``; :mod:`.caches`): every schedule with each diffusers cache
+  its family supports, at the quality harness's settings (FLUX: first_block, taylorseer,
+  magcache with per-stage ratios measured on other prompt embeddings and noise; SD3:
+  taylorseer, magcache), and beside them the plain pipeline at the step count of the same
+  FLOPs budget, uncached and with the caches the quality harness runs on it (FLUX:
+  first_block, taylorseer; MagCache's ratio table belongs to RALU's stages, and SD3's plain
+  pipeline opens no cache context).  Per row: wall and CPU-time speed-up against the uncached
+  baseline, the transformer's linear FLOPs that really executed (forward hooks on every
+  ``nn.Linear``, in an untimed call) and the speed-up they imply, and the gain over the same
+  method uncached;
+* a compiled transformer (``--compile [BACKEND]``, default inductor; ``--quick`` always, with
+  ``aot_eager``; :mod:`.compiled`): the plain pipeline and every schedule with
+  ``transformer.compile(backend=...)``, compiled in untimed warm-up calls, with the graphs
+  compiled, graph breaks and recompiles during the timed calls (dynamo's counters); a
+  method whose compilation fails on the device says why in one line.
 
 Configurations (``--quick`` and ``--widths``): see :func:`.config.make_config` and the report.  Peak
 memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call;
@@ -24,10 +39,12 @@ above the resident set before the call, with glibc told to serve every allocatio
 or more with its own ``mmap`` (and to return freed memory), so that the resident set follows
 the live tensors.  Memory is measured after all timing (that allocator setting slows
 allocation), on runs with one step per stage / one baseline step: every step of a stage
-allocates the same tensors, so the peak does not depend on the step count.
+allocates the same tensors, so the peak does not depend on the step count.  The cache and
+compile rows are timed after the summary's rows and before the memory measurement.
 
 Modules: :mod:`.args` (the command line, cheap), :mod:`.config` (configurations), :mod:`.models`
 (models and pipelines), :mod:`.cost` (FLOPs), :mod:`.measure` (timing, overhead, memory),
+:mod:`.caches` (the step-cache rows), :mod:`.compiled` (the compiled rows),
 :mod:`.run` (the benchmark and its files), :mod:`.schema` (the typed report), :mod:`.report`
 (its Markdown).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ralu.calibrate.bench.speed.args import COMPILE_BACKENDS, QUICK_COMPILE_BACKEND
 from ralu.calibrate.presets import PAPER_SIZE
 from ralu.runtime import shipped_schedules
 from ralu.runtime.models import ModelSpec, get_model
@@ -73,6 +74,8 @@ class BenchConfig:
     vae: dict
     output_type: str = "latent"
     seed: int = 0
+    caches: bool = True  # the step-cache rows (.caches)
+    compile_backend: str | None = None  # the compiled rows' torch.compile backend (.compiled); None: no such rows
 
     def family(self, name: str) -> FamilyConfig:
         return next(f for f in self.families if f.family == name)
@@ -130,6 +133,8 @@ def make_config(
     repeats: int | None = None,
     threads: int | None = None,
     schedules: tuple[str, ...] | None = None,
+    caches: bool = True,
+    compile_backend: str | None = None,
 ) -> BenchConfig:
     """The benchmark configuration.
 
@@ -140,7 +145,9 @@ def make_config(
       blocks, short text, a tiny VAE, 1 repeat: the same code path in seconds (CI);
     * ``device="cuda"``: bfloat16, 5 repeats and by default ``widths="full"``: FLUX.1-dev and
       SD3-medium at their real sizes with random weights (reduced widths on a GPU measure
-      kernel-launch latency, not the method).
+      kernel-launch latency, not the method);
+    * ``caches``: rows with step caches; ``compile_backend``: rows with a compiled transformer
+      (``quick`` adds them always, with ``aot_eager`` unless a backend is given).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: use 'cpu' or 'cuda'")
@@ -167,4 +174,8 @@ def make_config(
         families, vae, size, preset = full_width_families(), vae_shape("flux-dev"), PAPER_SIZE, "full-width"
     else:
         families, vae, size, preset = reduced_families(False), _vae((8, 16, 32, 32), 2, 8), PAPER_SIZE, "reduced-width"
-    return BenchConfig(preset, device, dtype, widths, size, repeats, threads, chosen, families, vae)
+    if quick and compile_backend is None:
+        compile_backend = QUICK_COMPILE_BACKEND
+    if compile_backend is not None and compile_backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend {compile_backend!r}: use one of {list(COMPILE_BACKENDS)}")
+    return BenchConfig(preset, device, dtype, widths, size, repeats, threads, chosen, families, vae, caches=caches, compile_backend=compile_backend)

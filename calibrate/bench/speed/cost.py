@@ -16,6 +16,7 @@ from ralu.calibrate.bench.speed.config import (
 from ralu.calibrate.bench.speed.models import build_transformer, build_vae
 from ralu.calibrate.flops.counting import count_flops, fit_quadratic
 from ralu.calibrate.flops.pricing import (
+    ZERO,
     Flops,
     evaluate_quadratic,
     transformer_forward_flops,
@@ -89,3 +90,16 @@ def real_transformer_bytes(family: FamilyConfig) -> int:
 def real_attention_share(model: str, tokens: int) -> float:
     flops = transformer_forward_flops(model, tokens)
     return flops.attention / flops.total
+
+
+def ralu_config_flops(forward, stage_tokens: list[int], steps: list[int], edge):
+    """FLOPs of a RALU call as configured: every stage's forwards at its token count, plus the
+    edge decode (``edge``; ``ZERO`` for schedules without one)."""
+    return sum((forward(n) * s for n, s in zip(stage_tokens, steps)), start=ZERO) + edge
+
+
+def equal_cost_steps(forward, full_tokens: int, ralu_flops, most: int) -> int:
+    """Steps (1 .. ``most``) of the plain pipeline whose FLOPs are closest, by ratio, to
+    ``ralu_flops`` (total convention): the plain row of the same budget."""
+    per_step = forward(full_tokens).total
+    return min(range(1, most + 1), key=lambda k: abs(math.log(k * per_step / ralu_flops.total)))

@@ -21,9 +21,13 @@ from ralu.calibrate.bench.common import (
     times,
 )
 from ralu.calibrate.bench.speed.schema import (
+    NO_PLAIN_MAGCACHE,
+    NO_PLAIN_SD3,
     OVERHEAD_LABELS,
     OVERHEAD_TARGET,
     WALL_FLOPS_TOLERANCE,
+    CacheRow,
+    CompileRow,
     ScheduleRow,
     SpeedReport,
 )
@@ -245,6 +249,102 @@ EDGE_SHARE_COLUMNS: list[Column] = [
 ]
 
 
+def _method(row: CacheRow | CompileRow) -> str:
+    return "RALU" if row.method == "ralu" else "plain"
+
+
+def cache_columns(cpu: bool) -> list[Column]:
+    return [
+        Column("schedule (budget)", lambda r: r.schedule),
+        Column("method", _method),
+        Column("steps", lambda r: _steps(r.steps)),
+        Column("cache", lambda r: r.cache),
+        Column("linear FLOPs executed", lambda r: f"{r.executed_linear_tflops * 1e3:.3f} G"),
+        Column("of uncached", lambda r: pct(1.0 / r.flops_gain, 1)),
+        Column("FLOPs speed-up", lambda r: times(r.flops_speedup)),
+        Column("wall", lambda r: f"**{times(r.wall_speedup)}**"),
+        *([Column("CPU time", lambda r: f"**{times(r.cpu_time_speedup)}**")] if cpu else []),
+        Column("FLOPs gain", lambda r: "" if r.cache == "none" else times(r.flops_gain)),
+        Column("wall gain", lambda r: times(r.wall_gain) if r.cache != "none" else ""),
+        *([Column("CPU-time gain", lambda r: times(r.cpu_time_gain) if r.cache != "none" else "")] if cpu else []),
+    ]
+
+
+def compile_columns(cpu: bool) -> list[Column]:
+    def timing(value):
+        return lambda r: "" if r.error else value(r)
+
+    return [
+        Column("family", lambda r: r.family),
+        Column("method", lambda r: _method(r) + (f" {r.schedule}" if r.schedule else "")),
+        Column("steps", lambda r: _steps(r.steps)),
+        Column("warm-up s (compiling)", timing(lambda r: f"{r.warmup_seconds:.2f}")),
+        Column("graphs", timing(lambda r: str(r.graphs_compiled))),
+        Column("graph breaks", timing(lambda r: str(r.graph_breaks))),
+        Column("recompiles (timed calls)", timing(lambda r: str(r.recompiles))),
+        Column("wall", timing(lambda r: f"**{times(r.wall_speedup)}**")),
+        *([Column("CPU time", timing(lambda r: f"**{times(r.cpu_time_speedup)}**"))] if cpu else []),
+        Column("wall gain", timing(lambda r: times(r.wall_gain))),
+        *([Column("CPU-time gain", timing(lambda r: times(r.cpu_time_gain)))] if cpu else []),
+        Column("failed", lambda r: r.error or ""),
+    ]
+
+
+def cache_section(report: SpeedReport, cpu: bool) -> list[str]:
+    """The step-cache rows (none in reports made before they existed, or with ``--no-caches``)."""
+    rows = report.cache_rows
+    if rows is None:
+        return []
+    settings = {row.cache: row.settings for row in rows if row.settings}
+    families = {row.family for row in rows}
+    return [
+        "",
+        "## Step caches",
+        "",
+        f"Regenerate: `{report.command}`. Each schedule with the step caches its family supports (`ralu.runtime.cache`),",
+        "with the settings of the quality harness (`ralu-bench quality --testbed v2`), so that its quality verdicts are",
+        "about these runs; beside them the plain pipeline at the step count of the same configuration-FLOPs budget",
+        "(the quality harness's base-steps row), uncached and with the same caches. *Linear FLOPs executed*: the",
+        "transformer's `nn.Linear` multiply-adds that really ran (forward hooks, `ralu-bench cache`'s counter), counted",
+        "in an untimed call; *of uncached*: of the same method without the cache. *FLOPs speed-up*, *wall*"
+        + (", *CPU time*" if cpu else "") + ": against the uncached plain pipeline at the base steps (the summary's",
+        "baseline); *gains*: against the same method uncached (RALU: the summary's timings; plain: the uncached row",
+        f"here). Timing: {config_repeats(report)} round(s) after the summary's, each timing every cache row of a family in",
+        "turn, medians. MagCache's per-stage ratios are measured on other prompt embeddings and noise than the timed calls'.",
+        "",
+        *(f"* `{kind}`: {text}" for kind, text in settings.items()),
+        *([f"* {NO_PLAIN_MAGCACHE}"] if "flux" in families else []),
+        *([f"* {NO_PLAIN_SD3}"] if "sd3" in families else []),
+        "",
+        *table(cache_columns(cpu), rows),
+    ]
+
+
+def compile_section(report: SpeedReport, cpu: bool) -> list[str]:
+    """The compiled-transformer rows (only with ``--compile`` or ``--quick``)."""
+    rows = report.compile_rows
+    if rows is None:
+        return []
+    backends = sorted({row.backend for row in rows})
+    return [
+        "",
+        "## Compiled transformer",
+        "",
+        f"Regenerate: `{report.command}`. The transformer compiled with `transformer.compile(backend=...)` (backend "
+        f"{', '.join(f'`{b}`' for b in backends)}),",
+        "shared by both pipelines. Every method first runs untimed with the same shapes (one step; RALU: one step per",
+        "stage): *warm-up* is that call, where dynamo compiles (inductor reuses its on-disk cache of earlier runs),",
+        "*graphs* what it compiled (a new token count compiles",
+        "again until dynamo's automatic dynamic shapes make one graph serve them all, so later methods may compile",
+        "nothing). *Recompiles*: graphs compiled during the timed calls (dynamo's `unique_graphs` counter; 0 when the",
+        "warm-up compiled everything). *Wall*" + (" / *CPU time*" if cpu else "") + ": against the uncompiled plain pipeline at the same base",
+        "steps; *gains*: against the same method uncompiled (the summary's timings). A method whose compilation",
+        "fails on this device says why under *failed*.",
+        "",
+        *table(compile_columns(cpu), rows),
+    ]
+
+
 def render_markdown(report: SpeedReport) -> str:
     config, rows, machine = report.config, report.rows, report.machine
     size = config["size"]
@@ -327,6 +427,7 @@ def render_markdown(report: SpeedReport) -> str:
     ]
     vae = config["vae"]
     # The benchmarked VAE has the real one's shape (FLUX.1's and SD3's are the same) at other widths.
+    lines += cache_section(report, cpu) + compile_section(report, cpu)
     real = get_model(config["families"][0]["model"])
     real_vae, edge_side = real.architecture.vae, size // (2 * real.vae_scale_factor)
     lines += [

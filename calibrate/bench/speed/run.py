@@ -10,11 +10,14 @@ from pathlib import Path
 import torch
 
 from ralu.calibrate.bench.common import fail, median, write_report
+from ralu.calibrate.bench.speed.caches import measure_cache_rows
+from ralu.calibrate.bench.speed.compiled import measure_compile_rows
 from ralu.calibrate.bench.speed.config import BenchConfig, make_config
 from ralu.calibrate.bench.speed.cost import (
     edge_decode_flops,
     forward_flops_model,
     paper_speedup,
+    ralu_config_flops,
     real_attention_share,
     real_transformer_bytes,
 )
@@ -65,6 +68,7 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
         torch.set_num_threads(config.threads)
     load_start = load_average()
     runs, measured, flops_models, decode_flops, decode_seconds, throughput = [], {}, {}, {}, {}, {}
+    cache_rows, compile_rows = [], []
     for family in config.families:
         run = build_family(config, family)
         if not run.schedules:
@@ -77,6 +81,11 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
         progress(f"{family.family}: forward throughput by token count")
         throughput[family.family] = forward_throughput(config, run, flops_models[family.family], stage_token_counts(run))
         decode_seconds[family.family] = edge_decode_seconds(config, run)
+        # Before the memory measurement, whose allocator setting slows allocation.
+        if config.caches:
+            cache_rows += measure_cache_rows(config, run, flops_models[family.family], decode_flops[family.family], measured[family.family])
+        if config.compile_backend:
+            compile_rows += measure_compile_rows(config, run, config.compile_backend, measured[family.family])
     progress("peak memory")
     meter = MemoryMeter(config.device)
     memory = {run.config.family: measure_memory(config, run, meter) for run in runs}
@@ -106,7 +115,7 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
             three = len(steps) == 3
             base_flops = forward(full_tokens) * schedule.base_steps
             edge = decode_flops[name_family] if three else ZERO
-            ralu_flops = sum((forward(n) * s for n, s in zip(tokens, steps)), start=ZERO) + edge
+            ralu_flops = ralu_config_flops(forward, tokens, steps, edge)
             config_speedup = base_flops / ralu_flops
             real = flops_speedup(shipped.model, shipped.height, shipped.width, steps, shipped.up_ratio, shipped.base_steps)
             real_parts = ralu_breakdown(shipped.model, shipped.height, shipped.width, steps, shipped.up_ratio)
@@ -206,6 +215,8 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
         timing="median of repeats after a warm-up; baseline and RALU runs interleaved; output_type='latent' for both (no final VAE decode)",
         elapsed_seconds=time.time() - started,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        cache_rows=cache_rows if config.caches else None,
+        compile_rows=compile_rows if config.compile_backend else None,
     )
 
 
@@ -215,7 +226,8 @@ def write_reports(report: SpeedReport, out_dir: Path) -> tuple[Path, Path]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
-        config = make_config(args.device, args.quick, args.widths, args.dtype, args.repeats, args.threads, tuple(args.schedules) if args.schedules else None)
+        config = make_config(args.device, args.quick, args.widths, args.dtype, args.repeats, args.threads, tuple(args.schedules) if args.schedules else None,
+                             caches=getattr(args, "caches", True), compile_backend=getattr(args, "compile", None))
     except ValueError as error:
         return fail("ralu-bench speed", error)
     if config.device == "cuda":
@@ -228,5 +240,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         memory = "n/a" if row.peak_mem_ratio is None else f"{row.peak_mem_ratio:.2f}"
         print(f"{row.schedule:<24} FLOPs (config) {row.config_flops_speedup_total:6.2f}x  wall {row.wall_speedup:6.2f}x  "
               f"wall/FLOPs {row.wall_over_flops:.3f}  overhead {100 * row.overhead_fraction:.2f} %  peak mem {memory}")
+    for row in report.cache_rows or []:
+        gain = "" if row.wall_gain is None else f"  gain {row.wall_gain:.2f}x"
+        print(f"{row.schedule:<24} {row.method} {'/'.join(map(str, row.steps))} + {row.cache:<11} wall {row.wall_speedup:6.2f}x{gain}  "
+              f"linear FLOPs {row.flops_speedup:6.2f}x (executed {100 / row.flops_gain:.1f} % of uncached)")
+    for row in report.compile_rows or []:
+        what = f"{row.method} {row.schedule or ''} {'/'.join(map(str, row.steps))}"
+        print(f"compiled ({row.backend}) {what:<32} " + (f"failed: {row.error}" if row.error else f"wall {row.wall_speedup:6.2f}x  gain {row.wall_gain:.2f}x  recompiles {row.recompiles}"))
     print(f"wrote {md_path} and {json_path}")
     return 0

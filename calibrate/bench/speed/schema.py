@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 REPORT_NAME = "speed"
 #: Targets of the issue: runtime overhead per image, wall-clock vs total-FLOPs speed-up.
 OVERHEAD_TARGET = 0.03
 WALL_FLOPS_TOLERANCE = 0.10
+
+#: Why the plain pipeline has no MagCache row (the report prints it).
+NO_PLAIN_MAGCACHE = (
+    "MagCache has no plain-pipeline row: its ratio table belongs to one step grid, ralu.calibrate.magcache measures it "
+    "through the RALU pipeline's per-stage callback (the plain pipeline has no stages to report), and the quality "
+    "harness, whose settings these rows reuse, declares no plain MagCache row either."
+)
+#: Why SD3 has no plain-pipeline cache rows.
+NO_PLAIN_SD3 = "SD3's plain pipeline opens no cache context, which diffusers' cache hooks need: SD3 caches run on RALU rows only."
 
 #: The runtime's overhead sections, as the report names them.
 OVERHEAD_LABELS = {
@@ -19,6 +28,10 @@ OVERHEAD_LABELS = {
     "gather_scatter": "gather/scatter",
     "positions": "positions",
 }
+
+
+#: Sections of :class:`SpeedReport` a report may lack (runs before they existed, or not asked for).
+OPTIONAL_SECTIONS = ("cache_rows", "compile_rows")
 
 
 class Record(BaseModel):
@@ -155,3 +168,69 @@ class SpeedReport(Record):
     timing: str
     elapsed_seconds: float
     created: str
+    #: Added after the first committed report: left out of the JSON when absent, so an older
+    #: ``speed.json`` reads and writes back byte for byte.
+    cache_rows: list[CacheRow] | None = None
+    compile_rows: list[CompileRow] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_sections(self, handler):
+        data = handler(self)
+        for key in OPTIONAL_SECTIONS:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class CacheRow(Record):
+    """One method with (or, ``cache == "none"``, the plain row of equal cost without) a step cache:
+    its timings and the transformer's linear FLOPs that really executed (an untimed pass)."""
+
+    schedule: str  # the RALU schedule whose budget the row shares
+    family: str
+    method: str  # "ralu" or "plain"
+    cache: str  # a kind of ralu.runtime.cache, or "none"
+    settings: str | None  # how the quality harness describes the cache's settings
+    steps: list[int]  # RALU: per stage; plain: [steps]
+    base_steps: int
+    seconds_all: list[float]
+    cpu_seconds_all: list[float]
+    seconds: float
+    cpu_seconds: float
+    wall_speedup: float  # against the uncached plain pipeline at base_steps
+    cpu_time_speedup: float | None
+    wall_gain: float | None  # against the same method uncached
+    cpu_time_gain: float | None
+    executed_linear_tflops: float
+    uncached_linear_tflops: float  # the same method without the cache
+    baseline_linear_tflops: float  # the plain pipeline at base_steps
+    flops_speedup: float  # baseline / executed
+    flops_gain: float  # uncached / executed
+    mag_ratios: list[list[float]] | None = None
+
+
+class CompileRow(Record):
+    """One method with its transformer compiled (``transformer.compile``), timed after untimed
+    warm-up calls (where compilation happens); or why it could not run."""
+
+    family: str
+    method: str  # "plain" or "ralu"
+    schedule: str | None  # RALU rows
+    steps: list[int]
+    backend: str
+    error: str | None = None  # one line when compilation failed on this device
+    seconds_all: list[float] = []
+    cpu_seconds_all: list[float] = []
+    seconds: float | None = None
+    cpu_seconds: float | None = None
+    wall_speedup: float | None = None  # against the uncompiled plain pipeline at the same steps
+    cpu_time_speedup: float | None = None
+    wall_gain: float | None = None  # against the same method uncompiled
+    cpu_time_gain: float | None = None
+    warmup_seconds: float | None = None  # the untimed calls: compilation
+    graphs_compiled: int | None = None  # by the warm-up calls (dynamo's unique_graphs)
+    recompiles: int | None = None  # graphs compiled during the timed calls (0: none)
+    graph_breaks: int | None = None
+
+
+SpeedReport.model_rebuild()  # its optional sections are declared below it
