@@ -75,3 +75,17 @@ class Config:
     size: int = 32
     h0: float = 0.0
     guidance_scale: float = 3.5
+
+
+def shared_overrides(args) -> dict:
+    """The command-line values both testbeds' configurations take as they are (None: not given)."""
+    return {
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "images": args.images,
+        "schedules": tuple(str(s) for s in args.schedule) if args.schedule else None,
+        "z_values": tuple(args.z_values) if args.z_values is not None else None,
+        "trials": args.trials,
+        "real_images": args.real_images,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+    }

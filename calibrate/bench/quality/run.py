@@ -25,6 +25,7 @@ from ralu.calibrate.bench.quality.config import (
     REAL_SEED,
     REPORT_NAME,
     Config,
+    shared_overrides,
 )
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.figures import SampleGrid, write_grid, write_plots
@@ -65,15 +66,8 @@ def make_config(args: argparse.Namespace) -> Config:
     else:
         config = Config()
     overrides = {
-        "seeds": tuple(args.seeds) if args.seeds else None,
-        "images": args.images,
+        **shared_overrides(args),
         "budgets": tuple(args.budgets) if args.budgets else None,
-        "schedules": tuple(str(s) for s in args.schedule) if args.schedule else None,
-        "z_values": tuple(args.z_values) if args.z_values is not None else None,
-        "trials": args.trials,
-        "real_images": args.real_images,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
         "weights": str(args.weights) if args.weights else None,
         "classifier": str(args.classifier) if args.classifier else None,
     }

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES
+from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES, shared_overrides
 from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.methods import Method, bottleneck_method, closest, naive_method, ralu_forwards, ralu_method
@@ -90,17 +90,7 @@ def make_config(args) -> V2Config:
         budgets = {a: tuple(b for b in sorted(set(args.budgets)) if b in arch_presets(a)) for a in arches}
         arches = tuple(a for a in arches if budgets[a])
         budgets = {a: budgets[a] for a in arches}
-    overrides = {
-        "seeds": tuple(args.seeds) if args.seeds else None,
-        "images": args.images,
-        "schedules": tuple(str(s) for s in args.schedule) if args.schedule else None,
-        "z_values": tuple(args.z_values) if args.z_values is not None else None,
-        "trials": args.trials,
-        "real_images": args.real_images,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "weights_dir": str(args.weights_dir) if args.weights_dir else None,
-    }
+    overrides = {**shared_overrides(args), "weights_dir": str(args.weights_dir) if args.weights_dir else None}
     config = replace(config, arches=arches, budgets=budgets, **{k: v for k, v in overrides.items() if v is not None})
     if config.images < 2 or config.real_images < 2:
         raise ValueError("--images and --real-images must be at least 2 (Frechet distances and bootstraps need two images)")
