@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluate import image_generators  # one noise rule for both testbeds: image i's noise depends on (seed, i) only
 from . import data, metrics
 from . import model as tb
 from .classifier import load_classifier, predict
@@ -40,11 +41,6 @@ from .classifier import load_classifier, predict
 MIN_FINE_ACCURACY = 0.8
 #: Few-step counts compared with the baseline, per architecture.
 FEW_STEPS = {"flux": (6, 11), "sd3": (5, 9)}
-
-
-def image_generators(n: int, seed: int = 0) -> list[torch.Generator]:
-    """One generator per image: image i's noise depends on (seed, i) only."""
-    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i in range(n)]
 
 
 @torch.no_grad()
