@@ -68,12 +68,31 @@ def test_resumed_run_equals_an_uninterrupted_one(autoencoder_dir, tmp_path):
     assert train_generator.main(argv(cut, "--stop-after", "1")) == 0
     assert (cut / training.CHECKPOINT).is_file() and not (cut / "config.json").exists()
     assert train_generator.main(argv(cut, "--resume", "--stop-after", "1")) == 0  # step 2 of 3
-    assert train_generator.main(argv(cut, "--resume")) == 0
+    moved = tmp_path / "moved"  # a checkpoint may move (as from a GPU machine to this one)
+    cut.rename(moved)
+    assert train_generator.main(argv(moved, "--resume")) == 0
     a = load_file(str(straight / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(cut / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(moved / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert record(straight)["losses"] == record(cut)["losses"]
-    assert record(cut)["sessions"] == 3 and record(cut)["steps_done"] == 3
+    assert record(straight)["losses"] == record(moved)["losses"]
+    assert record(moved)["sessions"] == 3 and record(moved)["steps_done"] == 3
+
+
+def test_prefetched_scenes_are_the_same_stream():
+    plain, ahead = train_generator.SceneStream(3, (2, 1), prefetch=False), train_generator.SceneStream(3, (2, 1), prefetch=True)
+    for step in (0, 1, 2, 5):  # consecutive steps hit the prefetched batch, a jump renders afresh
+        for (a, la), (b, lb) in zip(plain.take(step), ahead.take(step)):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    images, labels = plain.take(4)[1]
+    assert images.shape == (1, 3, 32, 32) and labels.shape == (1, 7)  # the half-size batch
+    assert train_generator.step_scenes(3, 4, (2, 0))[1] == (None, None)
+
+
+def test_an_unusable_device_is_refused_with_one_line(autoencoder_dir, tmp_path, capsys):
+    argv = ["--arch", "flux", "--autoencoder", str(autoencoder_dir), "--out", str(tmp_path / "g"), "--device", "nonsense", *TINY]
+    assert training.main_guard(train_generator.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device nonsense" in err and "--device cpu" in err
 
 
 def test_bad_resumes_are_refused_with_one_line(autoencoder_dir, tmp_path, capsys):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -74,30 +75,65 @@ def velocity(arch: str, transformer, noisy: torch.Tensor, sigma: torch.Tensor, c
     from diffusers import FluxPipeline
 
     low, high = tb.FLUX_GUIDANCE_RANGE
-    guidance = low + (high - low) * torch.rand(b, generator=generator)
+    guidance = (low + (high - low) * torch.rand(b, generator=generator)).to(noisy.device)
     out = transformer(
         hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
         timestep=sigma,  # FLUX multiplies by 1000 itself
         guidance=guidance,
         pooled_projections=cond["pooled_prompt_embeds"],
         encoder_hidden_states=cond["prompt_embeds"],
-        txt_ids=torch.zeros(conditioning.TEXT_TOKENS, 3),
+        txt_ids=torch.zeros(conditioning.TEXT_TOKENS, 3, device=noisy.device),
         img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, torch.float32),
         return_dict=False,
     )[0]
     return FluxPipeline._unpack_latents(out, h * tb.VAE_SCALE_FACTOR, w * tb.VAE_SCALE_FACTOR, tb.VAE_SCALE_FACTOR)
 
 
-def flow_loss(arch: str, transformer, latents: torch.Tensor, cond: dict, generator: torch.Generator, autocast: bool) -> torch.Tensor:
+def flow_loss(arch: str, transformer, latents: torch.Tensor, cond: dict, generator: torch.Generator, autocast: bool, shift: float | None = None) -> torch.Tensor:
+    """Mean squared velocity error on ``latents`` (on the model's device); noise levels and
+    noise are drawn on the CPU from ``generator`` and moved, so every device draws the same."""
     b, _, h, w = latents.shape
-    sigma = sample_sigmas(b, token_shift(arch, (h // 2) * (w // 2)), generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    shift = token_shift(arch, (h // 2) * (w // 2)) if shift is None else shift
+    sigma = sample_sigmas(b, shift, generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     s = sigma.view(-1, 1, 1, 1)
     noisy = (1.0 - s) * latents + s * noise
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    context = torch.autocast(latents.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
         prediction = velocity(arch, transformer, noisy, sigma, cond, generator)
     return (prediction.float() - (noise - latents)).pow(2).mean()
+
+
+def step_scenes(seed: int, step: int, sizes: tuple[int, int]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The scenes of one step: ``(images, labels)`` of the full-size batch and of the
+    half-size batch (rendered at 64 px, pooled to 32 px), ``(None, None)`` for an empty one."""
+    out = []
+    for part, n in enumerate(sizes):
+        if n <= 0:
+            out.append((None, None))
+            continue
+        images, labels = data.make_batch(training.step_seed(seed, step, part), n)
+        out.append((data.downsample(images) if part else images, labels))
+    return out
+
+
+class SceneStream:
+    """:func:`step_scenes` of consecutive steps.  With ``prefetch`` the next step's scenes
+    are rendered on a CPU thread while the device trains on this one (on a GPU the rendering
+    would otherwise be most of the step); they depend on the step alone, so the stream is
+    the same either way."""
+
+    def __init__(self, seed: int, sizes: tuple[int, int], prefetch: bool):
+        self.seed, self.sizes = seed, sizes
+        self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        self.pending: dict[int, Future] = {}
+
+    def take(self, step: int):
+        if self.pool is None:
+            return step_scenes(self.seed, step, self.sizes)
+        future = self.pending.pop(step, None) or self.pool.submit(step_scenes, self.seed, step, self.sizes)
+        self.pending = {step + 1: self.pool.submit(step_scenes, self.seed, step + 1, self.sizes)}
+        return future.result()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,7 +145,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--half-batch", type=training.non_negative_int, default=48, help="half-size scenes per step")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--drop", type=float, default=0.1, help="fraction of conditioning replaced by the empty prompt")
+    p.add_argument(
+        "--sigma-shift", type=float, default=None,
+        help="shift of the logit-normal noise levels (default: the scheduler's at each size; 1 spends more of the training on low noise, where fine structure is drawn)",
+    )
     p.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
+    p.add_argument(
+        "--device", default="cpu",
+        help="where the networks run (cpu, cuda). Data and random numbers stay on the CPU, so a GPU run follows the same recipe as the CPU command",
+    )
     return p
 
 
@@ -119,32 +163,39 @@ def main(argv: list[str] | None = None) -> int:
         args.out = default_out(FLUX if args.arch == "flux" else SD3)
     torch.set_num_threads(args.threads)
     try:
-        autoencoder = tb.load_autoencoder(args.autoencoder).requires_grad_(False)
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise training.TrainingError(f"--device {args.device} cannot be used here ({str(error).splitlines()[0]}). Fix: pass --device cpu") from None
+    try:
+        autoencoder = tb.load_autoencoder(args.autoencoder, device).requires_grad_(False)
     except FileNotFoundError as error:
         raise training.TrainingError(str(error)) from None
     generator = torch.Generator().manual_seed(args.seed)
+    # Built on the CPU (the same initial weights everywhere), then moved.
     transformer = tb.build_transformer(args.arch, args.seed)
     adaln_zero(transformer)
-    transformer.train()
-    ema = tb.build_transformer(args.arch, args.seed)
+    transformer.to(device).train()
+    ema = tb.build_transformer(args.arch, args.seed).to(device)
     ema.load_state_dict(transformer.state_dict())
     ema.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     state = training.TrainState(transformer, optimizer, generator, ema=ema)
 
+    scenes = SceneStream(args.seed, (args.batch, args.half_batch), prefetch=device.type != "cpu")
+
     def step(s: int) -> dict[str, float]:
-        loss, logged = torch.zeros(()), {}
-        for part, n in enumerate((args.batch, args.half_batch)):
-            if n <= 0:
+        loss, logged = torch.zeros((), device=device), {}
+        for part, (images, labels) in enumerate(scenes.take(s)):
+            if images is None:
                 continue
-            images, labels = data.make_batch(training.step_seed(args.seed, s, part), n)
-            if part:
-                images = data.downsample(images)
+            n = labels.shape[0]
             with torch.no_grad():
-                latents = tb.images_to_latents(autoencoder, images)
+                latents = tb.images_to_latents(autoencoder, images.to(device))
             keep = torch.rand(n, generator=generator) >= args.drop
             cond = conditioning.drop_conditioning(conditioning.encode_labels(labels), keep)
-            part_loss = flow_loss(args.arch, transformer, latents, cond, generator, not args.fp32)
+            cond = {key: value.to(device) for key, value in cond.items()}
+            part_loss = flow_loss(args.arch, transformer, latents, cond, generator, not args.fp32, args.sigma_shift)
             logged["half" if part else "full"] = part_loss.item()
             loss = loss + part_loss
         optimizer.zero_grad(set_to_none=True)

@@ -39,8 +39,10 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 #: The record's file name inside the output folder.
 RECORD = "training.json"
-#: Arguments that may differ between the sessions of one run.
-RESUME_FREE = frozenset({"resume", "stop_after", "threads", "save_every", "log_every", "keep_checkpoint"})
+#: Arguments that may differ between the sessions of one run (``out``: a checkpoint may be
+#: moved to another folder; ``device``: a run may move
+#: between CPU and GPU; its data and random numbers come from the CPU either way).
+RESUME_FREE = frozenset({"resume", "stop_after", "threads", "save_every", "log_every", "keep_checkpoint", "device", "out"})
 
 
 class TrainingError(Exception):
