@@ -52,11 +52,11 @@ def test_rows_per_arch_and_budget(quick_v2):
 def test_costs_price_guidance_and_decodes(quick_v2):
     _, report = quick_v2
     tb = report["testbed"]
-    assert tb["flux"]["guidance_branches"] == 1 and tb["sd3"]["guidance_branches"] == 2
+    assert tb["flux"]["guidance_branches"] == 2 and tb["sd3"]["guidance_branches"] == 2  # both guide (FLUX: true CFG)
     base = {r["arch"]: r for r in report["rows"] if r["method"] == "baseline"}
     assert base["flux"]["flops_speedup_total"] == pytest.approx(1.0) and base["flux"]["decodes"] == {"64 px": 1.0}
     # the baseline's total: its forwards at 256 tokens (SD3: two rows per step) plus one 64 px decode
-    for arch, steps, rows in (("flux", 50, 1), ("sd3", 28, 2)):
+    for arch, steps, rows in (("flux", 50, 2), ("sd3", 28, 2)):
         expected = steps * rows * tb[arch]["forward_gflops"]["256"]["total"] + tb[arch]["decode_gflops"]["64 px"]["total"]
         assert tb[arch]["baseline_gflops_total"] == pytest.approx(expected, rel=1e-9)
     ralu = next(r for r in report["rows"] if r["method"] == "ralu-ours" and r["budget"] == 4)

@@ -123,10 +123,14 @@ def test_half_size_stage_loses_the_fine_period():
     assert contrast[0] < 0.6 and contrast[2] > 0.85
 
 
-def test_conditioning_has_one_token_per_attribute_and_a_null_prompt():
+def test_conditioning_has_one_token_per_prompt_attribute_and_a_null_prompt():
     labels = data.balanced_labels(5)
     cond = conditioning.encode_labels(labels)
-    assert cond["prompt_embeds"].shape == (5, len(data.ATTRIBUTES), conditioning.JOINT_DIM)
+    assert cond["prompt_embeds"].shape == (5, len(data.PROMPT_ATTRIBUTES), conditioning.JOINT_DIM)
+    # the marks are drawn but never asked for: changing them changes no embedding
+    unmarked = labels.clone()
+    unmarked[:, data.ATTRIBUTES.index("marks")] = (unmarked[:, data.ATTRIBUTES.index("marks")] + 1) % 3
+    assert all(torch.equal(v, conditioning.encode_labels(unmarked)[k]) for k, v in cond.items())
     assert cond["pooled_prompt_embeds"].shape == (5, conditioning.POOLED_DIM)
     changed = labels.clone()
     changed[:, 5] = (changed[:, 5] + 1) % 3

@@ -73,6 +73,11 @@ def test_attribute_accuracy_per_attribute_fine_and_all():
     result = metrics.attribute_accuracy(predicted, labels)
     assert result["period"] == 0.75 and result["shape"] == 0.75 and result["colour"] == 1.0
     assert result["fine"] == 0.75 and result["all"] == 0.5
+    # marks are drawn but never prompted: scored only when asked for (the classifier's own record)
+    predicted[2, 6] = (predicted[2, 6] + 1) % 3
+    assert "marks" not in metrics.attribute_accuracy(predicted, labels) and metrics.attribute_accuracy(predicted, labels)["all"] == 0.5
+    with_marks = metrics.attribute_accuracy(predicted, labels, data.ATTRIBUTES)
+    assert with_marks["marks"] == 0.75 and with_marks["all"] == 0.25
 
 
 def test_paired_bootstrap_separates_clear_differences_and_not_identical_methods():

@@ -51,6 +51,20 @@ def _schedule(arch):
     return "flux-dev-7x" if arch == "flux" else "sd3-medium-3x"
 
 
+def test_flux_calls_guide_for_real_as_fluxpipeline_does(autoencoder):
+    pipe = tb.make_pipeline("flux", tb.build_transformer("flux", seed=1), autoencoder)
+    labels = data.balanced_labels(2, seed=3)
+    call = tb.call_inputs("flux", labels)
+    assert call["true_cfg_scale"] == tb.TRUE_CFG_SCALE["flux"] > 1 and "negative_prompt_embeds" in call
+    forwards = []
+    handle = pipe.transformer.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        pipe(**call, num_inference_steps=3, generator=generators(2), output_type="pt")
+    finally:
+        handle.remove()
+    assert len(forwards) == 3 * tb.GUIDANCE_BRANCHES["flux"]  # a conditional and an unconditional forward per step
+
+
 @pytest.mark.parametrize("arch", tb.ARCHITECTURES)
 def test_base_and_ralu_pipelines_run_end_to_end(arch, autoencoder):
     pipe = tb.make_pipeline(arch, tb.build_transformer(arch, seed=1), autoencoder)
@@ -94,8 +108,8 @@ def test_regime_check_runs_and_reports_its_criteria(autoencoder):
     pipe = tb.make_pipeline("sd3", tb.build_transformer("sd3", seed=2), autoencoder)
     torch.manual_seed(0)
     result = evaluate.regime_check(pipe, "sd3", Classifier().eval(), n=4, reference_n=16, autoencoder=autoencoder, baseline_steps=4, few_steps=(1, 2))
-    assert set(result["checks"]) == {"baseline draws fine structure", "few steps visibly worse"}
-    assert result["checks"]["baseline draws fine structure"] is False  # an untrained model draws noise
+    assert set(result["checks"]) == {"baseline draws what was asked", "few steps visibly worse"}
+    assert result["checks"]["baseline draws what was asked"] is False  # an untrained model draws noise
     assert {"real scenes", "autoencoder reconstructions", "baseline, 4 steps", "1 steps", "2 steps"} == set(result["rows"])
     row = result["rows"]["1 steps"]
     assert {"accuracy", "fd", "spectral_distance", "blocking", "psnr", "ssim"} <= set(row)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(out):
         model.eval()
         images, labels = data.make_batch(3_000_000_019 * (args.seed + 1), args.eval_n)
-        extra["accuracy_fresh"] = attribute_accuracy(predict(model, images), labels)
+        extra["accuracy_fresh"] = attribute_accuracy(predict(model, images), labels, data.ATTRIBUTES)
         extra["eval_n"] = args.eval_n
         print(f"accuracy on {args.eval_n} fresh scenes: {extra['accuracy_fresh']}", flush=True)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,14 @@
 """Labels -> the "text" inputs both generators take (testbed v2).
 
 No text encoder: every attribute value owns a FIXED random embedding (a seeded generator,
-identical on every machine, never trained), and a label of seven attributes becomes seven
-"text tokens", one per attribute in :data:`ralu.calibrate.testbed.v2.data.ATTRIBUTES`
-order:
+identical on every machine, never trained), and a prompt becomes one "text token" per
+attribute it asks for (:data:`ralu.calibrate.testbed.v2.data.PROMPT_ATTRIBUTES`, in that
+order; the scenes' marks are not asked for):
 
-* ``prompt_embeds`` ``(B, 7, JOINT_DIM)``: token a is the embedding of attribute a's value
+* ``prompt_embeds`` ``(B, 6, JOINT_DIM)``: token a is the embedding of attribute a's value
   (what T5 gives FLUX, and the joint text sequence gives SD3);
-* ``pooled_prompt_embeds`` ``(B, POOLED_DIM)``: the sum over attributes of a second table,
-  divided by sqrt(7) (CLIP's pooled vector).
+* ``pooled_prompt_embeds`` ``(B, POOLED_DIM)``: the sum over those attributes of a second
+  table, divided by sqrt(6) (CLIP's pooled vector).
 
 The same tables drive the FLUX and the SD3 generator (both take ``prompt_embeds`` and
 ``pooled_prompt_embeds``).  :func:`null_embeds` is the empty prompt: 10 % of training
@@ -23,27 +23,30 @@ import math
 import torch
 
 from ..conditioning import embedding_tables
-from .data import ATTRIBUTES, NUM_VALUES, check_labels
+from .data import ATTRIBUTES, PROMPT_ATTRIBUTES, VALUES, check_labels
 
 #: Width of a text token (the transformers' ``joint_attention_dim``).
 JOINT_DIM = 64
 #: Width of the pooled embedding (``pooled_projection_dim``).
 POOLED_DIM = 64
-#: Text tokens per prompt: one per attribute.
-TEXT_TOKENS = len(ATTRIBUTES)
+#: Text tokens per prompt: one per prompt attribute.
+TEXT_TOKENS = len(PROMPT_ATTRIBUTES)
+#: Label columns of the prompt attributes.
+PROMPT_COLUMNS: tuple[int, ...] = tuple(ATTRIBUTES.index(a) for a in PROMPT_ATTRIBUTES)
 #: Seed of the fixed tables: part of the testbed's definition (the weights were trained
 #: with these tables), never change it.
 TABLE_SEED = 20251130
 
 
-_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = embedding_tables(NUM_VALUES, TEXT_TOKENS, JOINT_DIM, POOLED_DIM, TABLE_SEED)
+_TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = embedding_tables([len(VALUES[a]) for a in PROMPT_ATTRIBUTES], TEXT_TOKENS, JOINT_DIM, POOLED_DIM, TABLE_SEED)
 
 
 def encode_labels(labels, device=None, dtype=torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Labels ``(B, 7)`` -> ``{prefix}prompt_embeds`` and ``{prefix}pooled_prompt_embeds``."""
+    """Labels ``(B, 7)`` -> ``{prefix}prompt_embeds`` and ``{prefix}pooled_prompt_embeds``
+    of their prompt attributes (the marks column is not read)."""
     labels = check_labels(labels).cpu()
-    tokens = torch.stack([_TOKENS[a][labels[:, a]] for a in range(TEXT_TOKENS)], dim=1)
-    pooled = sum(_POOLED[a][labels[:, a]] for a in range(TEXT_TOKENS)) / math.sqrt(TEXT_TOKENS)
+    tokens = torch.stack([_TOKENS[t][labels[:, a]] for t, a in enumerate(PROMPT_COLUMNS)], dim=1)
+    pooled = sum(_POOLED[t][labels[:, a]] for t, a in enumerate(PROMPT_COLUMNS)) / math.sqrt(TEXT_TOKENS)
     return {
         f"{prefix}prompt_embeds": tokens.to(device=device, dtype=dtype),
         f"{prefix}pooled_prompt_embeds": pooled.to(device=device, dtype=dtype),

@@ -55,8 +55,16 @@ VALUES: dict[str, tuple[str, ...]] = {
 }
 #: Number of values of every attribute, in label column order.
 NUM_VALUES: tuple[int, ...] = tuple(len(VALUES[a]) for a in ATTRIBUTES)
-#: Columns of the attributes that describe fine structure (what a half-size stage loses).
-FINE_ATTRIBUTES: tuple[str, ...] = ("texture", "orientation", "period", "marks")
+#: The attributes a prompt asks for: what the generators are conditioned on and what their
+#: samples are scored on.  ``marks`` is drawn in every scene (a third each none, line, dots)
+#: but is not part of the prompt: no generator of the testbed's size learned to draw a 1 px
+#: line or 2 px dots on request within the training budget (about 50 %, near the chance
+#: level of 33 %, across four recipes and both architectures; docs/testbed-v2.md §3), so
+#: asking for them would measure the generator's failure, not a sampler's.  The marks stay
+#: as unprompted fine detail that FD (the classifier reads them) and the spectrum see.
+PROMPT_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "texture", "orientation", "period")
+#: Prompt attributes that describe fine structure (what a half-size stage loses).
+FINE_ATTRIBUTES: tuple[str, ...] = ("texture", "orientation", "period")
 
 #: Full size of the scenes (pixels); the generators sample it, the half-size stage 32 px.
 IMAGE_SIZE = 64

@@ -165,15 +165,16 @@ class FrechetDistance:
 # ----------------------------------------------------------------------------------------
 
 
-def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Fraction right per attribute, ``"all"`` (every attribute right) and ``"fine"``
-    (every fine attribute right: texture, orientation, period, marks)."""
+def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor, attributes: tuple[str, ...] = data.PROMPT_ATTRIBUTES) -> dict[str, float]:
+    """Fraction right per attribute of ``attributes`` (default: what a prompt asks for),
+    ``"all"`` (every one of them right) and ``"fine"`` (every fine one right)."""
     labels = data.check_labels(labels)
     right = predicted.cpu() == labels
-    result = {name: right[:, i].float().mean().item() for i, name in enumerate(data.ATTRIBUTES)}
+    columns = [data.ATTRIBUTES.index(name) for name in attributes]
+    result = {name: right[:, i].float().mean().item() for name, i in zip(attributes, columns)}
     fine = [data.ATTRIBUTES.index(name) for name in data.FINE_ATTRIBUTES]
     result["fine"] = right[:, fine].all(dim=1).float().mean().item()
-    result["all"] = right.all(dim=1).float().mean().item()
+    result["all"] = right[:, columns].all(dim=1).float().mean().item()
     return result
 
 

@@ -23,7 +23,8 @@ Generators
 ----------
 The same latents, conditioning (:mod:`.conditioning`) and training objective feed two
 architectures: a ``FluxTransformer2DModel`` served by ``FluxPipeline`` (packed latents,
-rotary positions, guidance input uninformative in [1, 5], FLUX.1-dev's dynamic shift with
+rotary positions, guidance input uninformative in [1, 5] and real guidance through
+``true_cfg_scale`` (:data:`TRUE_CFG_SCALE`), FLUX.1-dev's dynamic shift with
 token counts scaled 1/16 so 256 tokens get h0 = 3.158 like 1024 px) and an
 ``SD3Transformer2DModel`` served by ``StableDiffusion3Pipeline`` (its own patch embedding
 with a sin-cos position table of ``pos_embed_max_size`` = 32 > 16 tokens a side, so RALU's
@@ -121,6 +122,15 @@ SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 #: Guidance of a call: FLUX's distilled-guidance input (uninformative in the trained range
 #: [1, 5]), SD3's classifier-free guidance scale.
 GUIDANCE_SCALE = {"flux": 3.5, "sd3": 4.0}
+#: FLUX's real classifier-free guidance (``FluxPipeline``'s ``true_cfg_scale``, the empty
+#: prompt as the negative).  FLUX.1-dev distils guidance into its guidance input; the testbed
+#: generator cannot (its guidance input is trained uninformative), so it guides for real:
+#: unguided, its 50-step samples get the shape right about two thirds of the time, guided
+#: over 90 % (docs/testbed-v2.md §3).  It costs a second forward per step, as SD3's guidance.
+TRUE_CFG_SCALE = {"flux": 3.5}
+#: Transformer rows per image and step: both generators guide (FLUX in two forwards, SD3 in
+#: one forward over a doubled batch).
+GUIDANCE_BRANCHES = {"flux": 2, "sd3": 2}
 FLUX_GUIDANCE_RANGE = (1.0, 5.0)
 #: Baseline steps (the real models' defaults: FLUX.1-dev 50, SD3 28).
 BASE_STEPS = {"flux": 50, "sd3": 28}
@@ -201,12 +211,14 @@ def load_pipeline(arch: str = "flux", device="cpu", dtype=torch.float32, path=No
 
 def call_inputs(arch: str, labels, guidance_scale: float | None = None, device=None, dtype=torch.float32) -> dict:
     """The keyword arguments a testbed call needs besides noise and steps: the label's
-    embeddings, the size, the guidance, and for SD3 the empty prompt as negative."""
+    embeddings, the size, the guidance (:data:`GUIDANCE_SCALE`, and FLUX's
+    :data:`TRUE_CFG_SCALE`) and the empty prompt as the negative."""
     labels = data.check_labels(labels)
     kwargs = dict(conditioning.encode_labels(labels, device, dtype), height=data.IMAGE_SIZE, width=data.IMAGE_SIZE)
     kwargs["guidance_scale"] = GUIDANCE_SCALE[check_arch(arch)] if guidance_scale is None else guidance_scale
-    if arch == "sd3":
-        kwargs.update(conditioning.null_embeds(labels.shape[0], device, dtype, prefix="negative_"))
+    kwargs.update(conditioning.null_embeds(labels.shape[0], device, dtype, prefix="negative_"))
+    if arch in TRUE_CFG_SCALE:
+        kwargs["true_cfg_scale"] = TRUE_CFG_SCALE[arch]
     return kwargs
 
 

@@ -189,8 +189,8 @@ def arch_testbed(run: ArchRun, rows: list[Row]) -> ArchTestbed:
 
 
 def planned_flops(run: ArchRun):
-    """A row's planned transformer FLOPs per image (SD3: both guidance branches)."""
-    branches = 2 if run.arch == "sd3" else 1
+    """A row's planned transformer FLOPs per image (both guidance branches)."""
+    branches = tb.GUIDANCE_BRANCHES[run.arch]
     return lambda method: branches * run.cost.of(method.forwards).total
 
 

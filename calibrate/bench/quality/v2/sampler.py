@@ -28,7 +28,7 @@ from ralu.calibrate.bench.quality.v2.plan import MAG_SEED_OFFSET, ArchMethod
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
-from ralu.calibrate.testbed.v2.conditioning import encode_labels
+from ralu.calibrate.testbed.v2.conditioning import encode_labels, null_embeds
 from ralu.calibrate.testbed.v2.evaluate import generate, image_generators
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
@@ -124,10 +124,20 @@ class V2Sampler(TestbedSampler):
     def _to_images(self, latent):
         return tb.latents_to_images(self.pipe.vae, latent)
 
+    def _velocity(self, x, sigma: float, cond: dict, guidance):
+        """The staged peers guide as the pipeline does: ``FluxPipeline``'s true-CFG formula with
+        the empty prompt as the negative (:data:`ralu.calibrate.testbed.v2.model.TRUE_CFG_SCALE`)."""
+        v = super()._velocity(x, sigma, cond, guidance)
+        scale = tb.TRUE_CFG_SCALE.get(self.arch)
+        if scale is None:
+            return v
+        v_neg = super()._velocity(x, sigma, null_embeds(x.shape[0], dtype=self.transformer.dtype), guidance)
+        return v_neg + scale * (v - v_neg)
+
     def run(self, method: ArchMethod, labels, seed: int) -> tuple[torch.Tensor, RunCost, bool]:
         """Images ``(n, 3, 64, 64)`` in [-1, 1] and their per-image cost; True when they came from the work folder."""
         key = {"version": WORK_VERSION, "arch": self.arch, "seed": int(seed), "images": int(labels.shape[0]), "labels": labels.tolist(),
-               "guidance": self.guidance_scale, "weights": self.weights, "method": method_identity(method)}
+               "guidance": [self.guidance_scale, tb.TRUE_CFG_SCALE.get(self.arch)], "weights": self.weights, "method": method_identity(method)}
         if method.cache == "magcache":
             key["mag_ratios"] = self.mag_ratios(method)
         stored = self.store.load(key)

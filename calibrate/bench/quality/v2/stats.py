@@ -34,7 +34,7 @@ METRICS: tuple[tuple[str, str, bool, str], ...] = (
     ("blocking", "blocking", False, "image"),
 )
 #: Reported per row, not judged: accuracy of each attribute.
-ATTRIBUTE_METRICS = tuple(f"accuracy_{name}" for name in data.ATTRIBUTES)
+ATTRIBUTE_METRICS = tuple(f"accuracy_{name}" for name in data.PROMPT_ATTRIBUTES)
 #: The regime check's metrics (issue: FD, fine accuracy, spectral distance).
 REGIME_METRICS = ("fd", "fine_accuracy", "spectral_distance")
 DIRECTION = {key: higher for key, _, higher, _ in METRICS}
@@ -91,7 +91,8 @@ class Measured:
 def measure(images, labels, reference: Reference, baseline) -> Measured:
     """One seed's images of a row: per-image values and the seed's metrics (``method_metrics``)."""
     row = method_metrics(images, labels, reference.classifier, reference.fd, reference.spectra, baseline)
-    right = (predict(reference.classifier, images).cpu() == labels).double()
+    columns = [data.ATTRIBUTES.index(name) for name in data.PROMPT_ATTRIBUTES]  # what the prompt asked for
+    right = (predict(reference.classifier, images).cpu() == labels)[:, columns].double()
     per_image = {
         "features": reference.classifier.features(images).double(),
         "spectra": row["per_image"]["spectra"],
@@ -100,12 +101,12 @@ def measure(images, labels, reference: Reference, baseline) -> Measured:
         "psnr": metrics.psnr(images, baseline).double(),
         "ssim": metrics.ssim(images, baseline).double(),
         "blocking": metrics.blocking(images).double(),
-        **{f"accuracy_{name}": right[:, i] for i, name in enumerate(data.ATTRIBUTES)},
+        **{f"accuracy_{name}": right[:, i] for i, name in enumerate(data.PROMPT_ATTRIBUTES)},
     }
     per_seed = {
         "fd": [row["fd"]], "spectral_distance": [row["spectral_distance"]], "fine_accuracy": [row["accuracy"]["fine"]],
         "accuracy": [row["accuracy"]["all"]], "psnr": [row["psnr"]], "ssim": [row["ssim"]], "blocking": [row["blocking"]],
-        **{f"accuracy_{name}": [row["accuracy"][name]] for name in data.ATTRIBUTES},
+        **{f"accuracy_{name}": [row["accuracy"][name]] for name in data.PROMPT_ATTRIBUTES},
     }
     return Measured(per_image, per_seed)
 
