@@ -43,6 +43,21 @@ def image_generators(n: int, seed: int = 0) -> list[torch.Generator]:
 
 
 @torch.no_grad()
+def generate_batched(pipe, labels: torch.Tensor, seed: int, batch_size: int, inputs, **call_kwargs) -> torch.Tensor:
+    """The batched loop both testbeds sample with: ``pipe(**inputs(chunk, device, dtype),
+    generator=[one per image], output_type="pt", **call_kwargs)`` over chunks of
+    ``batch_size`` labels, images returned in [-1, 1] on the CPU.  Image i's noise comes from
+    :func:`image_generators` ``(seed, i)``, so it does not depend on the batching."""
+    generators = image_generators(labels.shape[0], seed)
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        chunk = labels[start : start + batch_size]
+        images = pipe(**inputs(chunk, device, dtype), generator=generators[start : start + chunk.shape[0]], output_type="pt", **call_kwargs).images
+        out.append(images.float().cpu() * 2.0 - 1.0)
+    return torch.cat(out)
+
+
 def generate(
     pipe,
     labels: torch.Tensor,
@@ -61,26 +76,13 @@ def generate(
     out (RALUFluxPipeline takes its steps from ``schedule=``).
     """
     labels = data.check_labels(labels)
-    generators = image_generators(labels.shape[0], seed)
-    device = pipe._execution_device
-    dtype = pipe.transformer.dtype
-    out = []
-    for start in range(0, labels.shape[0], batch_size):
-        chunk = labels[start : start + batch_size]
-        kwargs = dict(call_kwargs)
-        if num_inference_steps is not None:
-            kwargs["num_inference_steps"] = num_inference_steps
-        images = pipe(
-            **encode_labels(chunk, device=device, dtype=dtype),
-            height=size,
-            width=size,
-            guidance_scale=guidance_scale,
-            generator=generators[start : start + chunk.shape[0]],
-            output_type="pt",
-            **kwargs,
-        ).images
-        out.append(images.float().cpu() * 2.0 - 1.0)
-    return torch.cat(out)
+    if num_inference_steps is not None:
+        call_kwargs["num_inference_steps"] = num_inference_steps
+
+    def inputs(chunk, device, dtype):
+        return dict(encode_labels(chunk, device=device, dtype=dtype), height=size, width=size, guidance_scale=guidance_scale)
+
+    return generate_batched(pipe, labels, seed, batch_size, inputs, **call_kwargs)
 
 
 def sample_accuracy(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import image_generators  # one noise rule for both testbeds: image i's noise depends on (seed, i) only
+from ..evaluate import generate_batched  # one batched loop and one noise rule (image i from (seed, i)) for both testbeds
 from . import data, metrics
 from . import model as tb
 from .classifier import load_classifier, predict
@@ -44,22 +44,14 @@ MIN_ACCURACY = 0.8
 FEW_STEPS = {"flux": (6, 11), "sd3": (5, 9)}
 
 
-@torch.no_grad()
 def generate(pipe, arch: str, labels: torch.Tensor, seed: int = 0, steps: int | None = None, batch_size: int = 32, **call_kwargs) -> torch.Tensor:
     """Images ``(n, 3, 64, 64)`` in [-1, 1] from ``pipe`` (a base or RALU pipeline of
-    ``arch``); ``steps=None`` leaves ``num_inference_steps`` out (RALU takes ``schedule=``)."""
+    ``arch``) with :func:`ralu.calibrate.testbed.v2.model.call_inputs`; ``steps=None`` leaves
+    ``num_inference_steps`` out (RALU takes ``schedule=``)."""
     labels = data.check_labels(labels)
-    noise = image_generators(labels.shape[0], seed)
-    device, dtype = pipe._execution_device, pipe.transformer.dtype
-    out = []
-    for start in range(0, labels.shape[0], batch_size):
-        chunk = labels[start : start + batch_size]
-        kwargs = dict(call_kwargs)
-        if steps is not None:
-            kwargs["num_inference_steps"] = steps
-        images = pipe(**tb.call_inputs(arch, chunk, device=device, dtype=dtype), generator=noise[start : start + chunk.shape[0]], output_type="pt", **kwargs).images
-        out.append(images.float().cpu() * 2.0 - 1.0)
-    return torch.cat(out)
+    if steps is not None:
+        call_kwargs["num_inference_steps"] = steps
+    return generate_batched(pipe, labels, seed, batch_size, lambda chunk, device, dtype: tb.call_inputs(arch, chunk, device=device, dtype=dtype), **call_kwargs)
 
 
 def method_metrics(images, labels, classifier, fd: metrics.FrechetDistance, real_spectra, baseline=None) -> dict:

@@ -26,10 +26,11 @@ from ralu.calibrate.bench.quality.sampler import TestbedSampler
 from ralu.calibrate.bench.quality.v2.cost import CostLog, DecoderCost, RunCost
 from ralu.calibrate.bench.quality.v2.plan import MAG_SEED_OFFSET, ArchMethod
 from ralu.calibrate.magcache import measure_mag_ratios
+from ralu.calibrate.testbed.evaluate import image_generators
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.calibrate.testbed.v2.conditioning import encode_labels, null_embeds
-from ralu.calibrate.testbed.v2.evaluate import generate, image_generators
+from ralu.calibrate.testbed.v2.evaluate import generate
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
 from ralu.runtime.noise import clear_global_noise
