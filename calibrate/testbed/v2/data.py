@@ -2,7 +2,8 @@
 
 A scene is one coloured shape in one quadrant, over a fine periodic background, with
 optional thin marks.  The label is a row of seven ints, one per attribute
-(:data:`ATTRIBUTES`):
+(:data:`ATTRIBUTES`; a prompt asks for the first six, :data:`PROMPT_ATTRIBUTES`, and the
+marks are drawn but not asked for):
 
 * ``shape``: circle, square, triangle, cross;
 * ``colour``: red, green, blue, yellow (saturated; the shape only);

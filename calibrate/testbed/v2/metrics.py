@@ -14,8 +14,8 @@ Images are ``(n, 3, H, W)`` in [-1, 1] (what the generators decode to) unless sa
   moves the high radii.
 * :func:`blocking`: the 2x2-cell blocking index of the quality harness, on the grid of a
   half-size latent pixel (:data:`BLOCK_PX` image pixels).
-* :func:`attribute_accuracy`: the fraction read back right per attribute, all seven, and the
-  four fine ones together.
+* :func:`attribute_accuracy`: the fraction read back right per prompt attribute, all of them
+  together, and the three fine ones together.
 * :func:`mean_interval` (``scipy.stats.bootstrap``), :func:`paired_bootstrap` and
   :func:`paired_set_bootstrap`: "A beats B with 95 % confidence" from the same images
   resampled for both methods (paired: both were made from the same noise and labels).

@@ -116,8 +116,9 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
         lines += ["**Quick mode** (CI): a handful of images, short searches, few resamples.  It exercises every code path; its numbers mean nothing.", ""]
     lines += [
         "RALU against its peers at the same cost on testbed v2 (`ralu.calibrate.testbed.v2`, docs/testbed-v2.md): 64 px scenes in a factor-2 "
-        "latent space, a FLUX generator in `FluxPipeline` and an SD3 generator in `StableDiffusion3Pipeline` (real classifier-free guidance), "
-        "RALU through `from_pipe`, and a classifier that reads seven attributes, four of them fine detail.",
+        "latent space, a FLUX generator in `FluxPipeline` and an SD3 generator in `StableDiffusion3Pipeline` (both with real classifier-free guidance), "
+        "RALU through `from_pipe`, prompts of six attributes, three of them fine detail (texture, orientation, period), unprompted thin marks "
+        "in every scene, and a classifier that reads all of it.",
         "",
         "## Set-up",
         "",
@@ -127,10 +128,10 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
         f"- Weights: {', '.join(f'{k} `{v}`' for k, v in report.weights['folders'].items())} (file hashes in the JSON).",
         "- Metrics: **FD** in the v2 classifier's features against "
         f"{cfg['real_images']} real scenes; **spectral distance** of the mean radial power spectrum to the same real scenes; **fine accuracy**: "
-        "texture, orientation, period and marks all read back right; **accuracy**: all seven attributes right; **PSNR / SSIM** against the "
+        "texture, orientation and period all read back right; **accuracy**: all six prompt attributes right; **PSNR / SSIM** against the "
         "baseline sample of the same noise and labels; **blocking** on the 4 px grid of half-size latent pixels.",
         "- Cost, per image.  *Total*: every transformer forward priced by `count_flops` on the meta device at the image-token count it really ran "
-        "(a hook on the first block records it), times its batch rows (SD3 runs both guidance branches in one batch: two rows per step), plus every "
+        "(a hook on the first block records it), times its batch rows (both guide: FLUX in two forwards per step, SD3 in one forward over two rows), plus every "
         "decode priced the same way at the latent size really decoded: the final 64 px decode for every row and RALU's edge-selection decode of the "
         "half-size latent at 32 px.  *Linear*: the `nn.Linear` multiply-adds really executed (forward hooks: what a cache skips is not counted) plus "
         "the decodes' convolution and linear FLOPs; cache rows have only this one.",
