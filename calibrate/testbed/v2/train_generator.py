@@ -17,6 +17,11 @@ SD3: 3 at both), with a quarter of the draws uniform.  Conditioning is replaced 
 prompt 10 % of the time (classifier-free guidance); FLUX's guidance input is uniform in
 [1, 5] and carries no information.  Blocks start as the identity (adaLN-zero); an EMA of
 the weights is what is saved (diffusers format, safetensors), with ``training.json``.
+
+``--device cuda`` runs the networks on a GPU with the same recipe: scenes, noise levels,
+noise and dropout are drawn on the CPU in the CPU run's order and moved, and the next step's
+scenes are rendered on a thread while the GPU trains.  A checkpoint may change device (and
+folder) on ``--resume``.
 """
 
 from __future__ import annotations
