@@ -46,14 +46,16 @@ def image_generators(n: int, seed: int = 0) -> list[torch.Generator]:
 def generate_batched(pipe, labels: torch.Tensor, seed: int, batch_size: int, inputs, **call_kwargs) -> torch.Tensor:
     """The batched loop both testbeds sample with: ``pipe(**inputs(chunk, device, dtype),
     generator=[one per image], output_type="pt", **call_kwargs)`` over chunks of
-    ``batch_size`` labels, images returned in [-1, 1] on the CPU.  Image i's noise comes from
-    :func:`image_generators` ``(seed, i)``, so it does not depend on the batching."""
+    ``batch_size`` labels (``call_kwargs`` override the inputs, e.g. a guidance scale), images
+    returned in [-1, 1] on the CPU.  Image i's noise comes from :func:`image_generators`
+    ``(seed, i)``, so it does not depend on the batching."""
     generators = image_generators(labels.shape[0], seed)
     device, dtype = pipe._execution_device, pipe.transformer.dtype
     out = []
     for start in range(0, labels.shape[0], batch_size):
         chunk = labels[start : start + batch_size]
-        images = pipe(**inputs(chunk, device, dtype), generator=generators[start : start + chunk.shape[0]], output_type="pt", **call_kwargs).images
+        call = {**inputs(chunk, device, dtype), **call_kwargs}
+        images = pipe(**call, generator=generators[start : start + chunk.shape[0]], output_type="pt").images
         out.append(images.float().cpu() * 2.0 - 1.0)
     return torch.cat(out)
 

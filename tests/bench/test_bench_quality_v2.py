@@ -146,3 +146,25 @@ def test_the_reference_fd_equals_the_testbed_fd():
     for n in (300, 40):  # 40 < 256 dimensions: a singular covariance
         feats = torch.randn(n, 256, generator=g).double() * 0.3 + 0.1
         assert reference.fd_of(feats) == pytest.approx(metrics.feature_frechet_distance(feats, reference.features), rel=1e-6, abs=1e-8)
+
+
+def test_staged_sampler_with_one_full_stage_is_the_guided_flux_pipeline(v2_weights, tmp_path):
+    """The peers' Euler loop reproduces FluxPipeline with true CFG (the testbed's FLUX call)."""
+    import torch
+
+    from ralu.calibrate.bench.quality import methods
+    from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore
+    from ralu.calibrate.testbed.v2 import data
+    from ralu.calibrate.testbed.v2 import model as tb
+    from ralu.calibrate.testbed.v2.evaluate import generate
+
+    pipe = tb.load_pipeline("flux", path=v2_weights / "flux", autoencoder=v2_weights / "autoencoder")
+    sampler = V2Sampler("flux", pipe, 3, WorkStore(tmp_path), {}, None)
+    labels, steps = data.balanced_labels(3, 0), 4
+    method = methods.Method("plain", 1, "plain", "staged", stages=[("full", methods.shifted_sigmas(steps, 1.0, 0.0, tb.base_shift("flux")))],
+                            forwards=[tb.FULL_TOKENS] * steps)
+    ours = sampler.staged(method, labels, seed=0)
+    reference = generate(pipe, "flux", labels, seed=0, steps=steps, batch_size=3)
+    assert tb.TRUE_CFG_SCALE["flux"] > 1 and torch.allclose(ours, reference, atol=1e-4)
+    unguided = generate(pipe, "flux", labels, seed=0, steps=steps, batch_size=3, true_cfg_scale=1.0)
+    assert not torch.allclose(ours, unguided, atol=1e-4)  # the guidance is really applied
