@@ -1,6 +1,7 @@
 """The honest alternative to a RALU schedule: the base model with fewer steps at the same
-FLOPs budget, as a one-stage schedule the RALU pipelines run exactly like the plain
-pipeline (one full-resolution stage from noise to data on the base grid, shift h0).
+FLOPs budget, as a one-stage schedule (one full-resolution stage from noise to data on the
+base grid, shift h0): exactly FluxPipeline's sampler on FLUX, and on SD3 plain Euler on a
+grid slightly unlike StableDiffusion3Pipeline's own (docs/diffusers.md §4).
 
 :func:`compare` scores a RALU schedule and that plain schedule with the progress-aware
 error (docs/method.md §4b), so ``ralu-calibrate`` can say when fewer steps should win.

@@ -10,7 +10,8 @@ answer "fewer steps" when that is what the images say.
 * Metric: a callable ``metric(images, references) -> (n,)`` distances (images in [0, 1],
   ``(n, 3, H, W)``), or a name: ``"pixel"`` (default, no weights: RMS pixel difference),
   ``"testbed"`` / ``"testbed-fd"`` (features of the quality testbed's classifier, per image /
-  Frechet distance of the set), or a folder holding a feature model saved with
+  Frechet distance of the set), ``"testbed-v2-fd"`` (the same set distance in testbed v2's
+  classifier features), or a folder holding a feature model saved with
   ``torch.export.save`` as ``features.pt2`` (features' mean squared difference).
 * Pruning: each trial reports its running mean after every batch of images; Optuna's
   median pruner stops trials clearly worse than the finished ones.
@@ -106,11 +107,28 @@ def fd_on_testbed(classifier_path=None) -> Metric:
     return metric
 
 
+def fd_on_testbed_v2(classifier_path=None) -> Metric:
+    """Set-level Frechet distance in testbed v2's classifier features (the features of its
+    harness's FD, which read the fine structure: texture, orientation, period, marks)."""
+    from .testbed.evaluate import frechet_distance
+    from .testbed.v2.classifier import load_classifier
+
+    classifier = load_classifier(classifier_path)
+
+    def metric(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            a, b = classifier.features(images * 2.0 - 1.0), classifier.features(references * 2.0 - 1.0)
+        return torch.tensor(frechet_distance(a.double().numpy(), b.double().numpy()), dtype=torch.float64)
+
+    metric.set_level = True
+    return metric
+
+
 #: A feature model in a metric folder: an exported program (``torch.export.save``) mapping
 #: images in [0, 1] ``(n, 3, H, W)`` to features.
 FEATURE_FILE = "features.pt2"
 #: Named metrics (the callables' builders); any callable works too.
-METRICS = {"pixel": lambda: pixel_distance, "testbed": features_on_testbed, "testbed-fd": fd_on_testbed}
+METRICS = {"pixel": lambda: pixel_distance, "testbed": features_on_testbed, "testbed-fd": fd_on_testbed, "testbed-v2-fd": fd_on_testbed_v2}
 
 
 def load_metric(metric: str | os.PathLike | Metric | None) -> Metric:
@@ -277,7 +295,7 @@ class Sampler:
         return out.float().cpu().clamp(0.0, 1.0)
 
     def references(self, indices: Sequence[int]) -> torch.Tensor:
-        """Base-model samples (``base_steps`` steps on the base grid: the plain pipeline exactly)
+        """Base-model samples (``base_steps`` steps on the base grid: FluxPipeline exactly; SD3: docs/diffusers.md §4)
         of the same prompts, from seed + ``reference_seed_offset``; from the cache when there."""
         paths = [
             self.cache.path(self.images.prompts[i], self.images.seeds[i] + self.offset, self.height, self.width, self.base_steps, self.images.guidance_scale) if self.cache else None
@@ -605,3 +623,55 @@ def speedup_on_testbed(pipe, size: int) -> SpeedupOf:
         return baseline / cost.of([n for n, k in zip(tokens, steps) for _ in range(k)]).total
 
     return speedup_of
+
+
+def search_testbed_v2(arch: str, speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options) -> SearchResult:
+    """:func:`search` on testbed v2's ``arch`` generator ("flux" or "sd3") in its real
+    pipeline: balanced prompts of seed ``image_seed`` (disjoint from the harness's 0, 1),
+    the testbed's guided calls (:func:`ralu.calibrate.testbed.v2.model.call_inputs`), FD in
+    its classifier's features and its transformer's FLOPs (both guidance branches alike)."""
+    from .testbed.evaluate import image_generators
+    from .testbed.v2 import data
+    from .testbed.v2 import model as tb
+
+    pipe = tb.load_pipeline(arch) if pipe is None else pipe
+    pipe.set_progress_bar_config(disable=True)
+    labels = data.balanced_labels(images, image_seed)
+    prompts = data.describe(labels)
+    by_prompt = dict(zip(prompts, labels))
+    placed = ("height", "width", "guidance_scale")  # the search passes these itself
+
+    def encode(batch: list[str]) -> dict:
+        call = tb.call_inputs(arch, torch.stack([by_prompt[p] for p in batch]), dtype=pipe.transformer.dtype)
+        return {k: v for k, v in call.items() if k not in placed}
+
+    seeds = [int(g.initial_seed()) for g in image_generators(images, image_seed)]  # the harness's noise rule
+    options.setdefault("metric", "testbed-v2-fd")
+    options.setdefault("speedup_of", speedup_on_testbed_v2(pipe, arch))
+    options.setdefault("pipeline_id", f"testbed-v2:{arch}:{weights_id(pipe.transformer)}:{weights_id(pipe.vae)}")  # new weights, new references
+    return search(pipe, prompts, speedup, seeds=seeds, model="flux-dev" if arch == "flux" else "sd3-medium", height=data.IMAGE_SIZE, width=data.IMAGE_SIZE,
+                  h0=tb.base_shift(arch), base_steps=tb.BASE_STEPS[arch], encode=encode, guidance_scale=tb.GUIDANCE_SCALE[arch], **options)
+
+
+def speedup_on_testbed_v2(pipe, arch: str) -> SpeedupOf:
+    """Total-FLOPs speed-up on testbed v2's ``arch`` transformer (how its harness matches budgets)."""
+    from .bench.quality.v2.cost import transformer_cost
+    from .testbed.v2 import model as tb
+
+    cost = transformer_cost(arch, pipe.transformer.config)
+    baseline = cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total
+
+    def speedup_of(steps, ratio):
+        tokens = stage_image_tokens(tb.FULL_TOKENS, ratio, len(steps))
+        return baseline / cost.of([n for n, k in zip(tokens, steps) for _ in range(k)]).total
+
+    return speedup_of
+
+
+def weights_id(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights (the reference cache's key for a pipeline without a name)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -130,3 +130,39 @@ def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
     assert "quality search" in stdout and "best plain" in stdout
     assert load_schedule(plain).stages[0].steps >= 1 and len(load_schedule(plain).stages) == 1
     assert load_schedule(out).calibration.optimizer == "quality search"
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, tmp_path):
+    from ralu.calibrate.fewer_steps import plain_schedule
+    from ralu.calibrate.quality_search import search_testbed_v2, to_ralu
+    from ralu.calibrate.testbed.v2 import data
+    from ralu.calibrate.testbed.v2 import model as tb
+    from ralu.calibrate.testbed.v2.evaluate import generate
+
+    pipe = tb.load_pipeline(arch, path=v2_weights / arch, autoencoder=v2_weights / "autoencoder")
+    speedup = 4.5 if arch == "flux" else 2.0
+    result = search_testbed_v2(arch, speedup, images=2, image_seed=7, pipe=pipe, trials=1, batch_size=2, cache_dir=tmp_path, metric="pixel")
+    first = result.history[0]
+    assert first["stages"] == 1 and first["speedup"] >= speedup and first["shift_1"] == pytest.approx(tb.base_shift(arch))
+    # the cached references are the base model's samples on its base grid, with the harness's
+    # labels, noise and guidance; on FLUX that grid is FluxPipeline's, so they are its baseline
+    labels = data.balanced_labels(2, 7)
+    base = plain_schedule("flux-dev" if arch == "flux" else "sd3-medium", tb.BASE_STEPS[arch], 64, 64, tb.base_shift(arch), tb.BASE_STEPS[arch])
+    expected = [(generate(to_ralu(pipe), arch, labels, seed=7, batch_size=2, schedule=base) + 1.0) / 2.0]
+    if arch == "flux":
+        expected.append((generate(pipe, arch, labels, seed=7, steps=tb.BASE_STEPS[arch], batch_size=2) + 1.0) / 2.0)
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 2
+    stored = [torch.load(f, weights_only=True) for f in files]
+    for images in expected:
+        assert all(any(torch.allclose(s, b.clamp(0, 1), atol=1e-4) for s in stored) for b in images)
+
+
+def test_quality_testbed_command_refuses_what_a_testbed_lacks(tmp_path, capsys):
+    from ralu.calibrate import quality_testbed
+
+    for argv, message in ((["--arch", "sd3"], "--testbed v2"), (["--testbed", "v2", "--arch", "sd3", "--budgets", "7"], "[2, 3]")):
+        with pytest.raises(SystemExit) as stop:
+            quality_testbed.main([*argv, "--out-dir", str(tmp_path)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
