@@ -36,7 +36,7 @@ MAG_SEED_OFFSET = 500_000
 #: which rows they apply to.  MagCache needs ratios of the sampler's own step grid, measured
 #: per RALU stage (ralu.calibrate.magcache); the plain pipeline's would need a separate table.
 CACHE_KINDS = {"flux": ("first_block", "taylorseer", "magcache"), "sd3": ("taylorseer", "magcache")}
-CACHED_METHODS = {"first_block": ("ralu-ours", "base-steps"), "taylorseer": ("ralu-ours", "base-steps"), "magcache": ("ralu-ours",)}
+CACHED_METHODS = {"first_block": ("ralu-ours", "base-steps"), "taylorseer": ("ralu-ours", "base-steps"), "magcache": ("ralu-ours", "base-steps")}
 #: SD3's plain pipeline opens no cache context, which diffusers' cache hooks need: SD3 caches run on RALU rows only.
 PLAIN_PIPELINE_CACHES = {"flux": True, "sd3": False}
 RALU_KEYS = ("ralu-paper", "ralu-ours", "ralu-searched")

@@ -25,6 +25,7 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from ralu.calibrate.bench.quality.sampler import TestbedSampler
 from ralu.calibrate.bench.quality.v2.cost import CostLog, DecoderCost, RunCost
 from ralu.calibrate.bench.quality.v2.plan import MAG_SEED_OFFSET, ArchMethod
+from ralu.calibrate.fewer_steps import plain_schedule
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.calibrate.testbed.evaluate import image_generators
 from ralu.calibrate.testbed.v2 import data
@@ -176,13 +177,19 @@ class V2Sampler(TestbedSampler):
         raise ValueError(f"unknown method kind {method.kind!r}")
 
     def mag_ratios(self, method: ArchMethod) -> list[list[float]]:
-        """MagCache's per-stage ratios of a RALU row, measured on other labels and noise than any sample."""
+        """MagCache's per-stage ratios of a row, measured on other labels and noise than any
+        sample.  A plain row's table is measured on the one-stage schedule of its step count,
+        which is FluxPipeline's own grid (docs/diffusers.md §4), so it fits the plain call."""
         name = f"{method.uncached}@{method.budget}"
         if name not in self._mag_ratios:
             labels = data.balanced_labels(4, MAG_SEED_OFFSET)
             call = {**tb.call_inputs(self.arch, labels), "generator": image_generators(4, MAG_SEED_OFFSET)}
             if method.positions:
                 call["low_res_positions"] = method.positions
-            ratios = measure_mag_ratios(self.ralu, method.schedule, [call])
+            schedule = method.schedule
+            if schedule is None:
+                model = "flux-dev" if self.arch == "flux" else "sd3-medium"
+                schedule = plain_schedule(model, method.steps, data.IMAGE_SIZE, data.IMAGE_SIZE, tb.base_shift(self.arch), tb.BASE_STEPS[self.arch])
+            ratios = measure_mag_ratios(self.ralu, schedule, [call])
             self._mag_ratios[name] = [[round(float(r), 6) for r in stage] for stage in ratios]
         return self._mag_ratios[name]
