@@ -122,3 +122,20 @@ def test_weights_are_found_like_v1s_and_missing_ones_stop_the_evaluation(tmp_pat
     assert evaluate.main(["--arch", "flux", "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train_generator --arch flux" in err
+
+
+def test_the_evaluation_command_writes_its_json_and_markdown(v2_weights, tmp_path, capsys):
+    from ralu.calibrate.testbed.v2 import evaluate
+
+    parts = ["--autoencoder", str(v2_weights / "autoencoder"), "--classifier", str(v2_weights / "classifier")]
+    argv = ["--arch", "sd3", "--weights", str(v2_weights / "sd3"), *parts, "--n", "4", "--reference-n", "16", "--threads", "1",
+            "--json", str(tmp_path / "t.json"), "--report", str(tmp_path / "t.md")]
+    assert evaluate.main(argv) == 1  # an untrained generator fails the checks
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert set(report["results"]) == {"sd3"} and report["command"].endswith("t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "## SD3 generator" in text and "baseline draws what was asked: **FAILED**" in text
+    assert "| period | fine | all |" in text and "marks |" not in text  # the prompt's attributes only
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--arch", "flux", "sd3", "--weights", str(v2_weights / "sd3")])
+    assert stop.value.code == 2 and "single --arch" in capsys.readouterr().err

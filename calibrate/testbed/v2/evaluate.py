@@ -1,6 +1,6 @@
 """The regime check of testbed v2: is the trained testbed an instrument for RALU?
 
-    python -m ralu.calibrate.testbed.v2.evaluate --arch flux --n 128 --json reports/testbed-v2-flux.json
+    python -m ralu.calibrate.testbed.v2.evaluate --arch flux sd3 --n 128 --json reports/testbed-v2.json --report reports/testbed-v2.md
 
 Three questions, each answered with numbers and a pass / fail line:
 
@@ -121,35 +121,79 @@ def regime_check(
     return {"arch": arch, "n": n, "seed": seed, "reference_n": reference_n, "rows": rows, "comparisons": comparisons, "checks": checks, "seconds": timings}
 
 
+def _percent(value: float) -> str:
+    return f"{100.0 * value:.1f} %"
+
+
+def render_markdown(report: dict) -> str:
+    """``reports/testbed-v2.md``: every architecture's rows, comparisons and checks."""
+    lines = [
+        "# Testbed v2: are the generators an instrument for RALU?",
+        "",
+        f"Regenerate: `{report['command']}` ({report['seconds'] / 60:.1f} min on {report['threads']} CPU thread(s)).  "
+        "Design and training: docs/testbed-v2.md.  Accuracy: the classifier reads back what the prompt asked for "
+        f"({', '.join(data.PROMPT_ATTRIBUTES)}; *fine*: {', '.join(data.FINE_ATTRIBUTES)} together; *all*: all of them).  "
+        "FD: Frechet distance in the classifier's features against real scenes; spectral: distance of the mean radial power spectrum "
+        "to real scenes; PSNR / SSIM against the baseline sample of the same noise and labels.",
+        "",
+    ]
+    for arch, result in report["results"].items():
+        attrs = [*data.PROMPT_ATTRIBUTES, "fine", "all"]
+        lines += [f"## {arch.upper()} generator ({result['n']} images, seed {result['seed']}, {result['reference_n']} real scenes as reference)", ""]
+        lines += ["| row | " + " | ".join(attrs) + " | FD | spectral | PSNR | SSIM |", "|---" * (len(attrs) + 5) + "|"]
+        for name, row in result["rows"].items():
+            extra = [f"{row[k]:.2f}" if k in row else "" for k in ("psnr", "ssim")]
+            lines.append(f"| {name} | " + " | ".join(_percent(row["accuracy"][a]) for a in attrs)
+                         + f" | {row['fd']:.0f} | {row['spectral_distance']:.3f} | " + " | ".join(extra) + " |")
+        lines += ["", "Few steps against the baseline (paired bootstrap over images, 95 %; difference = baseline - few steps):", ""]
+        for name, comparisons in result["comparisons"].items():
+            for metric, c in comparisons.items():
+                lines.append(f"- {name}, {metric}: {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]: **{c['verdict']}**")
+        lines += ["", "Checks:", ""]
+        lines += [f"- {check}: **{'passed' if ok else 'FAILED'}**" for check, ok in result["checks"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.testbed.v2.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=tb.ARCHITECTURES, required=True)
+    parser.add_argument("--arch", choices=tb.ARCHITECTURES, nargs="+", required=True)
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-n", type=int, default=1000)
-    parser.add_argument("--weights", default=None, help="generator folder (default: the repository's)")
+    parser.add_argument("--weights", default=None, help="generator folder (default: the repository's; one --arch only)")
     parser.add_argument("--autoencoder", default=None)
     parser.add_argument("--classifier", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where the generator runs (noise and metrics stay on the CPU)")
-    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--report", type=Path, default=None, help="write the Markdown report here")
     args = parser.parse_args(argv)
+    if args.weights is not None and len(args.arch) > 1:
+        parser.error("--weights names one generator's folder. Fix: pass a single --arch with it")
     torch.set_num_threads(args.threads)
+    command = "python -m ralu.calibrate.testbed.v2.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    results = {}
     try:
-        pipe = tb.load_pipeline(args.arch, device=args.device, path=args.weights, autoencoder=args.autoencoder)
+        pipes = {arch: tb.load_pipeline(arch, device=args.device, path=args.weights, autoencoder=args.autoencoder) for arch in args.arch}
         classifier = load_classifier(args.classifier)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = regime_check(pipe, args.arch, classifier, args.n, args.seed, args.reference_n, pipe.vae)
-    result["command"] = "python -m ralu.calibrate.testbed.v2.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = json.dumps(result, indent=2) + "\n"
-    if args.json is not None:
-        from .training import atomic_write_text
+    for arch, pipe in pipes.items():
+        results[arch] = regime_check(pipe, arch, classifier, args.n, args.seed, args.reference_n, pipe.vae)
+        print(f"{arch}: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in results[arch]["checks"].items()), flush=True)
+    report = {"command": command, "seconds": round(time.time() - started, 1), "threads": args.threads, "results": results}
+    from .training import atomic_write_text
 
-        atomic_write_text(args.json, text)
-    print(text)
-    return 0 if all(result["checks"].values()) else 1
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    if args.report is not None:
+        atomic_write_text(args.report, render_markdown(report))
+    if args.json is None and args.report is None:
+        print(json.dumps(report, indent=2))
+    return 0 if all(all(r["checks"].values()) for r in results.values()) else 1
 
 
 if __name__ == "__main__":
