@@ -614,12 +614,16 @@ def speedup_on_testbed(pipe, size: int) -> SpeedupOf:
     from .bench.quality.cost import TestbedCost
     from .testbed.conditioning import TEXT_TOKENS
 
-    cost = TestbedCost(pipe.transformer.config, TEXT_TOKENS)
-    full = (size // 2) ** 2
-    baseline = cost.of([full] * 50).total
+    return layout_speedup(TestbedCost(pipe.transformer.config, TEXT_TOKENS), (size // 2) ** 2, 50)
+
+
+def layout_speedup(cost, full_tokens: int, base_steps: int) -> SpeedupOf:
+    """``speedup_of(steps, up_ratio)``: the base model's ``base_steps`` full-size forwards over a
+    layout's forwards (its stages at their token counts), priced by a testbed's ``cost``."""
+    baseline = cost.of([full_tokens] * base_steps).total
 
     def speedup_of(steps, ratio):
-        tokens = stage_image_tokens(full, ratio, len(steps))
+        tokens = stage_image_tokens(full_tokens, ratio, len(steps))
         return baseline / cost.of([n for n, k in zip(tokens, steps) for _ in range(k)]).total
 
     return speedup_of
@@ -658,14 +662,7 @@ def speedup_on_testbed_v2(pipe, arch: str) -> SpeedupOf:
     from .bench.quality.v2.cost import transformer_cost
     from .testbed.v2 import model as tb
 
-    cost = transformer_cost(arch, pipe.transformer.config)
-    baseline = cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total
-
-    def speedup_of(steps, ratio):
-        tokens = stage_image_tokens(tb.FULL_TOKENS, ratio, len(steps))
-        return baseline / cost.of([n for n, k in zip(tokens, steps) for _ in range(k)]).total
-
-    return speedup_of
+    return layout_speedup(transformer_cost(arch, pipe.transformer.config), tb.FULL_TOKENS, tb.BASE_STEPS[arch])
 
 
 def weights_id(module: torch.nn.Module) -> str:

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..conditioning import embedding_tables
-from .data import ATTRIBUTES, PROMPT_ATTRIBUTES, VALUES, check_labels
+from .data import PROMPT_ATTRIBUTES, PROMPT_COLUMNS, VALUES, check_labels
 
 #: Width of a text token (the transformers' ``joint_attention_dim``).
 JOINT_DIM = 64
@@ -31,8 +31,6 @@ JOINT_DIM = 64
 POOLED_DIM = 64
 #: Text tokens per prompt: one per prompt attribute.
 TEXT_TOKENS = len(PROMPT_ATTRIBUTES)
-#: Label columns of the prompt attributes.
-PROMPT_COLUMNS: tuple[int, ...] = tuple(ATTRIBUTES.index(a) for a in PROMPT_ATTRIBUTES)
 #: Seed of the fixed tables: part of the testbed's definition (the weights were trained
 #: with these tables), never change it.
 TABLE_SEED = 20251130

@@ -64,6 +64,8 @@ NUM_VALUES: tuple[int, ...] = tuple(len(VALUES[a]) for a in ATTRIBUTES)
 #: asking for them would measure the generator's failure, not a sampler's.  The marks stay
 #: as unprompted fine detail that FD (the classifier reads them) and the spectrum see.
 PROMPT_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "texture", "orientation", "period")
+#: Label columns of the prompt attributes.
+PROMPT_COLUMNS: tuple[int, ...] = tuple(ATTRIBUTES.index(a) for a in PROMPT_ATTRIBUTES)
 #: Prompt attributes that describe fine structure (what a half-size stage loses).
 FINE_ATTRIBUTES: tuple[str, ...] = ("texture", "orientation", "period")
 

@@ -91,8 +91,7 @@ class Measured:
 def measure(images, labels, reference: Reference, baseline) -> Measured:
     """One seed's images of a row: per-image values and the seed's metrics (``method_metrics``)."""
     row = method_metrics(images, labels, reference.classifier, reference.fd, reference.spectra, baseline)
-    columns = [data.ATTRIBUTES.index(name) for name in data.PROMPT_ATTRIBUTES]  # what the prompt asked for
-    right = (predict(reference.classifier, images).cpu() == labels)[:, columns].double()
+    right = (predict(reference.classifier, images).cpu() == labels)[:, list(data.PROMPT_COLUMNS)].double()  # what the prompt asked for
     per_image = {
         "features": reference.classifier.features(images).double(),
         "spectra": row["per_image"]["spectra"],
