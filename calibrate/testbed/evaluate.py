@@ -1,7 +1,7 @@
 """Does a sampler make the right images?  Generate with a real pipeline, read the images
 back with the classifier, and compare with the conditioning.
 
-    python -m ralu.calibrate.testbed.evaluate --n 200 --steps 50 --report reports/testbed.md
+    python -m ralu.calibrate.testbed.evaluate --n 200 --steps 50 --report reports/testbed-v1.md
 
 :func:`sample_accuracy` works with any FluxPipeline-like object built on the testbed's
 components (``load_pipeline()``, or ``RALUFluxPipeline.from_pipe(pipe, vae=pipe.vae)`` with
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
-    grid = args.grid or (args.report.with_suffix("").parent / "testbed" / "samples.png" if args.report else None)
+    grid = args.grid or (args.report.parent / args.report.stem / "samples.png" if args.report else None)
     if grid:
         grid.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images[:64], columns=16).save(grid)

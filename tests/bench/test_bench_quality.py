@@ -160,16 +160,16 @@ def quick_run(tiny_testbed, tmp_path_factory):
         "--weights", str(tiny_testbed / "transformer"), "--classifier", str(tiny_testbed / "classifier"),
     ]
     assert main(argv) == 0
-    return out, json.loads((out / "quality.json").read_text())
+    return out, json.loads((out / "quality-v1.json").read_text())
 
 
 def test_quick_writes_reports(quick_run):
     out, report = quick_run
     assert report["command"].startswith("ralu-bench quality --testbed v1 --quick")
-    md = (out / "quality.md").read_text()
-    assert "## Which method wins" in md and "## Noise strength sweep" in md and "![samples](quality/samples.png)" in md
+    md = (out / "quality-v1.md").read_text()
+    assert "## Which method wins" in md and "## Noise strength sweep" in md and "![samples](quality-v1/samples.png)" in md
     for name in ("samples.png", "tradeoff.png", "sweep.png"):
-        assert (out / "quality" / name).stat().st_size > 1000
+        assert (out / "quality-v1" / name).stat().st_size > 1000
 
 
 def test_quick_json_schema_and_rows(quick_run):
@@ -224,6 +224,8 @@ def test_bad_requests_fail_before_any_compute(capsys):
     assert main(["quality", "--testbed", "v1", "--quick", "--arch", "sd3"]) == 2
     err = capsys.readouterr().err
     assert "FLUX transformer only" in err and len(err.strip().splitlines()) == 1
+    assert main(["quality", "--testbed", "v1", "--quick", "--no-caches"]) == 2
+    assert "--no-caches is a testbed v2 option" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,14 +234,14 @@ def test_bad_requests_fail_before_any_compute(capsys):
 
 
 def test_committed_report_is_a_full_run_on_the_shipped_weights():
-    """reports/quality.json is the issue's schema, from a full (not --quick) run, and was made
+    """reports/quality-v1.json (testbed v1) is the issue's schema, from a full (not --quick) run, and was made
     with the transformer weights that ship now (retraining without rerunning fails here)."""
     from pathlib import Path
 
     from ralu.calibrate.testbed.location import transformer_dir
     from ralu.calibrate.testbed.model import training_record
 
-    path = Path(__file__).resolve().parents[2] / "reports" / "quality.json"
+    path = Path(__file__).resolve().parents[2] / "reports" / "quality-v1.json"
     report = json.loads(path.read_text())
     assert report["command"].startswith("ralu-bench quality") and "--quick" not in report["command"]
     assert not report["config"]["quick"] and len(report["config"]["seeds"]) >= 3

@@ -11,7 +11,7 @@ import pytest
 
 from ralu.calibrate.bench.quality.v2 import report as v2_report
 from ralu.calibrate.bench.quality.v2.schema import V2Report
-from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS
+from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def quick_v2(v2_weights, tmp_path_factory):
     from ralu.calibrate.bench.cli import main
 
     out = tmp_path_factory.mktemp("quality-v2")
-    assert main(["quality", "--quick", "--weights-dir", str(v2_weights), "--out-dir", str(out)]) == 0
-    return out, json.loads((out / "quality-v2.json").read_text())
+    assert main(["quality", "--quick", "--weights-dir", str(v2_weights), "--out-dir", str(out), "--schedule", "flux-dev-7x-searched"]) == 0
+    return out, json.loads((out / "quality.json").read_text())
 
 
 def _finite(value):
@@ -70,10 +70,15 @@ def test_verdicts_regime_caches_and_sweeps(quick_v2):
     verdicts = report["verdicts"]
     for arch, budgets in (("flux", (4, 7)), ("sd3", (2, 3))):
         for budget in budgets:
-            found = [v for v in verdicts if v["arch"] == arch and v["budget"] == budget]
+            found = [v for v in verdicts if v["arch"] == arch and v["budget"] == budget and v["question"] != SCHEDULE_QUESTION]
             assert {v["metric"] for v in found} == {k for k, _, _, _ in METRICS} and len(found) == 2 * len(METRICS)
             for v in found:
                 assert v["low"] <= v["high"] and v["verdict"] in (f"{v['a']} better", f"{v['b']} better", "not separable")
+    # the --schedule row meets every other uncached row of its budget on each SCHEDULE_METRICS
+    mine = [v for v in verdicts if v["question"] == SCHEDULE_QUESTION]
+    others = {r["method"] for r in report["rows"] if r["arch"] == "flux" and r["budget"] == 7 and r["cache"] is None} - {"schedule:flux-dev-7x-searched"}
+    assert {v["a"] for v in mine} == {"schedule:flux-dev-7x-searched"} and {v["b"] for v in mine} == others
+    assert len(mine) == len(others) * len(SCHEDULE_METRICS) and {v["metric"] for v in mine} == set(SCHEDULE_METRICS)
     for arch, budget in (("flux", 7), ("sd3", 3)):
         regime = report["regime"][arch]
         assert regime["budget"] == budget and [m["metric"] for m in regime["metrics"]] == list(REGIME_METRICS)
@@ -89,10 +94,11 @@ def test_verdicts_regime_caches_and_sweeps(quick_v2):
 
 def test_markdown_and_figures_from_the_json(quick_v2):
     out, _ = quick_v2
-    text = (out / "quality-v2.json").read_text()
-    md = (out / "quality-v2.md").read_text()
+    text = (out / "quality.json").read_text()
+    md = (out / "quality.md").read_text()
     assert v2_report.render_json(text) == md
     assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
+    assert "`schedule:flux-dev-7x-searched` against every other row (paired bootstrap)" in md
     report = V2Report.model_validate_json(text)
     figures = v2_report.figure_paths(report)
     for path in (*figures.grids.values(), figures.tradeoff, figures.sweep):
@@ -107,7 +113,7 @@ def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):
     argv = ["quality", "--quick", "--arch", "flux", "--budgets", "4", "--z-values", "--weights-dir", str(v2_weights),
             "--out-dir", str(second), "--work-dir", str(out / ".quality-v2-work")]
     assert main(argv) == 0
-    rows = json.loads((second / "quality-v2.json").read_text())["rows"]
+    rows = json.loads((second / "quality.json").read_text())["rows"]
     assert len(rows) == 13 and all(r["reused"] for r in rows)  # baseline, base-steps, 2 peers, 3 RALU, 6 cache rows
     before = {(r["method"], r["budget"]): r for r in first["rows"] if r["arch"] == "flux"}
     for row in rows:
@@ -125,6 +131,24 @@ def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
     assert "published presets" in capsys.readouterr().err
     assert main(["quality", "--quick", "--weights", str(tmp_path)]) == 2
     assert "--weights-dir" in capsys.readouterr().err
+
+
+def test_no_caches_leaves_out_exactly_the_cache_rows():
+    import argparse
+
+    from ralu.calibrate.bench.quality.args import add_arguments
+    from ralu.calibrate.bench.quality.v2.cost import transformer_cost
+    from ralu.calibrate.bench.quality.v2.plan import make_config, plan_arch
+    from ralu.calibrate.testbed.v2 import model as tb
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cost = transformer_cost("sd3", tb.build_transformer("sd3").config)
+    keys = {}
+    for extra in ([], ["--no-caches"]):
+        config = make_config(parser.parse_args(["--quick", "--arch", "sd3", "--budgets", "3", *extra]))
+        keys[bool(extra)] = [m.key for m in plan_arch(config, "sd3", cost, log=lambda *_: None)[0]]
+    assert [k for k in keys[False] if "+" not in k] == keys[True] and len(keys[False]) > len(keys[True])
 
 
 def test_the_reference_fd_equals_the_testbed_fd():
@@ -169,3 +193,29 @@ def test_staged_sampler_with_one_full_stage_is_the_guided_flux_pipeline(v2_weigh
     assert tb.TRUE_CFG_SCALE["flux"] > 1 and torch.allclose(ours, reference, atol=1e-4)
     unguided = generate(pipe, "flux", labels, seed=0, steps=steps, batch_size=3, true_cfg_scale=1.0)
     assert not torch.allclose(ours, unguided, atol=1e-4)  # the guidance is really applied
+
+
+# The committed report
+# ----------------------------------------------------------------------------------------
+
+
+def test_committed_report_is_a_full_run_on_the_committed_weights_and_passes_the_regime_check():
+    """reports/quality.json comes from a full (not --quick) run of both generators at their
+    default budgets, made with the testbed v2 weights in the repository now (retraining
+    without rerunning fails here), and FLUX's 7x regime check passed there."""
+    from pathlib import Path
+
+    from ralu.calibrate.bench.quality.v2.plan import V2Config
+    from ralu.calibrate.bench.quality.v2.sampler import file_hashes
+    from ralu.calibrate.testbed.v2.location import PARTS, part_dir
+
+    report = V2Report.model_validate_json((Path(__file__).resolve().parents[2] / "reports" / "quality.json").read_text())
+    assert report.command.startswith("ralu-bench quality") and "--quick" not in report.command and not report.config["quick"]
+    assert len(report.config["seeds"]) >= 2 and report.config["images"] >= 256
+    assert set(report.weights["folders"]) == set(PARTS) and all(name.endswith("(repository)") for name in report.weights["folders"].values())
+    assert file_hashes({part: part_dir(part) for part in PARTS}) == report.weights["sha256"]
+    for arch in ("flux", "sd3"):
+        rows = [r for r in report.rows if r.arch == arch]
+        assert {r.budget for r in rows if r.method != "baseline"} == set(V2Config().budgets[arch])  # FLUX 4x, 7x; SD3 2x, 3x
+    assert report.regime["flux"].budget == 7 and report.regime["flux"].passed
+    assert any(p.z <= 2.5 for s in report.sweeps for p in s.points) and any(p.z >= 90 for s in report.sweeps for p in s.points)

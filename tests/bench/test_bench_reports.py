@@ -1,6 +1,7 @@
-"""The committed reports and their typed models: ``reports/speed.json`` and
-``reports/quality.json`` load into the report models and write back byte for byte, and the
-Markdown rendered from them is the committed Markdown (one definition of every table)."""
+"""The committed reports and their typed models: ``reports/speed.json``, ``reports/quality.json``
+(testbed v2) and ``reports/quality-v1.json`` (testbed v1) load into their report models and
+write back byte for byte, and the Markdown rendered from them is the committed Markdown (one
+definition of every table)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,24 @@ import pytest
 from ralu.calibrate.bench.common import json_text
 from ralu.calibrate.bench.quality import report as quality_report
 from ralu.calibrate.bench.quality.schema import QualityReport
+from ralu.calibrate.bench.quality.v2 import report as quality_v2_report
+from ralu.calibrate.bench.quality.v2.schema import V2Report
 from ralu.calibrate.bench.speed import report as speed_report
 from ralu.calibrate.bench.speed.schema import SpeedReport
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports"
-MODELS = {"speed": SpeedReport, "quality": QualityReport}
+#: committed report name -> (its typed model, the module that renders it)
+REPORT_KINDS = {
+    "speed": (SpeedReport, speed_report),
+    "quality": (V2Report, quality_v2_report),
+    "quality-v1": (QualityReport, quality_report),
+}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(REPORT_KINDS))
 def test_committed_json_round_trips_through_the_typed_report(name):
     text = (REPORTS / f"{name}.json").read_text()
-    assert json_text(MODELS[name].model_validate_json(text).model_dump(mode="json")) == text
+    assert json_text(REPORT_KINDS[name][0].model_validate_json(text).model_dump(mode="json")) == text
 
 
 def test_speed_markdown_is_rendered_from_its_json():
@@ -31,11 +39,18 @@ def test_speed_markdown_is_rendered_from_its_json():
     assert speed_report.render_markdown(report) == (REPORTS / "speed.md").read_text()
 
 
-def test_quality_markdown_is_rendered_from_its_json():
-    report = QualityReport.model_validate_json((REPORTS / "quality.json").read_text())
+def test_quality_v1_markdown_is_rendered_from_its_json():
+    report = QualityReport.model_validate_json((REPORTS / "quality-v1.json").read_text())
     figures = quality_report.figure_paths(report)
-    assert quality_report.render_markdown(report, figures) == (REPORTS / "quality.md").read_text()
+    assert quality_report.render_markdown(report, figures) == (REPORTS / "quality-v1.md").read_text()
     assert all((REPORTS / path).is_file() for path in (figures.grid, figures.tradeoff, figures.sweep))
+
+
+def test_quality_markdown_is_rendered_from_its_json_with_its_figures():
+    report = V2Report.model_validate_json((REPORTS / "quality.json").read_text())
+    figures = quality_v2_report.figure_paths(report)
+    assert quality_v2_report.render_markdown(report, figures) == (REPORTS / "quality.md").read_text()
+    assert all((REPORTS / path).is_file() for path in (*figures.grids.values(), figures.tradeoff, figures.sweep))
 
 
 def test_typed_rows_refuse_unknown_keys():
@@ -46,11 +61,11 @@ def test_typed_rows_refuse_unknown_keys():
         SpeedReport.model_validate_json(text)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(REPORT_KINDS))
 def test_render_from_json_on_the_command_line(name):
-    done = subprocess.run([sys.executable, "-m", f"ralu.calibrate.bench.{name}.report", str(REPORTS / f"{name}.json")],
-                          capture_output=True, text=True, timeout=120)
+    module = REPORT_KINDS[name][1].__name__
+    done = subprocess.run([sys.executable, "-m", module, str(REPORTS / f"{name}.json")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == (REPORTS / f"{name}.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", f"ralu.calibrate.bench.{name}.report"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "usage" in bad.stderr

@@ -108,7 +108,7 @@ def test_regime_check_runs_and_reports_its_criteria(autoencoder):
     pipe = tb.make_pipeline("sd3", tb.build_transformer("sd3", seed=2), autoencoder)
     torch.manual_seed(0)
     result = evaluate.regime_check(pipe, "sd3", Classifier().eval(), n=4, reference_n=16, autoencoder=autoencoder, baseline_steps=4, few_steps=(1, 2))
-    assert set(result["checks"]) == {"baseline draws what was asked", "few steps visibly worse"}
+    assert set(result["checks"]) == {"baseline draws what was asked", "few steps visibly worse (tightest budget)"}
     assert result["checks"]["baseline draws what was asked"] is False  # an untrained model draws noise
     assert {"real scenes", "autoencoder reconstructions", "baseline, 4 steps", "1 steps", "2 steps"} == set(result["rows"])
     row = result["rows"]["1 steps"]

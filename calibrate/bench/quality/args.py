@@ -10,10 +10,10 @@ from ralu.calibrate.bench.quality.config import PAPER_PRESETS
 HELP = "image quality of RALU against its peers at matched FLOPs, on the offline testbed (v2 by default, v1 on request)"
 EXAMPLES = (
     "examples:\n"
-    "  ralu-bench quality                                   # testbed v2, FLUX and SD3: reports/quality-v2.* (hours on 2 cores; it prints an estimate)\n"
+    "  ralu-bench quality                                   # testbed v2, FLUX and SD3: reports/quality.* (hours on 2 cores; it prints an estimate)\n"
     "  ralu-bench quality --arch flux --seeds 0             # v2, FLUX only, one seed\n"
     "  ralu-bench quality --quick --out-dir /tmp/q          # CI: every v2 code path on random weights in about a minute\n"
-    "  ralu-bench quality --testbed v1                      # the v1 report, reports/quality.* (about 20-30 min on 2 cores)\n"
+    "  ralu-bench quality --testbed v1                      # the v1 report, reports/quality-v1.* (about 20-30 min on 2 cores)\n"
     "  ralu-bench quality --testbed v1 --quick --out-dir /tmp/q1\n"
     "  ralu-bench quality --schedule my-4x.json             # add a row for any schedule file\n"
     "An interrupted v2 run continues where it stopped: each (arch, method, seed) batch of images is kept under --work-dir."
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=ARCHES, nargs="+", help="v2: generators to judge (default flux sd3); v1 is FLUX only")
     parser.add_argument("--weights-dir", type=Path, help="v2: folder holding autoencoder/ classifier/ flux/ sd3/ (default: testbed v2's weights lookup)")
     parser.add_argument("--work-dir", type=Path, help="v2: where generated image batches are kept so a run resumes (default <out-dir>/.quality-v2-work)")
+    parser.add_argument("--no-caches", action="store_true", help="v2: leave out the step-cache rows (each cache on RALU and on the plain pipeline)")
     parser.add_argument("--quick", action="store_true", help="few seeds, few images, 2 sweep points, short searches: the same code paths for CI")
     parser.add_argument("--schedule", action="append", metavar="FILE", help="add a RALU row for this schedule file (or shipped name); repeatable")
     parser.add_argument("--seeds", type=int, nargs="+", help="sample seeds (default v1: 0 1 2, v2: 0 1)")
@@ -42,4 +43,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default 2)")
     parser.add_argument("--weights", type=Path, help="v1: testbed transformer folder (default: the shipped weights)")
     parser.add_argument("--classifier", type=Path, help="v1: testbed classifier folder (default: the shipped one)")
-    parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/: v1 quality.md, quality.json, quality/; v2 quality-v2.md, quality-v2.json, quality-v2/)")
+    parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="where the report goes (default reports/: v2 quality.md, quality.json, quality/; v1 quality-v1.md, quality-v1.json, quality-v1/)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ralu.calibrate.presets import PRESETS, PublishedPreset
 from ralu.runtime.models import get_model
 
-REPORT_NAME = "quality"
+REPORT_NAME = "quality-v1"
 #: Steps of the baseline (FLUX.1-dev's).
 BASE_STEPS = get_model("flux-dev").base_steps
 #: PSNR of identical images (dB): the cap keeps every number finite in JSON.

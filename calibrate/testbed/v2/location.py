@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..location import REPOSITORY_FOLDER, WeightsNotFound, weights_dir
+from ..location import CHECKOUT_FOLDER, ENV_VAR, REPOSITORY_FOLDER, WeightsNotFound, weights_dir
 
 #: The v2 subfolder of the weights folder.
 VERSION_FOLDER = "v2"
@@ -20,7 +20,7 @@ VERSION_FOLDER = "v2"
 AUTOENCODER, CLASSIFIER, FLUX, SD3 = "autoencoder", "classifier", "flux", "sd3"
 PARTS: tuple[str, ...] = (AUTOENCODER, CLASSIFIER, FLUX, SD3)
 
-__all__ = ["AUTOENCODER", "CLASSIFIER", "FLUX", "PARTS", "SD3", "WeightsNotFound", "default_out", "part_dir"]
+__all__ = ["AUTOENCODER", "CLASSIFIER", "FLUX", "PARTS", "SD3", "WeightsNotFound", "default_out", "describe", "part_dir"]
 
 
 def part_dir(part: str, path: str | Path | None = None) -> Path:
@@ -34,3 +34,15 @@ def default_out(part: str) -> Path:
     """Where a training command writes ``part`` by default: the repository's folder, relative
     to the working directory (run it from the repository root)."""
     return Path(REPOSITORY_FOLDER) / VERSION_FOLDER / part
+
+
+def describe(part: str, path: str | Path | None = None) -> str:
+    """How a report names where ``part``'s folder comes from: the repository's folder by its
+    path in the repository (reports are committed; this machine's absolute path would mean
+    nothing elsewhere), ``$RALU_TESTBED_WEIGHTS``'s as such, a given folder as given."""
+    if path is not None:
+        return str(path)
+    folder = weights_dir()
+    if folder.resolve() == CHECKOUT_FOLDER:
+        return f"{REPOSITORY_FOLDER}/{VERSION_FOLDER}/{part} (repository)"
+    return f"{folder / VERSION_FOLDER / part} (${ENV_VAR})"

@@ -23,8 +23,11 @@ from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.sd3 import POSITION_MODES
 
-#: The report's name (``quality-v2.md``, ``quality-v2.json``, figures under ``quality-v2/``).
-REPORT_NAME = "quality-v2"
+#: The report's name (``quality.md``, ``quality.json``, figures under ``quality/``): v2 is the
+#: testbed the reports judge by; v1's report is ``quality-v1``.
+REPORT_NAME = "quality"
+#: Default work folder under ``--out-dir``: generated batches, kept so a run resumes.
+WORK_DIR_NAME = ".quality-v2-work"
 #: The published presets' model per testbed architecture.
 ARCH_MODELS = {"flux": "flux-dev", "sd3": "sd3-medium"}
 ARCH_NAMES = {"flux": "FLUX", "sd3": "SD3"}
@@ -90,7 +93,8 @@ def make_config(args) -> V2Config:
         budgets = {a: tuple(b for b in sorted(set(args.budgets)) if b in arch_presets(a)) for a in arches}
         arches = tuple(a for a in arches if budgets[a])
         budgets = {a: budgets[a] for a in arches}
-    overrides = {**shared_overrides(args), "weights_dir": str(args.weights_dir) if args.weights_dir else None}
+    overrides = {**shared_overrides(args), "weights_dir": str(args.weights_dir) if args.weights_dir else None,
+                 "caches": False if getattr(args, "no_caches", False) else None}
     config = replace(config, arches=arches, budgets=budgets, **{k: v for k, v in overrides.items() if v is not None})
     if config.images < 2 or config.real_images < 2:
         raise ValueError("--images and --real-images must be at least 2 (Frechet distances and bootstraps need two images)")
@@ -98,7 +102,7 @@ def make_config(args) -> V2Config:
         schedule_arch(path)
     # the sweep's seeds: the first (its images are as many as a row's per seed) unless asked
     sweep_seeds = config.seeds[: max(1, args.sweep_seeds or 1)]
-    work = args.work_dir if args.work_dir is not None else Path(args.out_dir) / f".{REPORT_NAME}-work"
+    work = args.work_dir if args.work_dir is not None else Path(args.out_dir) / WORK_DIR_NAME
     return replace(config, sweep_seeds=sweep_seeds, work_dir=str(work), batch_size=min(config.batch_size, config.images))
 
 

@@ -1,4 +1,4 @@
-"""``reports/quality-v2.md`` from the typed :class:`~ralu.calibrate.bench.quality.v2.schema.V2Report`.
+"""``reports/quality.md`` from the typed :class:`~ralu.calibrate.bench.quality.v2.schema.V2Report`.
 
 To print the Markdown of a saved report (no torch):
 ``python -m ralu.calibrate.bench.quality.v2.report FILE``.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ralu.calibrate.bench.common import Column, render_from_json, table
 from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REPORT_NAME
 from ralu.calibrate.bench.quality.v2.schema import Estimate, V2Report
-from ralu.calibrate.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS
+from ralu.calibrate.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
 
 #: Digits per metric in the tables.
 DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3}
@@ -69,6 +69,32 @@ REGIME_COLUMNS = [
     Column("seed spread", lambda m: "n/a" if m.seed_spread is None else f"{m.seed_spread:.{DIGITS[m.metric] + 1}f}"),
     Column("worse beyond spread", lambda m: "yes" if m.worse else "no"),
 ]
+
+
+def _verdict_cell(v) -> str:
+    d = DIGITS[v.metric] + 1
+    said = {"not separable": "n.s.", f"{v.a} better": "**schedule better**"}.get(v.verdict, "**other better**")
+    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {said}"
+
+
+def _cell_of(cells: dict, key: str):
+    return lambda other: cells.get((other, key), "")
+
+
+def schedule_tables(found: list) -> list[str]:
+    """Per ``--schedule`` row: a table of its paired verdicts against every other row of the
+    budget and whether any row beats it."""
+    lines = []
+    labels = {"fd": "FD", "fine_accuracy": "fine accuracy", "accuracy": "accuracy", "spectral_distance": "spectral distance"}
+    for name in dict.fromkeys(v.a for v in found):
+        mine = [v for v in found if v.a == name]
+        others = list(dict.fromkeys(v.b for v in mine))
+        beaten = sorted({v.b for v in mine if v.verdict == f"{v.b} better"})
+        cells = {(v.b, v.metric): _verdict_cell(v) for v in mine}
+        columns = [Column("other row", lambda o: o)] + [Column(f"{labels[k]}: schedule - other", _cell_of(cells, k)) for k in SCHEDULE_METRICS]
+        verdict = "no row beats it on any of these metrics at 95 %" if not beaten else f"beaten by {', '.join(beaten)}"
+        lines += [f"`{name}` against every other row (paired bootstrap): **{verdict}**.", "", *table(columns, others), ""]
+    return lines
 
 
 def _cache_cell(key: str):
@@ -155,9 +181,10 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
         for budget in sorted({x.budget for x in rows}):
             group = [x for x in rows if x.budget == budget and x.cache is None]
             lines += [f"### {'baseline' if budget == 1 else f'{budget}x'}", "", *table(ROW_COLUMNS, group), ""]
-            found = [v for v in report.verdicts if v.arch == arch and v.budget == budget]
+            found = [v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question != SCHEDULE_QUESTION]
             if found:
                 lines += ["Verdicts (paired bootstrap over the same images; a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, found), ""]
+            lines += schedule_tables([v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question == SCHEDULE_QUESTION])
             effects = [c for c in report.caches if c.arch == arch and c.budget == budget]
             if effects:
                 lines += [f"Caches at {budget}x (speed-up in linear FLOPs executed, decoder included; quality change paired against the same row uncached):", "",

@@ -20,20 +20,29 @@ from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REAL_SEED, ArchMeth
 from ralu.calibrate.bench.quality.v2.report import REPORT_NAME, figure_paths, render_markdown
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
 from ralu.calibrate.bench.quality.v2.schema import ArchTestbed, CacheEffect, Estimate, Regime, RegimeMetric, Row, Sweep, SweepPoint, V2Report, Verdict
-from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS, Measured, Reference, Statistics, beyond_spread, measure
+from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, beyond_spread, measure
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.calibrate.testbed.v2.classifier import load_classifier
 from ralu.calibrate.testbed.v2.conditioning import TEXT_TOKENS
-from ralu.calibrate.testbed.v2.location import AUTOENCODER, CLASSIFIER, FLUX, SD3, part_dir
+from ralu.calibrate.testbed.v2.location import AUTOENCODER, CLASSIFIER, FLUX, SD3, describe, part_dir
 
 PROG = "ralu-bench quality"
 
 
 def weight_folders(config: V2Config) -> dict[str, Path]:
     base = Path(config.weights_dir) if config.weights_dir else None
-    parts = [AUTOENCODER, CLASSIFIER] + [FLUX if a == "flux" else SD3 for a in config.arches]
-    return {part: part_dir(part, None if base is None else base / part) for part in parts}
+    return {part: part_dir(part, None if base is None else base / part) for part in _parts(config)}
+
+
+def weight_names(config: V2Config) -> dict[str, str]:
+    """How the report names each weight folder (:func:`ralu.calibrate.testbed.v2.location.describe`)."""
+    base = Path(config.weights_dir) if config.weights_dir else None
+    return {part: describe(part, None if base is None else base / part) for part in _parts(config)}
+
+
+def _parts(config: V2Config) -> list[str]:
+    return [AUTOENCODER, CLASSIFIER] + [FLUX if a == "flux" else SD3 for a in config.arches]
 
 
 def load_parts(config: V2Config):
@@ -134,17 +143,23 @@ def verdict(stats: Statistics, arch: str, budget, key: str, question: str, a: Ro
 
 
 def verdicts(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> list[Verdict]:
-    """Per budget and metric: the best RALU row against the best non-RALU row and against the plain pipeline with fewer steps."""
+    """Per budget and metric: the best RALU row against the best non-RALU row and against the
+    plain pipeline with fewer steps; every ``--schedule`` row against every other row of its
+    budget (:data:`SCHEDULE_METRICS`)."""
     out = []
     for budget in sorted({r.budget for r in rows if r.method != "baseline"}):
         group = [r for r in rows if r.budget == budget and r.cache is None]
-        ralu = [r for r in group if is_ralu(r.method)]
-        peers = [r for r in group if not is_ralu(r.method)]
+        # a one-stage --schedule row is the plain sampler (the quality search's honest answer), not RALU
+        ralu = [r for r in group if is_ralu(r.method) and len(r.details.get("steps", [])) > 1]
+        peers = [r for r in group if r not in ralu]
         steps = next(r for r in peers if r.method == "base-steps")
         for key, _, higher, _ in METRICS:
             a = best(ralu, key, higher)
             out.append(verdict(stats, arch, budget, key, "best RALU row vs best non-RALU row", a, best(peers, key, higher), measured))
             out.append(verdict(stats, arch, budget, key, "best RALU row vs base model with fewer steps", a, steps, measured))
+        for row in (r for r in group if r.method.startswith("schedule:")):
+            for other in (r for r in group if r is not row):
+                out += [verdict(stats, arch, budget, key, SCHEDULE_QUESTION, row, other, measured) for key in SCHEDULE_METRICS]
     return out
 
 
@@ -254,7 +269,7 @@ def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, 
     report = V2Report(
         command=command, created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), wall_seconds=round(time.time() - started, 1),
         config=json.loads(json.dumps({**asdict(config), "threads_used": torch.get_num_threads()})),  # as the JSON reads back (lists, not tuples)
-        weights={"folders": {k: str(v) for k, v in folders.items()}, "sha256": weights},
+        weights={"folders": weight_names(config), "sha256": weights},
         testbed=testbeds, reference=real_rows, rows=rows, verdicts=all_verdicts, regime=regimes, caches=caches, sweeps=sweeps,
     )
     return report, grids

@@ -1,4 +1,4 @@
-"""What ``reports/quality-v2.json`` holds: the typed records of a v2 run."""
+"""What ``reports/quality.json`` holds: the typed records of a v2 run."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ class ArchTestbed(Record):
 
 
 class V2Report(Record):
-    """``reports/quality-v2.json``."""
+    """``reports/quality.json``."""
 
     command: str
     created: str

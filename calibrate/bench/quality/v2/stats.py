@@ -37,6 +37,10 @@ METRICS: tuple[tuple[str, str, bool, str], ...] = (
 ATTRIBUTE_METRICS = tuple(f"accuracy_{name}" for name in data.PROMPT_ATTRIBUTES)
 #: The regime check's metrics (issue: FD, fine accuracy, spectral distance).
 REGIME_METRICS = ("fd", "fine_accuracy", "spectral_distance")
+#: Each ``--schedule`` row meets every other row of its budget on these metrics: a schedule is
+#: "at least as good as every row" when no row beats it on any of them with 95 % confidence.
+SCHEDULE_METRICS = ("fd", "fine_accuracy", "accuracy", "spectral_distance")
+SCHEDULE_QUESTION = "--schedule row vs every other row"
 DIRECTION = {key: higher for key, _, higher, _ in METRICS}
 
 
