@@ -31,7 +31,7 @@ from ralu.runtime.schedule import (
 from .densities import RESOLUTION_GAP
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .presets import PRESETS
-from .search import MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, optimise
+from .search import DEFAULT_TRIALS, MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
 #: could not be saved is refused before any work.
@@ -78,7 +78,7 @@ def calibrate(
     min_signal: float | None = None,
     gap: float = RESOLUTION_GAP,
     flops_convention: Convention = "linear",
-    trials: int = 80,
+    trials: int = DEFAULT_TRIALS,
     seed: int = 0,
     storage: str | None = None,
     study_name: str | None = None,

@@ -13,7 +13,7 @@ from ralu.runtime.schedule import SHIFT_RANGE, Schedule, save_schedule
 
 from .clitools import OneLineParser, check_writable, one_line
 from .densities import RESOLUTION_GAP
-from .search import MIN_SIGNAL
+from .search import DEFAULT_TRIALS, MIN_SIGNAL, default_objective
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--h0", type=float, help="base schedule shift (default: the model's own at this resolution; FLUX.1-dev 3.158 at 1024 px)")
     parser.add_argument("--base-steps", type=int, help="baseline steps the speed-up is measured against (default: FLUX 50, SD3 28)")
     parser.add_argument("--optimizer", choices=("global", "paper"), default="global", help="inner search of shifts and c (default: global)")
-    parser.add_argument("--objective", choices=("continuous", "discrete", "progress", "quality"), default="continuous",
-                        help="continuous (default, the paper's) or discrete: JS distance of timestep distributions; progress: the progress-aware error "
+    parser.add_argument("--objective", choices=("continuous", "discrete", "progress", "quality"),
+                        help="default: progress when the layout is searched (--speedup without --steps) with the global optimizer, continuous "
+                        "otherwise (chosen on testbed v2: reports/schedules.md).  continuous (the paper's) or discrete: JS distance of timestep "
+                        "distributions; progress: the progress-aware error "
                         "(counts steps and what each re-noising keeps, docs/method.md §4b); quality: an Optuna search scored on images of a "
                         "pipeline against its 50-step samples (needs --pipeline and --prompts)")
     parser.add_argument("--resolution-gap", type=float, default=RESOLUTION_GAP, metavar="G",
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"least signal a = s/e every transition keeps, an upper bound on Z (default {MIN_SIGNAL:g}; 0 with --optimizer paper, "
                         "the published method; 0 means no bound)")
     parser.add_argument("--flops", choices=("total", "linear"), default="linear", help="FLOPs convention of the speed-up target (default: linear, the paper's)")
-    parser.add_argument("--trials", type=int, default=80, help="outer search trials (default 80)")
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"outer search trials (default {DEFAULT_TRIALS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", help="Optuna storage shared by several processes (and resumed runs): a journal FILE.log or a database URL such as sqlite:///FILE.db; --trials counts the study's finished trials")
     parser.add_argument("--study-name", "--study", dest="study_name", help="Optuna study name (with --storage)")
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trials must be at least 1")
     if args.steps is not None and args.ends is not None and len(args.steps) != len(args.ends):
         parser.error(f"--steps has {len(args.steps)} values and --ends {len(args.ends)}: give one of each per stage")
+    if args.objective is None:
+        args.objective = default_objective(args.steps is None, args.optimizer)
     if args.optimizer == "paper" and args.objective == "discrete":
         print("ralu-calibrate: note: the discrete objective is piecewise constant; the paper's gradient method stays at its start. Use --optimizer global.", file=sys.stderr)
     try:

@@ -134,3 +134,40 @@ def test_every_shipped_schedule_loads_with_its_plot():
         if name.endswith("-searched"):
             assert schedule.flops_speedup.linear >= schedule.calibration.target_speedup
         assert (plot.Path(__file__).resolve().parents[2] / "reports" / "schedules" / f"{name}.png").is_file()
+
+
+def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
+    """reports/schedules.md's testbed section: a --schedule row with its verdicts against the
+    published preset and the plain pipeline, a preset-layout file found as the harness's
+    ralu-ours row only when its calibration matches, and unjudged files said to be so."""
+    import json
+
+    from ralu.calibrate.bench.quality.methods import ralu_method
+    from ralu.calibrate.shipped import testbed_judgement
+    from ralu.calibrate.testbed.v2 import model as tb
+
+    estimate = {"value": 1.0, "low": 0.5, "high": 1.5, "seed_std": 0.1, "per_seed": [1.0, 1.0]}
+    metrics = {k: estimate for k in ("fd", "fine_accuracy", "accuracy", "spectral_distance")}
+    ours = ralu_method("ralu-ours", 7, tb.testbed_schedule("flux-dev-7x"), tb.FULL_TOKENS, False).details
+    searched = ralu_method("x", 7, tb.testbed_schedule("flux-dev-7x-searched"), tb.FULL_TOKENS, False).details
+    other_4x = ralu_method("ralu-ours", 4, tb.testbed_schedule("flux-dev-4x"), tb.FULL_TOKENS, False).details
+    rows = [
+        {"arch": "flux", "method": "ralu-ours", "budget": 7, "cache": None, "metrics": metrics, "details": ours},
+        {"arch": "flux", "method": "ralu-ours", "budget": 4, "cache": None, "metrics": metrics, "details": {**other_4x, "z": 99.0}},
+        {"arch": "flux", "method": "schedule:flux-dev-7x-searched", "budget": 7, "cache": None, "metrics": metrics, "details": searched},
+        {"arch": "flux", "method": "schedule:flux-dev-4x-searched", "budget": 4, "cache": None, "metrics": metrics, "details": {**searched, "z": 1.0}},
+    ]
+    verdict = {"arch": "flux", "budget": 7, "metric": "fd", "question": "--schedule row vs every other row", "a": "schedule:flux-dev-7x-searched",
+               "a_value": 1.0, "b_value": 2.0, "difference": -1.0, "low": -1.5, "high": -0.5}
+    verdicts = [{**verdict, "b": "ralu-paper", "verdict": "schedule:flux-dev-7x-searched better"}, {**verdict, "b": "base-steps", "verdict": "not separable"}]
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"command": "ralu-bench quality --no-caches --schedule x.json", "rows": rows, "verdicts": verdicts}))
+    text = testbed_judgement(path, ["flux-dev-4x", "flux-dev-7x"])
+    lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
+    assert "ralu-ours` row, which is this calibration" in lines["flux-dev-7x"] and "FD 1.0 [0.5, 1.5]" in lines["flux-dev-7x"]
+    assert "not judged" in lines["flux-dev-4x"]  # its Z differs from the harness row's: not claimed as the same calibration
+    assert "its `--schedule` row" in lines["flux-dev-7x-searched"]
+    assert "Against the published preset: FD this schedule better" in lines["flux-dev-7x-searched"]
+    assert "Against the plain pipeline with fewer steps: FD not separable" in lines["flux-dev-7x-searched"]
+    assert "not judged" in lines["flux-dev-4x-searched"]  # its row judged another calibration than the file holds now
+    assert "has not judged" in testbed_judgement(tmp_path / "missing.json", ["flux-dev-7x"])

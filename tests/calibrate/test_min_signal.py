@@ -86,10 +86,11 @@ def test_the_main_job_never_discards_a_stages_work(model, speedup, tmp_path, cap
 
 def test_min_signal_zero_is_the_unbounded_search_of_before(tmp_path, capsys, monkeypatch):
     # Recorded from the code before --min-signal existed (same command, no option), which
-    # also did not yet start the layout search from the published layouts.
+    # also did not yet start the layout search from the published layouts, and whose
+    # objective for a searched layout was then the default one, continuous.
     monkeypatch.setattr("ralu.calibrate.calibration.published_layouts", lambda model: ())
     out = tmp_path / "s.json"
-    code, stdout, _ = run(["--model", "flux", "--speedup", 7, "--min-signal", 0, "--out", out, "--quiet"], capsys)
+    code, stdout, _ = run(["--model", "flux", "--speedup", 7, "--objective", "continuous", "--min-signal", 0, "--out", out, "--quiet"], capsys)
     assert code == 0
     schedule = load_schedule(out)
     assert [s.steps for s in schedule.stages] == [2, 2, 5] and [s.end for s in schedule.stages] == [0.4, 0.5, 1.0]
@@ -175,3 +176,16 @@ def test_quality_objective_checks_the_value_before_loading_anything(tmp_path, ca
     argv = ["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", tmp_path / "none.txt", "--speedup", 4, "--min-signal", 2]
     code, _, err = run(argv + ["--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "min_signal=2.0 must be a number in [0, 1)" in err
+
+
+def test_the_main_jobs_objective_is_progress_for_a_searched_layout_and_continuous_otherwise(tmp_path, capsys):
+    """The defaults chosen on testbed v2 (calibrate.search.default_objective)."""
+    from ralu.calibrate.search import default_objective
+
+    assert default_objective(True, "global") == "progress"
+    assert default_objective(False, "global") == default_objective(True, "paper") == "continuous"
+    out = tmp_path / "s.json"
+    assert run(["--model", "flux", "--steps", 2, 3, 5, "--ends", 0.2, 0.3, 1.0, "--up-ratio", 0.1, "--out", out, "--quiet"], capsys)[0] == 0
+    assert load_schedule(out).calibration.optimizer == "global"  # the continuous objective records no objective name
+    assert run(["--model", "flux", "--speedup", 7, "--trials", 4, "--out", out, "--quiet"], capsys)[0] == 0
+    assert load_schedule(out).calibration.optimizer == "global, progress objective"
