@@ -67,7 +67,7 @@ def classifier_dir(path: str | Path | None = None) -> Path:
 
 
 def describe(part: str, path: str | Path | None = None) -> str:
-    """How a report names the folder ``part`` (``"transformer"`` or ``"classifier"``) comes from.
+    """How a report names the folder ``part`` (``"transformer"``, ``"classifier"``, or testbed v2's ``"v2/<part>"``) comes from.
 
     The repository's folder by its path in the repository (reports are committed: this
     machine's absolute path would mean nothing elsewhere); other folders as given.

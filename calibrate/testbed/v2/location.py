@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..location import CHECKOUT_FOLDER, ENV_VAR, REPOSITORY_FOLDER, WeightsNotFound, weights_dir
+from ..location import REPOSITORY_FOLDER, WeightsNotFound, weights_dir
+from ..location import describe as describe_folder
 
 #: The v2 subfolder of the weights folder.
 VERSION_FOLDER = "v2"
@@ -37,12 +38,8 @@ def default_out(part: str) -> Path:
 
 
 def describe(part: str, path: str | Path | None = None) -> str:
-    """How a report names where ``part``'s folder comes from: the repository's folder by its
-    path in the repository (reports are committed; this machine's absolute path would mean
-    nothing elsewhere), ``$RALU_TESTBED_WEIGHTS``'s as such, a given folder as given."""
-    if path is not None:
-        return str(path)
-    folder = weights_dir()
-    if folder.resolve() == CHECKOUT_FOLDER:
-        return f"{REPOSITORY_FOLDER}/{VERSION_FOLDER}/{part} (repository)"
-    return f"{folder / VERSION_FOLDER / part} (${ENV_VAR})"
+    """How a report names where ``part``'s folder comes from (v1's rule,
+    :func:`ralu.calibrate.testbed.location.describe`, for ``v2/<part>``): the repository's
+    folder by its path in the repository, ``$RALU_TESTBED_WEIGHTS``'s as such, a given folder
+    as given."""
+    return describe_folder(f"{VERSION_FOLDER}/{part}", path)
