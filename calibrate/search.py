@@ -41,17 +41,6 @@ Z_BOUNDS = (2.0, 100.0)
 MIN_SIGNAL = 0.1
 #: Outer layout-search trials when none are asked for (``ralu-calibrate --trials``' default).
 DEFAULT_TRIALS = 80
-
-
-def default_objective(layout_searched: bool, optimizer: str) -> str:
-    """``ralu-calibrate``'s objective when none is asked for, chosen on testbed v2
-    (reports/quality.md, reports/schedules.md): the progress-aware error when the outer
-    search picks the layout with the global optimiser (at FLUX 7x its schedule ties the
-    published preset on FD and accuracy, where the continuous objective's searched layout
-    lost on both); the paper's continuous JS objective on a given layout (there it beat the
-    progress objective at 4x and 7x) and with the paper's optimiser, which reproduce the
-    published presets."""
-    return "progress" if layout_searched and optimizer == "global" else "continuous"
 PAPER_START_SHIFT = 3.0
 PAPER_START_Z = 2.0
 CONTINUOUS_GRID = 1000
@@ -60,6 +49,17 @@ Objective = Literal["continuous", "discrete", "progress"]
 #: ``continuous`` and ``discrete`` compare timestep distributions (JS distance);
 #: ``progress`` is the progress-aware error of docs/method.md §4b (not a distance).
 OBJECTIVES: tuple[str, ...] = ("continuous", "discrete", "progress")
+
+
+def default_objective(layout_searched: bool, optimizer: str) -> Objective:
+    """``ralu-calibrate``'s objective when none is asked for, chosen on testbed v2
+    (reports/quality.md, reports/schedules.md): the progress-aware error when the outer
+    search picks the layout with the global optimiser (at FLUX 7x its schedule ties the
+    published preset on FD and accuracy, where the continuous objective's searched layout
+    lost on FD and fine accuracy); the paper's continuous JS objective on a given layout (there it beat the
+    progress objective at 4x and 7x) and with the paper's optimiser, which reproduce the
+    published presets."""
+    return "progress" if layout_searched and optimizer == "global" else "continuous"
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,16 @@ def _row(name: str, schedule: Schedule, paper_js: float | None) -> str:
     )
 
 
-#: Metrics quoted per schedule from the testbed report, with their digits.
-JUDGED_METRICS = {"fd": ("FD", 1), "fine_accuracy": ("fine accuracy", 3), "accuracy": ("accuracy", 3), "spectral_distance": ("spectral distance", 3)}
+#: What a testbed row records of its schedule (``ralu_method``'s details) that identifies the calibration.
+CALIBRATION_KEYS = ("steps", "ends", "shifts", "z", "c", "up_ratio")
 
 
 def _same_calibration(details: dict, schedule: Schedule) -> bool:
-    """Whether a testbed row's recorded stages, Z and up-ratio are those of ``schedule``."""
-    return (details.get("steps") == [x.steps for x in schedule.stages] and details.get("ends") == [x.end for x in schedule.stages]
-            and details.get("shifts") == [round(x.shift, 4) for x in schedule.stages] and details.get("z") == round(schedule.z, 3)
-            and details.get("up_ratio") == schedule.up_ratio)
+    """Whether a testbed row's recorded calibration is ``schedule``'s, as the harness records it."""
+    from ralu.calibrate.bench.quality.methods import ralu_method
+
+    recorded = ralu_method("shipped", 0, schedule, 1024, False).details
+    return all(details.get(key) == recorded[key] for key in CALIBRATION_KEYS)
 
 
 def _shipped_row(rows: list[dict], name: str) -> tuple[dict | None, str]:
@@ -69,6 +70,10 @@ def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
     the published preset and the plain pipeline with fewer steps at the same budget."""
     if not quality_json.is_file():
         return "Testbed v2 has not judged these files yet (`ralu-bench quality --schedule NAME`, reports/quality.md)."
+    from ralu.calibrate.bench.quality.v2.report import DIGITS
+    from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
+
+    labels = {key: label for key, label, _, _ in METRICS}
     report = json.loads(quality_json.read_text())
     lines = [
         "## What testbed v2 says of them",
@@ -86,20 +91,16 @@ def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
                          f"needs `ralu-bench quality --schedule {name}`).")
             continue
         m = row["metrics"]
-        values = ", ".join(f"{label} {m[k]['value']:.{d}f} [{m[k]['low']:.{d}f}, {m[k]['high']:.{d}f}]" for k, (label, d) in JUDGED_METRICS.items())
+        values = ", ".join(f"{labels[k]} {m[k]['value']:.{DIGITS[k]}f} [{m[k]['low']:.{DIGITS[k]}f}, {m[k]['high']:.{DIGITS[k]}f}]" for k in SCHEDULE_METRICS)
         text = f"- `{name}` ({row['arch'].upper()} {row['budget']}x, {how}): {values}"
-        verdicts = [v for v in report["verdicts"] if v["a"] == row["method"] and v["arch"] == row["arch"] and v["question"].startswith("--schedule")]
+        verdicts = [v for v in report["verdicts"] if v["a"] == row["method"] and v["arch"] == row["arch"] and v["question"] == SCHEDULE_QUESTION]
         for other, title in (("ralu-paper", "the published preset"), ("base-steps", "the plain pipeline with fewer steps")):
-            mine = [v for v in verdicts if v["b"] in (other, f"{other}-crop")]
+            mine = [v for v in verdicts if v["b"] in (other, f"{other}-crop")]  # SD3's --schedule rows run with crop
             if mine:
-                said = "; ".join(f"{JUDGED_METRICS[v['metric']][0]} {v['verdict'].replace(v['a'], 'this schedule').replace(v['b'], title)}" for v in mine)
+                said = "; ".join(f"{labels[v['metric']]} {v['verdict'].replace(v['a'], 'this schedule').replace(v['b'], title)}" for v in mine)
                 text += f".  Against {title}: {said}"
         lines.append(text + ".")
     return "\n".join(lines)
-
-
-def _same_schedule(a: Schedule, b: Schedule) -> bool:
-    return a.stages == b.stages and a.c == b.c and a.up_ratio == b.up_ratio
 
 
 def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -> str:
@@ -108,17 +109,15 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
         "| schedule | steps | ends | starts (re-noised) | shifts | Z (c) | r | JS distance | paper optimiser, same h0 | "
         "speed-up linear | speed-up total |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    rows, notes, same = [], [], []
+    rows, notes = [], []
     for preset in PRESETS:
         spec = get_model(preset.model)
         h0 = spec.base_shift(1024, 1024)
         paper_here = optimise_paper(NTDMObjective(StageLayout(preset.steps, preset.ends), h0)).js_distance
-        given = calibrate(preset.model, steps=list(preset.steps), ends=list(preset.ends), up_ratio=preset.up_ratio, seed=seed)
-        objective = default_objective(True, "global")  # the main job's
-        searched = calibrate(preset.model, speedup=preset.target, trials=trials, seed=seed, objective=objective)
-        # the main job (`ralu-calibrate --model M --speedup X`, default trials): the file a user gets without options
-        main_job = searched if trials == MAIN_JOB_TRIALS else calibrate(preset.model, speedup=preset.target, seed=seed, objective=objective)
-        same.append(f"`{preset.name}-searched` {'=' if _same_schedule(main_job, searched) else '!='} main job")
+        # what `ralu-calibrate --steps ... --ends ...` and `ralu-calibrate --speedup X` write (their objectives by default)
+        given = calibrate(preset.model, steps=list(preset.steps), ends=list(preset.ends), up_ratio=preset.up_ratio, seed=seed,
+                          objective=default_objective(False, "global"))
+        searched = calibrate(preset.model, speedup=preset.target, trials=trials, seed=seed, objective=default_objective(True, "global"))
         for name, schedule, paper_js in ((preset.name, given, paper_here), (f"{preset.name}-searched", searched, None)):
             save_schedule(schedule, schedules_dir / f"{name}.json")
             plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
@@ -131,6 +130,8 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
         )
     plots = "\n".join(f"![{p.stem}](schedules/{p.name})" for p in sorted((reports_dir / "schedules").glob("*.png")))
     judged = testbed_judgement(reports_dir / "quality.json", [p.name for p in PRESETS])
+    main_job = (": what the main job, `ralu-calibrate --model M --speedup X`, writes (same call, trials and seed)" if trials == MAIN_JOB_TRIALS
+                else f"; the main job runs {MAIN_JOB_TRIALS} trials, so its output may differ")
     return f"""# Shipped schedules
 
 Regenerate with: `{COMMAND}` (about a minute on 2 CPU cores; seed {seed}, {trials} outer trials).
@@ -141,10 +142,9 @@ least a = s/e = {MIN_SIGNAL:g} of the signal (`--min-signal`).
 
 - `NAME`: the paper's stage layout and up-ratio, calibrated with the paper's continuous JS
   objective.
-- `NAME-searched`: what the main job, `ralu-calibrate --model M --speedup X`, writes: the
-  layout its outer Optuna search finds for the same target ({MAIN_JOB_TRIALS} trials, linear FLOPs,
-  speed-up within [target, 1.1 target]) with the progress-aware objective, the default for a
-  searched layout (docs/method.md §4b).  Checked as this report was made: {", ".join(same)}.
+- `NAME-searched`: the layout the outer Optuna search finds for the same target ({trials}
+  trials, linear FLOPs, speed-up within [target, 1.1 target]) with the progress-aware
+  objective, the default for a searched layout (docs/method.md §4b){main_job}.
 
 Why these objectives: on testbed v2 (below, and reports/quality.md; run of 2026-12-01) the continuous
 objective's searched FLUX 7x layout lost to the published preset on FD and fine accuracy,

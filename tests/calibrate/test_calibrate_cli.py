@@ -164,7 +164,7 @@ def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     path.write_text(json.dumps({"command": "ralu-bench quality --no-caches --schedule x.json", "rows": rows, "verdicts": verdicts}))
     text = testbed_judgement(path, ["flux-dev-4x", "flux-dev-7x"])
     lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
-    assert "ralu-ours` row, which is this calibration" in lines["flux-dev-7x"] and "FD 1.0 [0.5, 1.5]" in lines["flux-dev-7x"]
+    assert "ralu-ours` row, which is this calibration" in lines["flux-dev-7x"] and "FD 1.00 [0.50, 1.50]" in lines["flux-dev-7x"]  # the harness report's digits
     assert "not judged" in lines["flux-dev-4x"]  # its Z differs from the harness row's: not claimed as the same calibration
     assert "its `--schedule` row" in lines["flux-dev-7x-searched"]
     assert "Against the published preset: FD this schedule better" in lines["flux-dev-7x-searched"]

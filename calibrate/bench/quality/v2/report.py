@@ -71,6 +71,14 @@ REGIME_COLUMNS = [
 ]
 
 
+def _reuse_note(report: V2Report) -> str:
+    """Why the run's time may not be the sampling time: rows whose images came from the work folder."""
+    reused = sum(r.reused for r in report.rows)
+    if not reused:
+        return ""
+    return f"; the images of {reused} of {len(report.rows)} rows came from the work folder, so that time is mostly measuring, not sampling"
+
+
 def _verdict_cell(v) -> str:
     d = DIGITS[v.metric] + 1
     said = {"not separable": "n.s.", f"{v.a} better": "**schedule better**"}.get(v.verdict, "**other better**")
@@ -85,7 +93,7 @@ def schedule_tables(found: list) -> list[str]:
     """Per ``--schedule`` row: a table of its paired verdicts against every other row of the
     budget and whether any row beats it."""
     lines = []
-    labels = {"fd": "FD", "fine_accuracy": "fine accuracy", "accuracy": "accuracy", "spectral_distance": "spectral distance"}
+    labels = {key: label for key, label, _, _ in METRICS}
     for name in dict.fromkeys(v.a for v in found):
         mine = [v for v in found if v.a == name]
         others = list(dict.fromkeys(v.b for v in mine))
@@ -135,7 +143,7 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
     lines = [
         "# Image quality at matched cost (testbed v2)",
         "",
-        f"Regenerate: `{report.command}` ({report.wall_seconds / 60:.1f} min, {cfg['threads_used']} CPU thread(s)).",
+        f"Regenerate: `{report.command}` ({report.wall_seconds / 60:.1f} min, {cfg['threads_used']} CPU thread(s){_reuse_note(report)}).",
         "",
     ]
     if cfg["quick"]:

@@ -142,6 +142,12 @@ def verdict(stats: Statistics, arch: str, budget, key: str, question: str, a: Ro
                    difference=c.difference, low=c.low, high=c.high, verdict=c.verdict)
 
 
+def staged(row: Row) -> bool:
+    """A RALU row of two or more stages; a one-stage ``--schedule`` row is the plain sampler
+    (what the quality search writes when it wins), not RALU."""
+    return is_ralu(row.method) and len(row.details.get("steps", [])) > 1
+
+
 def verdicts(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> list[Verdict]:
     """Per budget and metric: the best RALU row against the best non-RALU row and against the
     plain pipeline with fewer steps; every ``--schedule`` row against every other row of its
@@ -149,9 +155,8 @@ def verdicts(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> l
     out = []
     for budget in sorted({r.budget for r in rows if r.method != "baseline"}):
         group = [r for r in rows if r.budget == budget and r.cache is None]
-        # a one-stage --schedule row is the plain sampler (the quality search's honest answer), not RALU
-        ralu = [r for r in group if is_ralu(r.method) and len(r.details.get("steps", [])) > 1]
-        peers = [r for r in group if r not in ralu]
+        ralu = [r for r in group if staged(r)]
+        peers = [r for r in group if not staged(r)]
         steps = next(r for r in peers if r.method == "base-steps")
         for key, _, higher, _ in METRICS:
             a = best(ralu, key, higher)

@@ -28,7 +28,7 @@ METRICS: tuple[tuple[str, str, bool, str], ...] = (
     ("fd", "FD", False, "set"),
     ("spectral_distance", "spectral distance", False, "set"),
     ("fine_accuracy", "fine accuracy", True, "image"),
-    ("accuracy", "accuracy (all 7)", True, "image"),
+    ("accuracy", "accuracy (all 6 asked)", True, "image"),
     ("psnr", "PSNR (dB)", True, "image"),
     ("ssim", "SSIM", True, "image"),
     ("blocking", "blocking", False, "image"),
