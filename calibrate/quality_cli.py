@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per pruning report (default 8)")
     group.add_argument("--guidance-scale", type=float, default=3.5)
     group.add_argument("--device", default="cpu", help="torch device of the pipeline (default cpu)")
+    group.add_argument("--candidate", action="append", default=[], metavar="SCHEDULE",
+                       help="a schedule file or shipped name the search also tries among its first trials (repeatable), e.g. a published preset "
+                       "or the file plain ralu-calibrate wrote; its score is printed beside the best")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -40,6 +43,19 @@ def check(args: argparse.Namespace) -> None:
         check_min_signal(args.min_signal)
     if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
         raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
+
+
+def candidates(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """``--candidate`` schedules, loaded and checked before the pipeline is."""
+    from ralu.runtime.schedule import load_schedule
+
+    out = []
+    for name in args.candidate:
+        try:
+            out.append((f"candidate {name}", load_schedule(name)))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--candidate {name}: {str(error).splitlines()[0]}") from None
+    return out
 
 
 def load(args: argparse.Namespace):
@@ -77,12 +93,13 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
 
     check(args)
     jobs = read_prompts(args.prompts, args.seed)
+    known = candidates(args)
     started = time.perf_counter()
     pipe, options = load(args)
     result = search(
         pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
-        cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
+        extra_candidates=known, cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
         **({} if args.min_signal is None else {"min_signal": args.min_signal}), **options,
     )
     save_schedule(result.best, out)

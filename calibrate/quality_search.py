@@ -173,6 +173,16 @@ class Candidate:
                            "z": round(self.z, 3), "up_ratio": self.up_ratio})
 
 
+def candidate_of(schedule: Schedule) -> Candidate:
+    """The search-space point of an existing schedule (a published preset, the calibrator's
+    answer), so that a search can start from it; stage ends are kept to 2 decimals, the
+    search's own resolution."""
+    stages = schedule.stages
+    n = len(stages)
+    return Candidate(tuple(s.steps for s in stages), tuple(round(s.end, 2) for s in stages), tuple(float(s.shift) for s in stages),
+                     float(schedule.z) if n > 1 else Z_BOUNDS[0], float(schedule.up_ratio) if n == 3 else 0.0)
+
+
 def candidate_schedule(model: str, height: int, width: int, base_steps: int, h0: float, candidate: Candidate, tool_version: str = "0+unknown",
                        min_signal: float = 0.0) -> Schedule:
     """A validated schedule for ``candidate`` (one stage: :func:`plain_schedule`'s form with its shift)."""
@@ -348,6 +358,17 @@ class SearchResult:
             stages = ", ".join(f"{s.steps}@[{s.start:.3f},{s.end:.2f}] h={s.shift:.2f}" for s in schedule.stages)
             extra = f", Z = {schedule.z:.2f}, r = {schedule.up_ratio:g}" if len(schedule.stages) > 1 else ""
             lines.append(f"  {label}: {value:.5f}  ({stages}{extra}; speed-up {self.speedups.get(key, float('nan')):.2f}x)")
+        for trial in self.history:
+            source = trial.get(SOURCE_ATTR)
+            if source in (None, "plain sampler", "two-stage seed"):
+                continue
+            if trial["state"] == "COMPLETE" and trial.get("feasible"):
+                outcome = f"{trial['value']:.5f}"
+            elif trial["state"] == "COMPLETE":
+                outcome = "outside the budget or the signal floor"
+            else:
+                outcome = trial["state"].lower()
+            lines.append(f"  {source} (trial {trial['number']}): {outcome}")
         if self.plain_wins:
             lines.append("  the plain fewer-steps sampler scores best on these images: RALU's low-resolution stages do not pay for themselves here; the written schedule is that one-stage schedule")
         else:
@@ -431,7 +452,7 @@ def search(
     study_name: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     pipeline_id: str | None = None,
-    extra_candidates: Sequence[Candidate] = (),
+    extra_candidates: Sequence[Candidate | Schedule | tuple[str, Candidate | Schedule]] = (),
     reference_seed_offset: int = 0,
     min_signal: float = MIN_SIGNAL,
     show_progress: bool = False,
@@ -522,8 +543,8 @@ def search(
     # A set-level distance of the first batch alone is too noisy to prune on.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1 if set_level else 0)
     study = shared.open_study(storage, study_name, seed, pruner=pruner)
-    for params in seed_candidates(h0, plain_steps, speedup_of, speedup, caps[(2, 0)]) + [_params(c) for c in extra_candidates]:
-        study.enqueue_trial(params, skip_if_exists=True)  # workers starting together enqueue each once
+    for params, source in first_trials(seed_candidates(h0, plain_steps, speedup_of, speedup, caps[(2, 0)]), extra_candidates):
+        study.enqueue_trial(params, user_attrs={SOURCE_ATTR: source}, skip_if_exists=True)  # workers starting together enqueue each once
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = sum(shared.count(study, s) for s in finished)
     if storage is not None and done:
@@ -534,6 +555,20 @@ def search(
                            callbacks=[MaxTrialsCallback(trials, states=finished)])
     shared.wait_for_running(study, log)
     return _result(study, spec.name, height, width, base_steps, h0, min_signal)
+
+
+#: Trial attribute naming where an enqueued candidate came from ("plain sampler", "published 7x preset", ...).
+SOURCE_ATTR = "source"
+
+
+def first_trials(seeds: list[dict], extra: Sequence) -> list[tuple[dict, str]]:
+    """(parameters, source) of the trials a search starts with: its own seeds, then the
+    caller's candidates (a :class:`Candidate`, a :class:`Schedule`, or ``(name, either)``)."""
+    out = [(params, "plain sampler" if params["stages"] == 1 else "two-stage seed") for params in seeds]
+    for item in extra:
+        name, item = item if isinstance(item, tuple) else ("given", item)
+        out.append((_params(candidate_of(item) if isinstance(item, Schedule) else item), name))
+    return out
 
 
 def _params(candidate: Candidate) -> dict:

@@ -56,6 +56,26 @@ def budget_speedup_v2(arch: str, transformer_config, budget: int) -> float:
     return cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total / cost.of(ralu_forwards(paper, tb.FULL_TOKENS)).total
 
 
+def known_candidates_v2(arch: str, budget: int) -> list[tuple[str, object]]:
+    """The schedules a v2 search starts from besides its own seeds: the published preset,
+    our calibration of its layout (the harness's ``ralu-ours`` row) and the shipped
+    ``-searched`` file of the budget (what ``ralu-calibrate`` answers by default), all at 64 px."""
+    from ralu.runtime.models import get_model
+
+    from .bench.quality.schedules import ours_schedule
+    from .bench.quality.v2.plan import arch_presets
+    from .testbed.v2 import data
+    from .testbed.v2 import model as tb
+
+    preset = arch_presets(arch)[budget]
+    model = get_model("flux-dev" if arch == "flux" else "sd3-medium").name
+    return [
+        (f"published {budget}x preset", paper_schedule(budget, data.IMAGE_SIZE, preset=preset, base_steps=tb.BASE_STEPS[arch])),
+        (f"our calibration of the {budget}x preset layout", ours_schedule(budget, data.IMAGE_SIZE, tb.base_shift(arch), preset=preset)),
+        (f"shipped {model}-{budget}x-searched", tb.testbed_schedule(f"{model}-{budget}x-searched", arch)),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ralu.calibrate.quality_testbed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--testbed", choices=("v1", "v2"), default="v1")
@@ -68,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="default testbed-fd (v1), testbed-v2-fd (v2)")
     parser.add_argument("--reference-seed-offset", type=int, default=500_000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-known", action="store_true", help="v2: do not start from the published preset, our calibration and the shipped -searched file")
+    parser.add_argument("--study-stem", default=None, help="name stem of the study and output files (default quality / quality-v2-ARCH)")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     v2 = args.testbed == "v2"
@@ -86,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = load_pipeline()
         cost = TestbedCost(pipe.transformer.config, TEXT_TOKENS)
-    stem = "quality" if not v2 else f"quality-v2-{args.arch}"
+    stem = args.study_stem or ("quality" if not v2 else f"quality-v2-{args.arch}")
     for budget in budgets:
         started = time.time()
         target = round(budget_speedup_v2(args.arch, pipe.transformer.config, budget) if v2 else budget_speedup(cost, budget), 3)
@@ -95,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                       storage=str(args.out_dir / (f"study-{stem}-{budget}x.log" if v2 else f"study-{budget}x.log")), study_name=f"{stem}-{budget}x", log=print)
         if args.metric is not None:
             common["metric"] = args.metric
+        if v2 and not args.no_known:
+            common["extra_candidates"] = known_candidates_v2(args.arch, budget)
         result = search_testbed_v2(args.arch, target, **common) if v2 else search_testbed(target, **{"metric": "testbed-fd", **common})
         print(f"{budget}x (speed-up >= {target}x on the testbed):\n{result.describe()}\n  {time.time() - started:.0f} s", flush=True)
         save_schedule(result.best, args.out_dir / f"{stem}-{budget}x.json")

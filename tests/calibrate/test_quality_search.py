@@ -166,3 +166,31 @@ def test_quality_testbed_command_refuses_what_a_testbed_lacks(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             quality_testbed.main([*argv, "--out-dir", str(tmp_path)])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_known_schedule_is_a_point_of_the_search_space():
+    from ralu.calibrate.quality_search import candidate_of
+
+    for name in ("flux-dev-7x", "flux-dev-4x-searched", "sd3-medium-3x"):
+        known = load_schedule(name)
+        again = candidate_schedule(known.model, known.height, known.width, known.base_steps, known.calibration.h0, candidate_of(known))
+        assert [s.steps for s in again.stages] == [s.steps for s in known.stages]
+        assert [s.end for s in again.stages] == pytest.approx([s.end for s in known.stages], abs=0.005)
+        assert [s.shift for s in again.stages] == pytest.approx([s.shift for s in known.stages])
+        assert again.c == pytest.approx(known.c) and again.up_ratio == known.up_ratio
+
+
+def test_given_schedules_are_tried_first_and_named_in_the_answer(pipe, tmp_path, capsys):
+    from ralu.calibrate.quality_search import SOURCE_ATTR, candidate_of
+
+    known = candidate_schedule("flux-dev", 32, 32, 50, base_shift(), Candidate((2, 3), (0.4, 1.0), (4.0, 3.0), 8.0, 0.0))
+    result = search_testbed(SPEEDUP, images=1, image_seed=9, pipe=pipe, batch_size=1, metric="pixel", trials=6, extra_candidates=[("my preset", known)])
+    tried = [t for t in result.history if t.get(SOURCE_ATTR) == "my preset"]
+    assert len(tried) == 1
+    assert tried[0]["steps"] == [2, 3] and tried[0]["ends"] == [0.4, 1.0] and tried[0]["z"] == pytest.approx(candidate_of(known).z)
+    assert f"my preset (trial {tried[0]['number']})" in result.describe()
+    # from the command line: --candidate files, refused in one line when unreadable
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    code, _, stderr = run_cli(["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", tmp_path / "prompts.txt", "--speedup", 4,
+                               "--candidate", tmp_path / "missing.json", "--out", tmp_path / "q.json", "--quiet"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--candidate" in stderr and not (tmp_path / "q.json").exists()
