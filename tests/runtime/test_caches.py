@@ -1,13 +1,15 @@
 """diffusers' step caches through RALU's three stages (FLUX and SD3, tiny models, CPU).
 
 What is checked for every cache kind that fits (:mod:`ralu.runtime.cache`): all three stages
-run at batch 2 (FLUX with and without true CFG, SD3 with CFG); every forward runs in a cache
-context named after its stage and branch; a cache set never to skip gives exactly the output
+of the shipped 7x FLUX and 3x SD3 schedules run at batch 2 (FLUX with and without true CFG,
+SD3 with CFG); every forward runs in a cache context named after its stage and branch; a cache set never to skip gives exactly the output
 of no cache; image i of a batch equals image i alone with skipping active; a cache that does
 skip changes the output (so the comparisons above are not vacuous).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -22,33 +24,41 @@ from sd3_models import pipeline_components, text_inputs
 
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline, ScheduleError
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
-from ralu.runtime.schedule import schedule_from_dict
+from ralu.runtime.schedule import load_schedule, schedule_from_dict
 
 SIZE = 128
-FLUX_STAGES = [(2, 0.3, 3.0), (2, 0.45, 2.5), (3, 1.0, 2.2)]
-SD3_STAGES = [(2, 0.3, 5.0), (2, 0.5, 2.5), (3, 1.0, 2.0)]
-STEPS = [2, 2, 3]
+#: The shipped schedules every cache runs through (all their stages and steps), moved to SIZE.
+SHIPPED = {"flux": "flux-dev-7x", "sd3": "sd3-medium-3x"}
 #: The caches each family runs (FirstBlockCache does not run on SD3, see ralu.runtime.cache).
 KINDS = {"flux": ["first_block", "taylorseer", "magcache"], "sd3": ["taylorseer", "magcache"]}
 
 
-def never_skip(kind: str):
+def shipped(family: str):
+    """The family's shipped schedule at the tiny models' size (stages, steps, shifts, c and up-ratio kept)."""
+    return schedule_from_dict({**load_schedule(SHIPPED[family]).model_dump(), "height": SIZE, "width": SIZE}, f"{SHIPPED[family]} at {SIZE} px")
+
+
+def steps_of(schedule) -> list[int]:
+    return [stage.steps for stage in schedule.stages]
+
+
+def never_skip(kind: str, steps: list[int]):
     """A config of ``kind`` that computes every block at every step."""
     return {
         "first_block": lambda: FirstBlockCacheConfig(threshold=0.0),
         "taylorseer": lambda: TaylorSeerCacheConfig(disable_cache_before_step=100, taylor_factors_dtype=torch.float32),
         # Ratios away from 1 accumulate an error above a threshold of 0 at once.
-        "magcache": lambda: mag_cache_config([[1.1] * n for n in STEPS], threshold=0.0, retention_ratio=0.0),
+        "magcache": lambda: mag_cache_config([[1.1] * n for n in steps], threshold=0.0, retention_ratio=0.0),
     }[kind]()
 
 
-def skipping(kind: str):
+def skipping(kind: str, steps: list[int]):
     """A config of ``kind`` that skips work at some steps, with decisions no image changes
     (FirstBlockCache decides on the whole batch: a threshold above any change skips always)."""
     return {
         "first_block": lambda: FirstBlockCacheConfig(threshold=1e9),
         "taylorseer": lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32),
-        "magcache": lambda: mag_cache_config([[1.0] * n for n in STEPS], threshold=0.5, retention_ratio=0.0, max_skip_steps=2),
+        "magcache": lambda: mag_cache_config([[1.0] * n for n in steps], threshold=0.5, retention_ratio=0.0, max_skip_steps=2),
     }[kind]()
 
 
@@ -89,7 +99,6 @@ class ContextLog:
 @pytest.fixture(scope="module")
 def flux():
     from conftest import (
-        build_schedule,
         tiny_flux_scheduler,
         tiny_flux_transformer,
         tiny_vae,
@@ -97,7 +106,7 @@ def flux():
 
     pipe = RALUFluxPipeline(scheduler=tiny_flux_scheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux_transformer())
     pipe.set_progress_bar_config(disable=True)
-    return pipe, build_schedule(FLUX_STAGES, c=0.04, up_ratio=0.3, height=SIZE, width=SIZE)
+    return pipe, shipped("flux")
 
 
 def flux_inputs(true_cfg: bool) -> dict:
@@ -110,11 +119,9 @@ def flux_inputs(true_cfg: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def sd3():
-    from conftest import build_schedule
-
     pipe = RALUStableDiffusion3Pipeline(**pipeline_components("sd3"))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, build_schedule(SD3_STAGES, c=0.05, up_ratio=0.3, height=SIZE, width=SIZE, model="sd3-medium")
+    return pipe, shipped("sd3")
 
 
 def run(family, config, images=(0, 1), true_cfg=False, schedule=None):
@@ -146,21 +153,23 @@ def case(request, flux, sd3):
 def test_never_skipping_cache_equals_no_cache(case):
     family, true_cfg, name, kind = case
     want, _ = run(family, None, true_cfg=true_cfg)
-    got, calls = run(family, never_skip(kind), true_cfg=true_cfg)
+    steps = steps_of(family[1])
+    got, calls = run(family, never_skip(kind, steps), true_cfg=true_cfg)
     assert torch.equal(got, want)
     # Every forward in a context named after its stage and branch.
     branches = {"flux": ["cond", "uncond"] if true_cfg else ["cond"], "sd3": ["cond_uncond"]}[name]
-    expected = [f"stage{stage}-{branch}" for stage, steps in zip((1, 2, 3), STEPS) for _ in range(steps) for branch in branches]
+    expected = [f"stage{stage}-{branch}" for stage, steps in zip((1, 2, 3), steps) for _ in range(steps) for branch in branches]
     assert [context for _, context in calls] == expected
 
 
 def test_image_of_a_batch_equals_the_image_alone(case):
     family, true_cfg, _, kind = case
-    batch, _ = run(family, skipping(kind), true_cfg=true_cfg)
+    cache = skipping(kind, steps_of(family[1]))
+    batch, _ = run(family, cache, true_cfg=true_cfg)
     plain, _ = run(family, None, true_cfg=true_cfg)
     assert not torch.allclose(batch, plain, atol=1e-6), "the cache must skip work for this test to mean anything"
     for i in (0, 1):
-        alone, _ = run(family, skipping(kind), images=(i,), true_cfg=true_cfg)
+        alone, _ = run(family, skipping(kind, steps_of(family[1])), images=(i,), true_cfg=true_cfg)
         assert torch.allclose(batch[i], alone[0], atol=1e-5)
 
 
@@ -179,7 +188,7 @@ def test_unfit_caches_are_refused(flux, sd3):
     # MagCache ratios of another step grid (diffusers interpolates them to num_inference_steps).
     pipe.transformer.enable_cache(mag_cache_config([[1.0] * 28]))
     try:
-        with pytest.raises(ValueError, match="28 magnitude ratios but the schedule takes 7 steps"):
+        with pytest.raises(ValueError, match="28 magnitude ratios but the schedule takes 10 steps"):
             pipe(**flux_inputs(False), schedule=schedule, generator=generators(1, 2), output_type="latent")
     finally:
         pipe.transformer.disable_cache()
@@ -204,9 +213,9 @@ def test_schedule_cache_section_is_applied(flux, sd3, name):
     assert torch.equal(got, want) and not torch.allclose(got, run(family, None)[0], atol=1e-6)
     assert calls[0][1] == ("stage1-cond" if name == "flux" else "stage1-cond_uncond")
     assert getattr(pipe.transformer, "_cache_config", None) is None  # disabled after the call
-    ratios = with_cache(schedule, {"kind": "magcache", "threshold": 0.0, "retention_ratio": 0.0, "mag_ratios": [[1.1] * n for n in STEPS]})
+    ratios = with_cache(schedule, {"kind": "magcache", "threshold": 0.0, "retention_ratio": 0.0, "mag_ratios": [[1.1] * n for n in steps_of(schedule)]})
     assert torch.equal(run(family, None, schedule=ratios)[0], run(family, None)[0])
-    with pytest.raises(ValueError, match=r"mag_ratios has \[2, 2\] ratios per stage but the schedule takes \[2, 2, 3\]"):
+    with pytest.raises(ValueError, match=re.escape(f"mag_ratios has [2, 2] ratios per stage but the schedule takes {steps_of(schedule)}")):
         run(family, None, schedule=with_cache(schedule, {"kind": "magcache", "mag_ratios": [[1.0] * 2] * 2}))
 
 
@@ -265,6 +274,6 @@ def test_sd3_skip_layer_guidance_has_its_own_context(sd3, kind):
         return out, [context for _, context in log.calls]
 
     want, _ = call(None)
-    got, contexts = call(never_skip(kind))
+    got, contexts = call(never_skip(kind, steps_of(schedule)))
     assert torch.equal(got, want)
     assert contexts[:2] == ["stage1-cond_uncond", "stage1-skip_layers"] and contexts[-1] == "stage3-skip_layers"
