@@ -58,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="schedule file to write (default: MODEL-SPEEDUPx.json in the current folder)")
     parser.add_argument("--plot", type=Path, help="also write a PNG of the timestep distributions")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .quality_cli import add_arguments
+    from . import magcache_cli, quality_cli
 
-    add_arguments(parser)
+    quality_cli.add_arguments(parser)
+    magcache_cli.add_arguments(parser)
     return parser
 
 
-def default_out(model: str, target: float | None, steps: list[int] | None) -> Path:
+def default_out(model: str, target: float | None, steps: list[int] | None, magcache: str | None = None) -> Path:
+    if magcache is not None:
+        return Path(f"{Path(magcache).name.removesuffix('.json')}-magcache.json")
     if target is not None:
         return Path(f"{get_model(model).name}-{target:g}x.json")
     return Path(f"{get_model(model).name}-steps{'-'.join(str(n) for n in steps or ())}.json")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trials must be at least 1")
     if args.steps is not None and args.ends is not None and len(args.steps) != len(args.ends):
         parser.error(f"--steps has {len(args.steps)} values and --ends {len(args.ends)}: give one of each per stage")
-    if args.objective is None:
+    if args.objective is None and args.magcache is None:
         args.objective = default_objective(args.steps is None, args.optimizer)
     if args.optimizer == "paper" and args.objective == "discrete":
         print("ralu-calibrate: note: the discrete objective is piecewise constant; the paper's gradient method stays at its start. Use --optimizer global.", file=sys.stderr)
@@ -137,7 +140,7 @@ def _interrupted(error: BaseException | None) -> bool:
 def _run(args: argparse.Namespace) -> int:
     from .calibration import calibrate
 
-    out = args.out or default_out(args.model, args.speedup, args.steps)
+    out = args.out or default_out(args.model, args.speedup, args.steps, args.magcache)
     # Checked before the search, which may take minutes, not after it.
     check_writable(out, "--out")
     if args.plot:
@@ -148,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         check_writable(args.plain_out, "--plain-out")
         if args.plain_out.resolve() == out.resolve():
             raise ValueError(f"--plain-out and --out are both {out}. Fix: give the plain schedule its own file name")
+    if args.magcache is not None:
+        from .magcache_cli import run_magcache
+
+        return run_magcache(args, out)
     if args.objective == "quality":
         from .quality_cli import run_quality
 

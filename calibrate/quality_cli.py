@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline", help="local diffusers pipeline folder (FLUX or SD3), or 'testbed' for the offline quality testbed")
     group.add_argument("--prompts", type=Path, help="prompts file: one prompt per line, or *.jsonl with prompt and seed (seeds default to --seed + index)")
     group.add_argument("--metric", help="distance to the base model's samples: pixel (default, no weights), testbed (classifier features, paired), "
-                       "testbed-fd (Frechet distance of classifier features), or a folder holding a feature model saved with torch.export.save as features.pt2")
+                       "testbed-fd (Frechet distance of classifier features), testbed-v2-fd (the same in testbed v2's classifier), or a folder holding a feature model saved with torch.export.save as features.pt2")
     group.add_argument("--reference-seed-offset", type=int, default=0, metavar="K",
                        help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-fd, "
                        "K != 0 compares distributions instead of rewarding a retrace of the base model's path)")

@@ -28,7 +28,7 @@ Which of diffusers 0.42's caches fit (checked on the tiny models by ``tests/runt
 MagCache decides from a table of magnitude ratios, one per step, that depends on the step
 grid: RALU's stages walk their own shifted grids, so the 50-step table of a plain sampler does
 not describe them.  :func:`mag_cache_config` takes one ratio per step of the whole schedule
-(stage after stage, what ``ralu-calibrate magcache`` measures) and :func:`stage_cache` hands each
+(stage after stage, what ``ralu-calibrate --magcache SCHEDULE`` measures) and :func:`stage_cache` hands each
 stage its own slice.
 
 Whether a batch changes an image: TaylorSeer and MagCache decide from the step number alone, so image i of a batch equals image i alone.  FirstBlockCache
@@ -83,7 +83,7 @@ class CacheSettings(BaseModel):
     retention_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="magcache: fraction of a stage's first steps never skipped.")
     mag_ratios: list[list[float]] | None = Field(
         default=None,
-        description="magcache (required): magnitude ratios, one list per stage with one positive ratio per step of that stage (ralu-calibrate magcache).",
+        description="magcache (required): magnitude ratios, one list per stage with one positive ratio per step of that stage (ralu-calibrate --magcache SCHEDULE).",
     )
 
     @model_validator(mode="after")
@@ -96,15 +96,15 @@ class CacheSettings(BaseModel):
             raise ValueError(f"cache kind {self.kind!r} does not read {extra}. Fix: remove them")
         if self.kind == "magcache":
             if self.mag_ratios is None:
-                raise ValueError("cache kind 'magcache' needs mag_ratios (one list per stage). Fix: measure them with ralu-calibrate magcache")
+                raise ValueError("cache kind 'magcache' needs mag_ratios (one list per stage). Fix: measure them with ralu-calibrate --magcache SCHEDULE")
             if any(not ratio > 0 for stage in self.mag_ratios for ratio in stage):
-                raise ValueError("mag_ratios must be positive. Fix: measure them with ralu-calibrate magcache")
+                raise ValueError("mag_ratios must be positive. Fix: measure them with ralu-calibrate --magcache SCHEDULE")
         return self
 
     def check_stages(self, steps: list[int]) -> None:
         """Per-stage settings must match the schedule's stages (``steps`` per stage)."""
         if self.mag_ratios is not None and [len(stage) for stage in self.mag_ratios] != list(steps):
-            raise ValueError(f"mag_ratios has {[len(stage) for stage in self.mag_ratios]} ratios per stage but the schedule takes {list(steps)} steps. Fix: measure them for this schedule with ralu-calibrate magcache")
+            raise ValueError(f"mag_ratios has {[len(stage) for stage in self.mag_ratios]} ratios per stage but the schedule takes {list(steps)} steps. Fix: measure them for this schedule with ralu-calibrate --magcache SCHEDULE")
 
     def diffusers_config(self):
         """The diffusers config object of these settings (defaults: diffusers' own)."""
@@ -194,7 +194,7 @@ def check_cache(transformer, steps: list[int], settings: CacheSettings | None = 
     if name == "MagCacheConfig" and not config.calibrate and len(config.mag_ratios) != sum(steps):
         raise ValueError(
             f"MagCacheConfig has {len(config.mag_ratios)} magnitude ratios but the schedule takes {sum(steps)} steps ({' + '.join(map(str, steps))}): "
-            "ratios of another step grid do not describe RALU's stages. Fix: measure them with ralu-calibrate magcache and pass ralu.runtime.cache.mag_cache_config(ratios)"
+            "ratios of another step grid do not describe RALU's stages. Fix: measure them with ralu-calibrate --magcache SCHEDULE and pass ralu.runtime.cache.mag_cache_config(ratios)"
         )
 
 
