@@ -99,6 +99,13 @@ def test_markdown_and_figures_from_the_json(quick_v2):
     assert v2_report.render_json(text) == md
     assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
     assert "`schedule:flux-dev-7x-searched` against every other row (paired bootstrap)" in md
+    # metric by metric, the rows that beat it: exactly the verdicts of the JSON
+    line = next(x for x in md.splitlines() if x.startswith("Beaten, metric by metric:"))
+    mine = [v for v in json.loads(text)["verdicts"] if v["question"] == SCHEDULE_QUESTION]
+    for key, label, _, _ in METRICS:
+        if key in SCHEDULE_METRICS:
+            winners = sorted(v["b"] for v in mine if v["metric"] == key and v["verdict"] == f"{v['b']} better")
+            assert f"{label}: {', '.join(winners) or 'none'}" in line
     report = V2Report.model_validate_json(text)
     figures = v2_report.figure_paths(report)
     for path in (*figures.grids.values(), figures.tradeoff, figures.sweep):

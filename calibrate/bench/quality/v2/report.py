@@ -101,7 +101,12 @@ def schedule_tables(found: list) -> list[str]:
         cells = {(v.b, v.metric): _verdict_cell(v) for v in mine}
         columns = [Column("other row", lambda o: o)] + [Column(f"{labels[k]}: schedule - other", _cell_of(cells, k)) for k in SCHEDULE_METRICS]
         verdict = "no row beats it on any of these metrics at 95 %" if not beaten else f"beaten by {', '.join(beaten)}"
-        lines += [f"`{name}` against every other row (paired bootstrap): **{verdict}**.", "", *table(columns, others), ""]
+        per_metric = "; ".join(
+            f"{labels[k]}: " + (", ".join(sorted(v.b for v in mine if v.metric == k and v.verdict == f"{v.b} better")) or "none")
+            for k in SCHEDULE_METRICS
+        )
+        lines += [f"`{name}` against every other row (paired bootstrap): **{verdict}**.", "", f"Beaten, metric by metric: {per_metric}.", "",
+                  *table(columns, others), ""]
     return lines
 
 
