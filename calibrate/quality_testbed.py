@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.study_stem or ("quality" if not v2 else f"quality-v2-{args.arch}")
     for budget in budgets:
         started = time.time()
-        target = round(budget_speedup_v2(args.arch, pipe.transformer.config, budget) if v2 else budget_speedup(cost, budget), 3)
+        exact = budget_speedup_v2(args.arch, pipe.transformer.config, budget) if v2 else budget_speedup(cost, budget)
+        target = math.floor(exact * 1000) / 1000  # rounded down: the preset that defines the budget must meet it
         common = dict(images=args.images, image_seed=args.image_seed, pipe=pipe, trials=args.trials, batch_size=args.batch_size,
                       cache_dir=args.out_dir / "references", reference_seed_offset=args.reference_seed_offset,
                       storage=str(args.out_dir / (f"study-{stem}-{budget}x.log" if v2 else f"study-{budget}x.log")), study_name=f"{stem}-{budget}x", log=print)

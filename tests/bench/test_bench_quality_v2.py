@@ -88,6 +88,14 @@ def test_verdicts_regime_caches_and_sweeps(quick_v2):
     assert {(c["arch"], c["cache"]) for c in caches} >= {("flux", "first_block"), ("flux", "taylorseer"), ("flux", "magcache"), ("sd3", "taylorseer"), ("sd3", "magcache")}
     for c in caches:
         assert c["gain"] == pytest.approx(c["speedup_cached"] / c["speedup_uncached"]) and len(c["verdicts"]) == len(METRICS)
+        # a cached RALU row also meets the uncached plain pipeline with fewer steps; a cached plain row does not
+        if c["method"] == "base-steps":
+            assert c["against_plain"] == []
+        else:
+            assert [v["metric"] for v in c["against_plain"]] == list(SCHEDULE_METRICS)
+            assert {(v["a"], v["b"]) for v in c["against_plain"]} == {(f"{c['method']}+{c['cache']}", "base-steps")}
+            fewer = next(r for r in report["rows"] if r["arch"] == c["arch"] and r["budget"] == c["budget"] and r["method"] == "base-steps" and r["cache"] is None)
+            assert c["plain_speedup"] == fewer["flops_speedup_linear"]
     assert {(s["arch"], s["budget"]) for s in report["sweeps"]} == {("flux", 4), ("sd3", 2)}
     assert all(len(s["points"]) == 2 for s in report["sweeps"])
 
@@ -99,6 +107,7 @@ def test_markdown_and_figures_from_the_json(quick_v2):
     assert v2_report.render_json(text) == md
     assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
     assert "`schedule:flux-dev-7x-searched` against every other row (paired bootstrap)" in md
+    assert "against the plain pipeline with fewer steps, uncached" in md and "cached RALU - fewer steps" in md
     # metric by metric, the rows that beat it: exactly the verdicts of the JSON
     line = next(x for x in md.splitlines() if x.startswith("Beaten, metric by metric:"))
     mine = [v for v in json.loads(text)["verdicts"] if v["question"] == SCHEDULE_QUESTION]

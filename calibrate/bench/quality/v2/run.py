@@ -20,7 +20,7 @@ from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REAL_SEED, ArchMeth
 from ralu.calibrate.bench.quality.v2.report import REPORT_NAME, figure_paths, render_markdown
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
 from ralu.calibrate.bench.quality.v2.schema import ArchTestbed, CacheEffect, Estimate, Regime, RegimeMetric, Row, Sweep, SweepPoint, V2Report, Verdict
-from ralu.calibrate.bench.quality.v2.stats import METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, beyond_spread, measure
+from ralu.calibrate.bench.quality.v2.stats import CACHED_VS_PLAIN, METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, beyond_spread, measure
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.calibrate.testbed.v2.classifier import load_classifier
@@ -190,8 +190,12 @@ def cache_effects(stats: Statistics, arch: str, rows: list[Row], measured: dict)
             continue
         plain = next(r for r in rows if r.method == row.uncached and r.budget == row.budget)
         found = [verdict(stats, arch, row.budget, key, f"{row.cache} cache vs uncached", row, plain, measured) for key, _, _, _ in METRICS]
+        fewer = next((r for r in rows if r.method == "base-steps" and r.budget == row.budget and r.cache is None), None)
+        against = [] if fewer is None or row.uncached == "base-steps" else [
+            verdict(stats, arch, row.budget, key, CACHED_VS_PLAIN, row, fewer, measured) for key in SCHEDULE_METRICS]
         out.append(CacheEffect(arch=arch, budget=row.budget, method=plain.method, cache=row.cache, speedup_uncached=plain.flops_speedup_linear,
-                               speedup_cached=row.flops_speedup_linear, gain=row.flops_speedup_linear / plain.flops_speedup_linear, verdicts=found))
+                               speedup_cached=row.flops_speedup_linear, gain=row.flops_speedup_linear / plain.flops_speedup_linear, verdicts=found,
+                               plain_speedup=None if fewer is None else fewer.flops_speedup_linear, against_plain=against))
     return out
 
 

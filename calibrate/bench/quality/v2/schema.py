@@ -95,6 +95,10 @@ class CacheEffect(Record):
     speedup_cached: float
     gain: float  # speedup_cached / speedup_uncached
     verdicts: list[Verdict]  # cached against uncached, per metric
+    #: RALU rows only: the cached row against the plain pipeline with fewer steps (the budget's
+    #: uncached base-steps row), on SCHEDULE_METRICS: what a cache on RALU is worth at about the plain sampler's cost
+    plain_speedup: float | None = None
+    against_plain: list[Verdict] = []
 
 
 class SweepPoint(Record):

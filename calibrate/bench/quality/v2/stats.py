@@ -41,6 +41,8 @@ REGIME_METRICS = ("fd", "fine_accuracy", "spectral_distance")
 #: "at least as good as every row" when no row beats it on any of them with 95 % confidence.
 SCHEDULE_METRICS = ("fd", "fine_accuracy", "accuracy", "spectral_distance")
 SCHEDULE_QUESTION = "--schedule row vs every other row"
+#: A RALU row with a step cache meets the plain pipeline with fewer steps (uncached) of its budget on SCHEDULE_METRICS.
+CACHED_VS_PLAIN = "cached RALU row vs base model with fewer steps"
 DIRECTION = {key: higher for key, _, higher, _ in METRICS}
 
 
