@@ -35,6 +35,8 @@ def check(args: argparse.Namespace):
     """Every input of ``--magcache``, before the pipeline is loaded: the schedule."""
     from ralu.runtime.models import get_model
 
+    from .quality_cli import check_pipeline_options
+
     conflicting = [name for name, value in (("--speedup", args.speedup), ("--steps", args.steps), ("--ends", args.ends)) if value is not None]
     if conflicting or args.objective == "quality":
         raise ValueError(f"--magcache measures an existing schedule; {', '.join(conflicting) or '--objective quality'} calibrates a new one. Fix: drop them")
@@ -43,10 +45,7 @@ def check(args: argparse.Namespace):
         raise ValueError(f"--magcache needs {', '.join(missing)}. Fix: e.g. --magcache flux-dev-7x --pipeline DIR --prompts prompts.txt")
     if not 0.0 <= args.magcache_threshold <= 1.0:
         raise ValueError(f"--magcache-threshold {args.magcache_threshold}: must lie in [0, 1]. Fix: e.g. 0.06")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
-        raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
+    check_pipeline_options(args)
     schedule = load_schedule(args.magcache)
     if schedule.family != get_model(args.model).family:
         raise ValueError(f"--magcache {args.magcache} is a {schedule.model} schedule but --model is {get_model(args.model).name}. Fix: pass a schedule of this model")
@@ -71,12 +70,12 @@ def run_magcache(args: argparse.Namespace, out: Path) -> int:
     pipe, options = load(args)
     ralu = to_ralu(pipe)
     encode = options.get("encode")
+    device = ralu._execution_device
     calls = []
     for i in range(0, len(jobs), args.batch_size):
         batch = jobs[i : i + args.batch_size]
         prompts = [job.prompt for job in batch]
         inputs = encode(prompts) if encode else {"prompt": prompts}
-        device = ralu._execution_device
         inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
         calls.append({**inputs, "guidance_scale": args.guidance_scale, "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in batch]})
     with torch.no_grad():

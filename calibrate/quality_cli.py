@@ -35,12 +35,17 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--objective quality needs {', '.join(missing)}. Fix: e.g. --objective quality --pipeline DIR --prompts prompts.txt --speedup 4")
     if args.steps is not None:
         raise ValueError("--objective quality searches the whole schedule; --steps/--ends fix a layout. Fix: drop --steps and --ends")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
     if args.min_signal is not None:
         from .search import check_min_signal
 
         check_min_signal(args.min_signal)
+    check_pipeline_options(args)
+
+
+def check_pipeline_options(args: argparse.Namespace) -> None:
+    """--batch-size and --pipeline, shared by every option that runs a pipeline (quality search, --magcache)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
     if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
         raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
 

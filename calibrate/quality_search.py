@@ -360,7 +360,7 @@ class SearchResult:
             lines.append(f"  {label}: {value:.5f}  ({stages}{extra}; speed-up {self.speedups.get(key, float('nan')):.2f}x)")
         for trial in self.history:
             source = trial.get(SOURCE_ATTR)
-            if source in (None, "plain sampler", "two-stage seed"):
+            if source in (None, *OWN_SEED_SOURCES):
                 continue
             if trial["state"] == "COMPLETE" and trial.get("feasible"):
                 outcome = f"{trial['value']:.5f}"
@@ -559,12 +559,14 @@ def search(
 
 #: Trial attribute naming where an enqueued candidate came from ("plain sampler", "published 7x preset", ...).
 SOURCE_ATTR = "source"
+#: Sources of the search's own first trials (:func:`seed_candidates`): the plain sampler, two-stage layouts.
+OWN_SEED_SOURCES = ("plain sampler", "two-stage seed")
 
 
 def first_trials(seeds: list[dict], extra: Sequence) -> list[tuple[dict, str]]:
     """(parameters, source) of the trials a search starts with: its own seeds, then the
     caller's candidates (a :class:`Candidate`, a :class:`Schedule`, or ``(name, either)``)."""
-    out = [(params, "plain sampler" if params["stages"] == 1 else "two-stage seed") for params in seeds]
+    out = [(params, OWN_SEED_SOURCES[0] if params["stages"] == 1 else OWN_SEED_SOURCES[1]) for params in seeds]
     for item in extra:
         name, item = item if isinstance(item, tuple) else ("given", item)
         out.append((_params(candidate_of(item) if isinstance(item, Schedule) else item), name))

@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-seed-offset", type=int, default=500_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-known", action="store_true", help="v2: do not start from the published preset, our calibration and the shipped -searched file")
-    parser.add_argument("--study-stem", default=None, help="name stem of the study and output files (default quality / quality-v2-ARCH)")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     v2 = args.testbed == "v2"
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = load_pipeline()
         cost = TestbedCost(pipe.transformer.config, TEXT_TOKENS)
-    stem = args.study_stem or ("quality" if not v2 else f"quality-v2-{args.arch}")
+    stem = "quality" if not v2 else f"quality-v2-{args.arch}"
     for budget in budgets:
         started = time.time()
         exact = budget_speedup_v2(args.arch, pipe.transformer.config, budget) if v2 else budget_speedup(cost, budget)

@@ -2,8 +2,8 @@
 
 What is checked for every cache kind that fits (:mod:`ralu.runtime.cache`): all three stages
 of the shipped 7x FLUX and 3x SD3 schedules run at batch 2 (FLUX with and without true CFG,
-SD3 with CFG); every forward runs in a cache context named after its stage and branch; a cache set never to skip gives exactly the output
-of no cache; image i of a batch equals image i alone with skipping active; a cache that does
+SD3 with CFG); every forward runs in a cache context named after its stage and branch; a cache
+set never to skip gives exactly the output of no cache; image i of a batch equals image i alone with skipping active; a cache that does
 skip changes the output (so the comparisons above are not vacuous).
 """
 

@@ -115,11 +115,15 @@ def _cache_cell(key: str):
     return lambda effect: _cache_text(effect, key)
 
 
-def _cache_text(effect, key: str) -> str:
-    v = next(v for v in effect.verdicts if v.metric == key)
+def _difference_text(v, key: str, a_word: str, b_word: str) -> str:
+    """A paired difference a - b with its interval, and who wins in words (n.s. when neither)."""
     d = DIGITS[key] + 1
-    sign = {"not separable": "n.s."}.get(v.verdict, "cached better" if v.verdict == f"{v.a} better" else "uncached better")
+    sign = {"not separable": "n.s."}.get(v.verdict, a_word if v.verdict == f"{v.a} better" else b_word)
     return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
+
+
+def _cache_text(effect, key: str) -> str:
+    return _difference_text(next(v for v in effect.verdicts if v.metric == key), key, "cached better", "uncached better")
 
 
 CACHE_COLUMNS = [
@@ -128,14 +132,10 @@ CACHE_COLUMNS = [
     Column("speed-up uncached -> cached (linear)", lambda c: f"{c.speedup_uncached:.2f}x -> {c.speedup_cached:.2f}x ({c.gain:.2f}x gained)"),
     *[Column(f"{label}: cached - uncached", _cache_cell(key)) for key, label, _, _ in METRICS],
 ]
-def _against_plain_cell(key: str):
-    def cell(effect) -> str:
-        v = next(v for v in effect.against_plain if v.metric == key)
-        d = DIGITS[key] + 1
-        sign = {"not separable": "n.s."}.get(v.verdict, "cached RALU better" if v.verdict == f"{v.a} better" else "fewer steps better")
-        return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
 
-    return cell
+
+def _against_plain_cell(key: str):
+    return lambda effect: _difference_text(next(v for v in effect.against_plain if v.metric == key), key, "cached RALU better", "fewer steps better")
 
 
 #: Cached RALU rows against the plain pipeline with fewer steps, uncached (CacheEffect.against_plain).
