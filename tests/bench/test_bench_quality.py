@@ -228,6 +228,20 @@ def test_bad_requests_fail_before_any_compute(capsys):
     assert "--no-caches is a testbed v2 option" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("testbed", ["v1", "v2"])
+def test_two_schedule_files_of_one_name_are_refused(tmp_path, capsys, testbed):
+    from ralu.calibrate.bench.cli import main
+    from ralu.runtime.schedule import load_schedule, save_schedule
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        save_schedule(load_schedule("flux-dev-7x"), tmp_path / folder / "mine.json")
+    args = ["quality", "--testbed", testbed, "--quick", "--schedule", str(tmp_path / "a" / "mine.json"), "--schedule", str(tmp_path / "b" / "mine.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "both be the row 'schedule:mine'" in err and "Fix:" in err
+
+
 # ----------------------------------------------------------------------------------------
 # The committed report
 # ----------------------------------------------------------------------------------------

@@ -111,14 +111,30 @@ def test_markdown_and_figures_from_the_json(quick_v2):
     # metric by metric, the rows that beat it: exactly the verdicts of the JSON
     line = next(x for x in md.splitlines() if x.startswith("Beaten, metric by metric:"))
     mine = [v for v in json.loads(text)["verdicts"] if v["question"] == SCHEDULE_QUESTION]
+    report = V2Report.model_validate_json(text)
+    rows = [r for r in report.rows if r.arch == "flux" and r.budget == 7]
     for key, label, _, _ in METRICS:
         if key in SCHEDULE_METRICS:
             winners = sorted(v["b"] for v in mine if v["metric"] == key and v["verdict"] == f"{v['b']} better")
-            assert f"{label}: {', '.join(winners) or 'none'}" in line
-    report = V2Report.model_validate_json(text)
+            # a winner that costs more than the schedule is marked with how much more
+            marked = [w + (f" (costs {100 * more:.0f} % more)" if (more := v2_report.extra_cost(rows, "schedule:flux-dev-7x-searched", w)) > v2_report.COSTLIER else "")
+                      for w in winners]
+            assert f"{label}: {', '.join(marked) or 'none'}" in line
     figures = v2_report.figure_paths(report)
     for path in (*figures.grids.values(), figures.tradeoff, figures.sweep):
         assert (out / path).stat().st_size > 1000
+
+
+def test_rows_that_beat_a_schedule_at_more_cost_are_marked():
+    from types import SimpleNamespace
+
+    def row(method, gflops):
+        return SimpleNamespace(method=method, gflops_total=gflops, gflops_linear=2 * gflops)
+
+    rows = [row("schedule:mine", 10.0), row("cheaper", 9.0), row("same", 10.05), row("dearer", 11.0)]
+    assert v2_report.extra_cost(rows, "schedule:mine", "dearer") == pytest.approx(0.1)
+    assert v2_report._beaters(["dearer", "same", "cheaper"], rows, "schedule:mine") == "cheaper, dearer (costs 10 % more), same"
+    assert v2_report._beaters([], rows, "schedule:mine") == "none"
 
 
 def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):

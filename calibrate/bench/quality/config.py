@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ralu.calibrate.presets import PRESETS, PublishedPreset
 from ralu.runtime.models import get_model
@@ -77,8 +78,25 @@ class Config:
     guidance_scale: float = 3.5
 
 
+def schedule_row_name(path) -> str:
+    """The row a ``--schedule`` file adds is named after the file, without ``.json``."""
+    return Path(str(path)).name.removesuffix(".json")
+
+
+def check_row_names(paths) -> None:
+    """Two ``--schedule`` files of one name would share a row (ValueError: one line with the fix)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        name = schedule_row_name(path)
+        if name in seen:
+            raise ValueError(f"--schedule {seen[name]} and --schedule {path} would both be the row 'schedule:{name}'. Fix: copy one to a file of another name")
+        seen[name] = str(path)
+
+
 def shared_overrides(args) -> dict:
-    """The command-line values both testbeds' configurations take as they are (None: not given)."""
+    """The command-line values both testbeds' configurations take as they are (None: not given).
+    ValueError when two ``--schedule`` files would share a row."""
+    check_row_names(args.schedule or ())
     return {
         "seeds": tuple(args.seeds) if args.seeds else None,
         "images": args.images,

@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from ralu.calibrate.bench.quality.config import (
     METHOD_LABELS,
     PAPER_PRESETS,
     Config,
+    schedule_row_name,
 )
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.schedules import (
@@ -177,6 +177,6 @@ def plan_methods(config: Config, cost: TestbedCost, log: Callable[[str], None] =
         forwards = ralu_forwards(schedule, full)
         speed = cost.of([full] * BASE_STEPS).total / cost.of(forwards).total
         budget = min(config.budgets, key=lambda b: abs(math.log(speed / b))) if config.budgets else round(speed, 1)
-        name = Path(str(path)).name.removesuffix(".json")
+        name = schedule_row_name(path)
         methods.append(ralu_method(f"schedule:{name}", budget, schedule, full, False, label=f"schedule {name}", extra={"file": str(path)}))
     return methods, schedules

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES, shared_overrides
+from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES, schedule_row_name, shared_overrides
 from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.methods import Method, bottleneck_method, closest, naive_method, ralu_forwards, ralu_method
@@ -182,7 +182,7 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
         speed = cost.of([full] * base).total / cost.of(forwards).total
         budgets = config.budgets[arch]
         budget = min(budgets, key=lambda b: abs(math.log(speed / b)))
-        name = Path(str(path)).name.removesuffix(".json")
+        name = schedule_row_name(path)
         m = ralu_method(f"schedule:{name}", budget, schedule, full, False, label=f"schedule {name}", extra={"file": str(path)})
         methods.append(_as_arch(m, arch, positions="crop" if arch == "sd3" else None))
     return methods, schedules

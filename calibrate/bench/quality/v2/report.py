@@ -89,20 +89,51 @@ def _cell_of(cells: dict, key: str):
     return lambda other: cells.get((other, key), "")
 
 
-def schedule_tables(found: list) -> list[str]:
+#: A row that beats a ``--schedule`` row counts as costing more when its total (else linear)
+#: GFLOPs exceed the schedule's by more than this fraction: it is then outside the schedule's budget.
+COSTLIER = 0.01
+
+
+def _gflops(row) -> float:
+    return row.gflops_total if row.gflops_total is not None else row.gflops_linear
+
+
+def extra_cost(rows: list, name: str, other: str) -> float:
+    """How much more ``other`` costs per image than ``name`` (a fraction; rows of one budget)."""
+    by_method = {r.method: _gflops(r) for r in rows}
+    return by_method[other] / by_method[name] - 1.0
+
+
+def _beaters(names: list[str], rows: list, name: str) -> str:
+    """Rows that beat ``name``, those that cost more marked with how much more."""
+    if not names:
+        return "none"
+    marked = []
+    for other in sorted(names):
+        more = extra_cost(rows, name, other)
+        marked.append(other + (f" (costs {100 * more:.0f} % more)" if more > COSTLIER else ""))
+    return ", ".join(marked)
+
+
+def schedule_tables(found: list, rows: list) -> list[str]:
     """Per ``--schedule`` row: a table of its paired verdicts against every other row of the
-    budget and whether any row beats it."""
+    budget (``rows``: that budget's rows) and whether any row beats it; a row that beats it
+    at more cost than the schedule's is marked, since it is outside the schedule's budget."""
     lines = []
     labels = {key: label for key, label, _, _ in METRICS}
     for name in dict.fromkeys(v.a for v in found):
         mine = [v for v in found if v.a == name]
         others = list(dict.fromkeys(v.b for v in mine))
         beaten = sorted({v.b for v in mine if v.verdict == f"{v.b} better"})
+        within = [b for b in beaten if extra_cost(rows, name, b) <= COSTLIER]
         cells = {(v.b, v.metric): _verdict_cell(v) for v in mine}
         columns = [Column("other row", lambda o: o)] + [Column(f"{labels[k]}: schedule - other", _cell_of(cells, k)) for k in SCHEDULE_METRICS]
-        verdict = "no row beats it on any of these metrics at 95 %" if not beaten else f"beaten by {', '.join(beaten)}"
+        if not beaten:
+            verdict = "no row beats it on any of these metrics at 95 %"
+        else:
+            verdict = f"beaten by {_beaters(beaten, rows, name)}" + ("" if within else "; no row at its cost or less beats it")
         per_metric = "; ".join(
-            f"{labels[k]}: " + (", ".join(sorted(v.b for v in mine if v.metric == k and v.verdict == f"{v.b} better")) or "none")
+            f"{labels[k]}: " + _beaters([v.b for v in mine if v.metric == k and v.verdict == f"{v.b} better"], rows, name)
             for k in SCHEDULE_METRICS
         )
         lines += [f"`{name}` against every other row (paired bootstrap): **{verdict}**.", "", f"Beaten, metric by metric: {per_metric}.", "",
@@ -213,7 +244,8 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
             found = [v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question != SCHEDULE_QUESTION]
             if found:
                 lines += ["Verdicts (paired bootstrap over the same images; a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, found), ""]
-            lines += schedule_tables([v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question == SCHEDULE_QUESTION])
+            lines += schedule_tables([v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question == SCHEDULE_QUESTION],
+                                    [r for r in report.rows if r.arch == arch and r.budget == budget])
             effects = [c for c in report.caches if c.arch == arch and c.budget == budget]
             if effects:
                 lines += [f"Caches at {budget}x (speed-up in linear FLOPs executed, decoder included; quality change paired against the same row uncached):", "",
