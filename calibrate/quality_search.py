@@ -13,6 +13,10 @@ answer "fewer steps" when that is what the images say.
   Frechet distance of the set), ``"testbed-v2-fd"`` (the same set distance in testbed v2's
   classifier features), or a folder holding a feature model saved with
   ``torch.export.save`` as ``features.pt2`` (features' mean squared difference).
+* Steps: a drawn layout is a number of stages and the weight of each stage's share of the
+  steps; its steps are as many as the budget affords in those proportions
+  (:func:`budget_steps`), so every draw is feasible and spends the budget.  Known schedules
+  given as candidates keep their own steps.
 * Pruning: each trial reports its running mean after every batch of images; Optuna's
   median pruner stops trials clearly worse than the finished ones.
 * Shared and resumable: with ``storage`` the study lives in a journal file or database
@@ -54,6 +58,11 @@ FIRST_END = (0.1, 0.5)
 SECOND_GAP = (0.05, 0.3)
 #: A candidate that misses the budget scores this plus its shortfall (never sampled).
 INFEASIBLE = 1e6
+#: Weight of each earlier stage relative to the last (log-uniform): a layout's steps are
+#: split in these proportions, as many as the budget affords (:func:`budget_steps`).
+STAGE_WEIGHT = (0.05, 4.0)
+#: Trial attribute holding the steps of an enqueued candidate (a known schedule keeps its own).
+GIVEN_STEPS_ATTR = "given_steps"
 #: Trials the median pruner lets finish before it prunes anything.
 PRUNER_STARTUP = 4
 
@@ -381,26 +390,47 @@ def default_speedup_of(model: str, height: int, width: int, base_steps: int, con
     return lambda steps, ratio: getattr(pricing.flops_speedup(name, height, width, list(steps), ratio, base_steps), convention)
 
 
-def step_caps(speedup_of: SpeedupOf, target: float, plain_steps: int, limit: int) -> dict[tuple[int, int], int]:
-    """Most steps stage k of a K-stage layout can take with one step in every other stage
-    and still meet ``target``: fixed ranges for the search, so that few draws miss the budget."""
-
-    def most(layout):
-        n = 1
-        while n < limit and speedup_of(layout(n + 1), min(UP_RATIOS)) >= target:
-            n += 1
-        return n
-
-    caps = {(1, 0): plain_steps, (2, 1): plain_steps, (3, 2): plain_steps}
-    caps[(2, 0)] = most(lambda n: (n, 1))
-    caps[(3, 0)] = most(lambda n: (n, 1, 1))
-    caps[(3, 1)] = most(lambda n: (1, n, 1))
-    return caps
+def apportion(total: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """``total`` steps over ``len(weights)`` stages: one each, the rest in proportion to
+    ``weights`` (largest remainders, ties to the earlier stage)."""
+    spare = total - len(weights)
+    if spare < 0:
+        raise ValueError(f"{total} steps cannot give {len(weights)} stages one step each")
+    raw = [spare * w / sum(weights) for w in weights]
+    steps = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(weights)), key=lambda k: steps[k] - raw[k])
+    for k in by_remainder[: spare - sum(steps)]:
+        steps[k] += 1
+    return tuple(1 + n for n in steps)
 
 
-def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int], min_signal: float = 0.0) -> Candidate:
+def budget_steps(speedup_of: SpeedupOf, target: float, weights: Sequence[float], up_ratio: float, limit: int) -> tuple[int, ...] | None:
+    """The layout with the most steps (at most ``limit``), split by ``weights``, that still
+    meets ``target``; None when not even one step per stage does.  Every drawn layout so
+    spends its budget: TPE's draws are all feasible, and none wastes a trial on a layout
+    cheaper than it needs to be."""
+    best = None
+    for total in range(len(weights), limit + 1):
+        steps = apportion(total, weights)
+        speed = speedup_of(steps, up_ratio)
+        if speed >= target:
+            best = steps
+        elif speed < target / 2:  # the cost only grows from here
+            break
+    return best
+
+
+def _suggest(trial: optuna.Trial, h0: float, fill: Callable[[tuple[float, ...], float], tuple[int, ...] | None], min_signal: float = 0.0) -> Candidate | None:
+    """The trial's candidate; None when its layout cannot meet the budget.  ``fill(weights,
+    up_ratio)`` gives the steps (:func:`budget_steps`); an enqueued candidate brings its own
+    (``GIVEN_STEPS_ATTR``)."""
     n_stages = trial.suggest_categorical("stages", [1, 2, 3])
-    steps = tuple(trial.suggest_int(f"steps_{k + 1}" if n_stages == 1 else f"steps_{k + 1}_of_{n_stages}", 1, caps[(n_stages, k)]) for k in range(n_stages))
+    ratio = trial.suggest_categorical("up_ratio", list(UP_RATIOS)) if n_stages == 3 else 0.0
+    given = trial.user_attrs.get(GIVEN_STEPS_ATTR)
+    if given is not None:
+        steps = tuple(int(n) for n in given)
+    else:
+        steps = fill((*(trial.suggest_float(f"weight_{k + 1}_of_{n_stages}", *STAGE_WEIGHT, log=True) for k in range(n_stages - 1)), 1.0), ratio)
     if n_stages == 1:
         ends: tuple[float, ...] = (1.0,)
     elif n_stages == 2:
@@ -412,20 +442,19 @@ def _suggest(trial: optuna.Trial, h0: float, caps: dict[tuple[int, int], int], m
     # Z is drawn below the cap that keeps min_signal at every transition (none for 0).
     z_high = min(Z_BOUNDS[1], max(Z_BOUNDS[0], z_ceiling(ends, min_signal)))
     z = trial.suggest_float("z", Z_BOUNDS[0], z_high, log=True) if n_stages > 1 else Z_BOUNDS[0]
-    ratio = trial.suggest_categorical("up_ratio", list(UP_RATIOS)) if n_stages == 3 else 0.0
-    return Candidate(steps, ends, shifts, z, ratio)
+    return None if steps is None else Candidate(steps, ends, shifts, z, ratio)
 
 
-def seed_candidates(h0: float, plain_steps: int, speedup_of: SpeedupOf, target: float, max_steps: int) -> list[dict]:
-    """First trials: the plain sampler, two-stage layouts and the progress-calibrated
-    three-stage layout that fit the budget (Optuna parameter dicts)."""
-    seeds = [{"stages": 1, "steps_1": plain_steps, "shift_1": h0}]
-    for low_share in (0.3, 0.5):  # two stages: part of the budget at low resolution
+def seed_candidates(h0: float, plain_steps: int, speedup_of: SpeedupOf, target: float, max_steps: int) -> list[Candidate]:
+    """The search's own first candidates: the plain sampler, and two-stage layouts with part
+    of the budget at low resolution, that fit the budget."""
+    seeds = [Candidate((plain_steps,), (1.0,), (h0,), Z_BOUNDS[0], 0.0)]
+    for low_share in (0.3, 0.5):
         for end in (0.3, 0.5):
             full = max(1, plain_steps - 1 - round(low_share * plain_steps / 2))
             for low in range(max_steps, 0, -1):
                 if speedup_of((low, full), 0.0) >= target:
-                    seeds.append({"stages": 2, "steps_1_of_2": low, "steps_2_of_2": full, "end_1": end, "shift_1": h0, "shift_2": h0, "z": 10.0})
+                    seeds.append(Candidate((low, full), (end, 1.0), (h0, h0), 10.0, 0.0))
                     break
     return seeds
 
@@ -500,13 +529,19 @@ def search(
         plain_steps += 1
     if speedup_of((plain_steps,), 0.0) < speedup:
         raise ValueError(f"not even 1 step reaches {speedup}x. Fix: a lower speedup")
-    caps = step_caps(speedup_of, speedup, plain_steps, 4 * base_steps)
+    limit = 4 * base_steps
+
+    def fill(weights: tuple[float, ...], up_ratio: float) -> tuple[int, ...] | None:
+        return budget_steps(speedup_of, speedup, weights, up_ratio, limit)
     batches = images.batches()
     log(f"quality search for {speedup}x: {len(images.prompts)} images in {len(batches)} batches, {trials} trials, seed {seed}; the plain sampler affords {plain_steps} steps")
     references = [sampler.references(list(b)) for b in batches]
 
     def objective(trial: optuna.Trial) -> float:
-        candidate = _suggest(trial, h0, caps, min_signal)
+        candidate = _suggest(trial, h0, fill, min_signal)
+        if candidate is None:
+            trial.set_user_attr("feasible", False)
+            return INFEASIBLE + speedup
         for name, value in (("steps", list(candidate.steps)), ("ends", list(candidate.ends)), ("z", candidate.z), ("up_ratio", candidate.up_ratio)):
             trial.set_user_attr(name, value)
         speed = speedup_of(candidate.steps, candidate.up_ratio)
@@ -543,8 +578,8 @@ def search(
     # A set-level distance of the first batch alone is too noisy to prune on.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1 if set_level else 0)
     study = shared.open_study(storage, study_name, seed, pruner=pruner)
-    for params, source in first_trials(seed_candidates(h0, plain_steps, speedup_of, speedup, caps[(2, 0)]), extra_candidates):
-        study.enqueue_trial(params, user_attrs={SOURCE_ATTR: source}, skip_if_exists=True)  # workers starting together enqueue each once
+    for params, attrs in first_trials(seed_candidates(h0, plain_steps, speedup_of, speedup, limit), extra_candidates):
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)  # workers starting together enqueue each once
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = sum(shared.count(study, s) for s in finished)
     if storage is not None and done:
@@ -563,21 +598,22 @@ SOURCE_ATTR = "source"
 OWN_SEED_SOURCES = ("plain sampler", "two-stage seed")
 
 
-def first_trials(seeds: list[dict], extra: Sequence) -> list[tuple[dict, str]]:
-    """(parameters, source) of the trials a search starts with: its own seeds, then the
-    caller's candidates (a :class:`Candidate`, a :class:`Schedule`, or ``(name, either)``)."""
-    out = [(params, OWN_SEED_SOURCES[0] if params["stages"] == 1 else OWN_SEED_SOURCES[1]) for params in seeds]
+def first_trials(seeds: list[Candidate], extra: Sequence) -> list[tuple[dict, dict]]:
+    """(parameters, trial attributes) of the trials a search starts with: its own seeds,
+    then the caller's candidates (a :class:`Candidate`, a :class:`Schedule`, or ``(name,
+    either)``).  Each keeps its own steps (``GIVEN_STEPS_ATTR``) and names its source."""
+    named = [(OWN_SEED_SOURCES[0] if len(c.steps) == 1 else OWN_SEED_SOURCES[1], c) for c in seeds]
     for item in extra:
         name, item = item if isinstance(item, tuple) else ("given", item)
-        out.append((_params(candidate_of(item) if isinstance(item, Schedule) else item), name))
-    return out
+        named.append((name, candidate_of(item) if isinstance(item, Schedule) else item))
+    return [(_params(c), {SOURCE_ATTR: name, GIVEN_STEPS_ATTR: list(c.steps)}) for name, c in named]
 
 
 def _params(candidate: Candidate) -> dict:
+    """The Optuna parameters of ``candidate`` other than its steps (those travel as ``GIVEN_STEPS_ATTR``)."""
     params: dict = {"stages": len(candidate.steps)}
-    for k, (n, h) in enumerate(zip(candidate.steps, candidate.shifts)):
-        name = f"steps_{k + 1}" if len(candidate.steps) == 1 else f"steps_{k + 1}_of_{len(candidate.steps)}"
-        params[name], params[f"shift_{k + 1}"] = n, h
+    for k, h in enumerate(candidate.shifts):
+        params[f"shift_{k + 1}"] = h
     if len(candidate.steps) > 1:
         params["end_1"], params["z"] = candidate.ends[0], candidate.z
     if len(candidate.steps) == 3:

@@ -150,13 +150,16 @@ def test_files_record_the_bound_and_are_checked_against_it(tmp_path):
 
 
 def test_quality_search_draws_z_below_the_cap():
-    caps = {(1, 0): 6, (2, 0): 6, (2, 1): 6, (3, 0): 4, (3, 1): 4, (3, 2): 6}
+    from ralu.calibrate.quality_search import apportion
+
+    def fill(weights, up_ratio):
+        return apportion(8, weights)
 
     def drawn(min_signal):
         found = []
 
         def objective(trial):
-            found.append(_suggest(trial, 3.0, caps, min_signal))
+            found.append(_suggest(trial, 3.0, fill, min_signal))
             return 0.0
 
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

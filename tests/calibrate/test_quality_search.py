@@ -93,6 +93,39 @@ def test_trials_worse_than_the_median_are_pruned_after_their_first_batch(pipe):
     assert result.pruned == len(pruned)
 
 
+def test_steps_split_by_weight_fill_the_budget():
+    from ralu.calibrate.quality_search import apportion, budget_steps
+
+    assert apportion(3, (1.0, 1.0, 1.0)) == (1, 1, 1)
+    assert apportion(10, (1.0, 1.0)) == (5, 5) and apportion(11, (3.0, 1.0)) == (8, 3)  # one each, then 9 split 6.75 : 2.25
+    for total in range(3, 40):
+        steps = apportion(total, (0.2, 1.7, 1.0))
+        assert sum(steps) == total and min(steps) >= 1
+    with pytest.raises(ValueError, match="one step each"):
+        apportion(2, (1.0, 1.0, 1.0))
+
+    def speedup_of(steps, up_ratio):  # a low-res step costs a quarter of a full one
+        return 50.0 / (0.25 * sum(steps[:-1]) + steps[-1])
+
+    steps = budget_steps(speedup_of, 4.0, (2.0, 1.0), 0.0, 200)
+    assert speedup_of(steps, 0.0) >= 4.0 and speedup_of(apportion(sum(steps) + 1, (2.0, 1.0)), 0.0) < 4.0
+    assert budget_steps(speedup_of, 60.0, (1.0, 1.0), 0.0, 200) is None  # not even one step each
+
+
+def test_the_search_draws_only_layouts_that_spend_the_budget(pipe):
+    from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion, speedup_on_testbed
+
+    result = search_testbed(SPEEDUP, images=1, image_seed=4, pipe=pipe, batch_size=1, metric="pixel", trials=14)
+    speedup_of = speedup_on_testbed(pipe, 32)
+    drawn = [t for t in result.history if GIVEN_STEPS_ATTR not in t]
+    assert drawn and all(t["speedup"] >= SPEEDUP for t in drawn)
+    for t in drawn:
+        n = t["stages"]
+        weights = [*(t[f"weight_{k + 1}_of_{n}"] for k in range(n - 1)), 1.0]
+        assert tuple(t["steps"]) == apportion(sum(t["steps"]), weights)
+        assert speedup_of(apportion(sum(t["steps"]) + 1, weights), t["up_ratio"]) < SPEEDUP  # one step more misses it
+
+
 def test_candidate_schedules_validate_and_price_with_the_flops_model():
     for candidate in (Candidate((11,), (1.0,), (3.1582,), 2.0, 0.0), Candidate((4, 6), (0.4, 1.0), (5.0, 3.0), 12.0, 0.0),
                       Candidate((2, 3, 5), (0.2, 0.3, 1.0), (8.0, 2.8, 2.2), 6.0, 0.1)):
