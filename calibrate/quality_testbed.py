@@ -47,14 +47,11 @@ def budget_speedup_v2(arch: str, transformer_config, budget: int) -> float:
     """Testbed v2's budget: the published preset's transformer-FLOPs speed-up on ``arch``'s generator
     (how ``ralu-bench quality --testbed v2`` sets its rows' cost)."""
     from .bench.quality.v2.cost import transformer_cost
-    from .bench.quality.v2.plan import arch_presets
-    from .testbed.v2 import data
+    from .bench.quality.v2.plan import preset_schedule
     from .testbed.v2 import model as tb
 
     cost = transformer_cost(arch, transformer_config)
-    preset = arch_presets(arch)[budget]
-    paper = paper_schedule(budget, data.IMAGE_SIZE, preset=preset, base_steps=tb.BASE_STEPS[arch])
-    return cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total / cost.of(ralu_forwards(paper, tb.FULL_TOKENS)).total
+    return cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total / cost.of(ralu_forwards(preset_schedule(arch, budget), tb.FULL_TOKENS)).total
 
 
 def known_candidates_v2(arch: str, budget: int) -> list[tuple[str, object]]:
@@ -64,14 +61,14 @@ def known_candidates_v2(arch: str, budget: int) -> list[tuple[str, object]]:
     from ralu.runtime.models import get_model
 
     from .bench.quality.schedules import ours_schedule
-    from .bench.quality.v2.plan import arch_presets
+    from .bench.quality.v2.plan import arch_presets, preset_schedule
     from .testbed.v2 import data
     from .testbed.v2 import model as tb
 
     preset = arch_presets(arch)[budget]
     model = get_model("flux-dev" if arch == "flux" else "sd3-medium").name
     return [
-        (f"published {budget}x preset", paper_schedule(budget, data.IMAGE_SIZE, preset=preset, base_steps=tb.BASE_STEPS[arch])),
+        (f"published {budget}x preset", preset_schedule(arch, budget)),
         (f"our calibration of the {budget}x preset layout", ours_schedule(budget, data.IMAGE_SIZE, tb.base_shift(arch), preset=preset)),
         (f"shipped {model}-{budget}x-searched", tb.testbed_schedule(f"{model}-{budget}x-searched", arch)),
     ]

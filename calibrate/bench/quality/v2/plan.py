@@ -51,6 +51,11 @@ def arch_presets(arch: str) -> dict[int, PublishedPreset]:
     return {int(p.target): p for p in PRESETS if p.model == ARCH_MODELS[tb.check_arch(arch)]}
 
 
+def preset_schedule(arch: str, budget: int):
+    """The published preset of ``arch`` at ``budget`` at the testbed's size (the ``ralu-paper`` row's schedule)."""
+    return paper_schedule(budget, data.IMAGE_SIZE, preset=arch_presets(arch)[budget], base_steps=tb.BASE_STEPS[tb.check_arch(arch)])
+
+
 @dataclass
 class V2Config:
     quick: bool = False
@@ -147,7 +152,7 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
     for budget in config.budgets[arch]:
         preset = presets[budget]
         t0 = time.time()
-        paper = paper_schedule(budget, size, preset=preset, base_steps=base)
+        paper = preset_schedule(arch, budget)
         ours = ours_schedule(budget, size, h0, optimizer=optimizer, preset=preset)
         searched = searched_schedule(budget, size, h0, config.trials, preset=preset, move=lambda s: tb.testbed_schedule(s, arch))
         schedules[budget] = {"paper": paper, "ours": ours, "searched": searched}

@@ -26,14 +26,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ralu.calibrate.bench.common import fail, write_report
-from ralu.calibrate.bench.quality.schedules import paper_schedule
-from ralu.calibrate.bench.quality.v2.plan import REAL_SEED, V2Config, arch_presets
+from ralu.calibrate.bench.quality.v2.plan import REAL_SEED, V2Config, arch_presets, preset_schedule
 from ralu.calibrate.bench.quality.v2.report import interval
 from ralu.calibrate.bench.quality.v2.run import load_parts
 from ralu.calibrate.bench.quality.v2.schema import Estimate
 from ralu.calibrate.bench.quality.v2.stats import Measured, Reference, Statistics, measure
 from ralu.calibrate.testbed.v2 import data
-from ralu.calibrate.testbed.v2 import model as tb
 from ralu.calibrate.testbed.v2.evaluate import generate
 from ralu.runtime.compat import PaperCompat
 from ralu.runtime.flux import RALUFluxPipeline
@@ -101,7 +99,7 @@ def run(args) -> SwitchReport:
     ralu = RALUFluxPipeline.from_pipe(pipes["flux"])
     ralu.set_progress_bar_config(disable=True)
     preset = arch_presets("flux")[args.budget]
-    schedule = paper_schedule(args.budget, data.IMAGE_SIZE, preset=preset, base_steps=tb.BASE_STEPS["flux"])
+    schedule = preset_schedule("flux", args.budget)
     rows = []
     todo = variants(args.draws)
     for i, (name, switches, draw) in enumerate(todo):
