@@ -133,8 +133,8 @@ def test_rows_that_beat_a_schedule_at_more_cost_are_marked():
 
     rows = [row("schedule:mine", 10.0), row("cheaper", 9.0), row("same", 10.05), row("dearer", 11.0)]
     assert v2_report.extra_cost(rows, "schedule:mine", "dearer") == pytest.approx(0.1)
-    assert v2_report._beaters(["dearer", "same", "cheaper"], rows, "schedule:mine") == "cheaper, dearer (costs 10 % more), same"
-    assert v2_report._beaters([], rows, "schedule:mine") == "none"
+    assert v2_report.beaters(["dearer", "same", "cheaper"], rows, "schedule:mine") == "cheaper, dearer (costs 10 % more), same"
+    assert v2_report.beaters([], rows, "schedule:mine") == "none"
 
 
 def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):

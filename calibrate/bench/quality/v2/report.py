@@ -79,7 +79,7 @@ def _reuse_note(report: V2Report) -> str:
     return f"; the images of {reused} of {len(report.rows)} rows came from the work folder, so that time is mostly measuring, not sampling"
 
 
-def _verdict_cell(v) -> str:
+def verdict_cell(v) -> str:
     d = DIGITS[v.metric] + 1
     said = {"not separable": "n.s.", f"{v.a} better": "**schedule better**"}.get(v.verdict, "**other better**")
     return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {said}"
@@ -104,7 +104,7 @@ def extra_cost(rows: list, name: str, other: str) -> float:
     return by_method[other] / by_method[name] - 1.0
 
 
-def _beaters(names: list[str], rows: list, name: str) -> str:
+def beaters(names: list[str], rows: list, name: str) -> str:
     """Rows that beat ``name``, those that cost more marked with how much more."""
     if not names:
         return "none"
@@ -126,14 +126,14 @@ def schedule_tables(found: list, rows: list) -> list[str]:
         others = list(dict.fromkeys(v.b for v in mine))
         beaten = sorted({v.b for v in mine if v.verdict == f"{v.b} better"})
         within = [b for b in beaten if extra_cost(rows, name, b) <= COSTLIER]
-        cells = {(v.b, v.metric): _verdict_cell(v) for v in mine}
+        cells = {(v.b, v.metric): verdict_cell(v) for v in mine}
         columns = [Column("other row", lambda o: o)] + [Column(f"{labels[k]}: schedule - other", _cell_of(cells, k)) for k in SCHEDULE_METRICS]
         if not beaten:
             verdict = "no row beats it on any of these metrics at 95 %"
         else:
-            verdict = f"beaten by {_beaters(beaten, rows, name)}" + ("" if within else "; no row at its cost or less beats it")
+            verdict = f"beaten by {beaters(beaten, rows, name)}" + ("" if within else "; no row at its cost or less beats it")
         per_metric = "; ".join(
-            f"{labels[k]}: " + _beaters([v.b for v in mine if v.metric == k and v.verdict == f"{v.b} better"], rows, name)
+            f"{labels[k]}: " + beaters([v.b for v in mine if v.metric == k and v.verdict == f"{v.b} better"], rows, name)
             for k in SCHEDULE_METRICS
         )
         lines += [f"`{name}` against every other row (paired bootstrap): **{verdict}**.", "", f"Beaten, metric by metric: {per_metric}.", "",

@@ -1,0 +1,168 @@
+"""Schedule files against chosen rows of ``ralu-bench quality`` on held-out seeds.
+
+    python -m ralu.calibrate.bench.quality.v2.heldout --budget 4 --schedule A.json --schedule B.json \\
+        --rows base-steps bottleneck ralu-paper --out reports/quality-search-v2/budget-filling/heldout-4x
+
+What a search's pick needs before it is trusted, at a fraction of the full table's cost: the
+same labels, per-image noise, real reference, metrics and paired bootstrap as the harness
+(:mod:`ralu.calibrate.bench.quality.v2.run`), the rows planned exactly as it plans them, and
+the images kept in its work folder (a later full run reuses them).  Only the asked rows are
+sampled: no 50-step baseline, so no PSNR/SSIM.  Every schedule meets every other row on
+:data:`~ralu.calibrate.bench.quality.v2.stats.SCHEDULE_METRICS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ralu.calibrate.bench.common import fail, write_report
+from ralu.calibrate.bench.quality.config import check_row_names
+from ralu.calibrate.bench.quality.v2.cost import transformer_cost
+from ralu.calibrate.bench.quality.v2.plan import PEER_KEYS, RALU_KEYS, REAL_SEED, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
+from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
+from ralu.calibrate.bench.quality.v2.run import load_parts
+from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
+from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
+from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, measure
+from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.testbed.v2.location import AUTOENCODER, FLUX
+
+PROG = "python -m ralu.calibrate.bench.quality.v2.heldout"
+ROW_KEYS = PEER_KEYS + RALU_KEYS
+LABELS = {key: label for key, label, _, _ in METRICS}
+
+
+class HeldoutRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    label: str
+    describe: str
+    gflops_total: float
+    gflops_linear: float
+    metrics: dict[str, Estimate]
+
+
+class HeldoutReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    command: str
+    created: str
+    budget: int
+    seeds: list[int]
+    images_per_seed: int
+    threads: int
+    rows: list[HeldoutRow]
+    verdicts: list[Verdict]
+
+
+def run(args, log=print) -> HeldoutReport:
+    torch.set_num_threads(args.threads)
+    config = V2Config(arches=("flux",), seeds=tuple(args.seeds), images=args.images, budgets={"flux": (args.budget,)}, schedules=tuple(args.schedule),
+                      caches=False, z_values=(), weights_dir=args.weights_dir, work_dir=str(args.work_dir), batch_size=min(args.batch_size, args.images),
+                      real_images=args.real_images, trials=args.trials)
+    folders, classifier, pipes = load_parts(config)
+    weights = file_hashes(folders)
+    real, _ = data.make_batch(REAL_SEED, config.real_images, labels=data.balanced_labels(config.real_images, REAL_SEED))
+    reference = Reference(classifier, real)
+    stats = Statistics(reference, config.resamples, config.set_resamples)
+    pipe = pipes["flux"]
+    cost = transformer_cost("flux", pipe.transformer.config)
+    sampler = V2Sampler("flux", pipe, config.batch_size, WorkStore(config.work_dir), {p: weights[p] for p in (AUTOENCODER, FLUX)}, cost)
+    methods, _ = plan_arch(config, "flux", cost, log=lambda message: None)
+    chosen = [m for m in methods if m.budget == args.budget and (m.key in args.rows or m.key.startswith("schedule:"))]
+    rows, measured = [], {}
+    for i, method in enumerate(chosen):
+        t0 = time.process_time()
+        m, run_cost = Measured({}, {}), None
+        for seed in config.seeds:
+            labels = data.balanced_labels(config.images, seed)
+            images, run_cost, _ = sampler.run(method, labels, seed)
+            m = m.extend(measure(images, labels, reference, images))  # no baseline: PSNR/SSIM are not reported
+        measured[method.key] = m
+        rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=run_cost.total / 1e9,
+                               gflops_linear=run_cost.linear / 1e9, metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))
+        log(f"[{i + 1}/{len(chosen)}] {method.key:<40} FD {rows[-1].metrics['fd'].value:8.1f}  fine {rows[-1].metrics['fine_accuracy'].value:.3f}  "
+            f"({time.process_time() - t0:.0f} s CPU)")
+    by_key = {r.method: r for r in rows}
+    found = []
+    for a in (r for r in rows if r.method.startswith("schedule:")):
+        for b in (r for r in rows if r is not a):
+            for key in SCHEDULE_METRICS:
+                c = stats.compare(key, measured[a.method], measured[b.method], (a.method, b.method))
+                found.append(Verdict(arch="flux", budget=args.budget, metric=key, question=SCHEDULE_QUESTION, a=a.method, b=b.method,
+                                     a_value=by_key[a.method].metrics[key].value, b_value=by_key[b.method].metrics[key].value,
+                                     difference=c.difference, low=c.low, high=c.high, verdict=c.verdict))
+    return HeldoutReport(command=f"{PROG} {shlex.join(args.argv)}".strip(), created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+                         budget=args.budget, seeds=list(config.seeds), images_per_seed=config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found)
+
+
+def render_markdown(report: HeldoutReport) -> str:
+    lines = [
+        f"# Schedules on held-out seeds (testbed v2, FLUX {report.budget}x)",
+        "",
+        f"Regenerate: `{report.command}`.",
+        "",
+        f"Seeds {report.seeds}, {report.images_per_seed} images each: the labels, per-image noise, real reference, metrics and paired bootstrap "
+        "of [`ralu-bench quality`](../../quality.md), its rows planned as it plans them; only these rows are sampled (no 50-step baseline).  "
+        "`value [95 % bootstrap interval over images]`; verdicts at 95 %.",
+        "",
+        "| row | GFLOPs per image (total) | definition | " + " | ".join(LABELS[k] for k in SCHEDULE_METRICS) + " |",
+        "|---|---|---|" + "---|" * len(SCHEDULE_METRICS),
+    ]
+    for r in report.rows:
+        lines.append(f"| {r.method} | {r.gflops_total:.2f} | {r.describe} | " + " | ".join(interval(r.metrics[k], DIGITS[k]) for k in SCHEDULE_METRICS) + " |")
+    for name in dict.fromkeys(v.a for v in report.verdicts):
+        mine = [v for v in report.verdicts if v.a == name]
+        beaten = sorted({v.b for v in mine if v.verdict == f"{v.b} better"})
+        said = f"**beaten by {beaters(beaten, report.rows, name)}**" if beaten else "**no row beats it on any of these metrics at 95 %**"
+        lines += ["", f"`{name}`: {said}.", "",
+                  "| other row | " + " | ".join(f"{LABELS[k]}: schedule - other" for k in SCHEDULE_METRICS) + " |",
+                  "|---|" + "---|" * len(SCHEDULE_METRICS)]
+        cells = {(v.b, v.metric): verdict_cell(v) for v in mine}
+        for other in dict.fromkeys(v.b for v in mine):
+            lines.append(f"| {other} | " + " | ".join(cells[(other, k)] for k in SCHEDULE_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=PROG, description="schedule files against chosen rows of ralu-bench quality (testbed v2, FLUX) on held-out seeds")
+    parser.add_argument("--budget", type=int, choices=sorted(arch_presets("flux")), required=True)
+    parser.add_argument("--schedule", action="append", required=True, metavar="FILE", help="a FLUX schedule file (or shipped name); repeatable")
+    parser.add_argument("--rows", nargs="*", default=["base-steps", "bottleneck", "ralu-paper"], choices=ROW_KEYS, help="harness rows to meet (default base-steps bottleneck ralu-paper)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="held-out seeds (default 0 1, the harness's)")
+    parser.add_argument("--images", type=int, default=256, help="images per seed (default 256)")
+    parser.add_argument("--real-images", type=int, default=1000)
+    parser.add_argument("--trials", type=int, default=80, help="layout-search trials of the ralu-searched row (default 80, the harness's)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights-dir", help="folder holding autoencoder/ classifier/ flux/ (default: testbed v2's weights lookup)")
+    parser.add_argument("--work-dir", type=Path, default=Path("reports") / WORK_DIR_NAME, help="the harness's work folder (default reports/.quality-v2-work)")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        if args.images < 2 or args.real_images < 2:
+            raise ValueError("--images and --real-images must be at least 2 (a Frechet distance needs a covariance)")
+        check_row_names(args.schedule)
+        for path in args.schedule:
+            if schedule_arch(path) != "flux":
+                raise ValueError(f"--schedule {path} drives SD3. Fix: give FLUX schedules (this comparison runs the FLUX generator)")
+        report = run(args)
+    except (FileNotFoundError, ValueError) as error:
+        return fail(PROG, error)
+    md, _ = write_report(args.out.parent, args.out.name, render_markdown(report), report.model_dump(mode="json"))
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
