@@ -19,7 +19,9 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "runtime_latents.pt"
 SIZE = 64  # latent 8x8: 2x2 low-res tokens, k = 2 upsampled early per image
 STAGES = [(2, 0.3, 5.0), (2, 0.5, 2.5), (3, 1.0, 2.0)]
 SEEDS = (5, 6)  # one generator per image; with these the two images upsample different tokens
-TOLERANCE = 1e-6
+#: float32 latents of order 1: torch's CPU kernels pick SIMD paths by CPU, and two CPUs have
+#: been seen to differ by up to 2.3e-6 here (a changed algorithm moves them by far more).
+TOLERANCE = 1e-5
 
 
 def _generators():
