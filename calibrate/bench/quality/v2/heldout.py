@@ -27,13 +27,12 @@ from pydantic import BaseModel, ConfigDict
 from ralu.calibrate.bench.common import fail, write_report
 from ralu.calibrate.bench.quality.config import check_row_names
 from ralu.calibrate.bench.quality.v2.cost import transformer_cost
-from ralu.calibrate.bench.quality.v2.plan import PEER_KEYS, RALU_KEYS, REAL_SEED, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
+from ralu.calibrate.bench.quality.v2.plan import PEER_KEYS, RALU_KEYS, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
 from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
-from ralu.calibrate.bench.quality.v2.run import load_parts
+from ralu.calibrate.bench.quality.v2.run import load_parts, real_reference
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
 from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
-from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, measure
-from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Statistics, measure_seeds
 from ralu.calibrate.testbed.v2.location import AUTOENCODER, FLUX
 
 PROG = "python -m ralu.calibrate.bench.quality.v2.heldout"
@@ -70,8 +69,7 @@ def run(args, log=print) -> HeldoutReport:
                       real_images=args.real_images, trials=args.trials)
     folders, classifier, pipes = load_parts(config)
     weights = file_hashes(folders)
-    real, _ = data.make_batch(REAL_SEED, config.real_images, labels=data.balanced_labels(config.real_images, REAL_SEED))
-    reference = Reference(classifier, real)
+    reference = real_reference(classifier, config.real_images)
     stats = Statistics(reference, config.resamples, config.set_resamples)
     pipe = pipes["flux"]
     cost = transformer_cost("flux", pipe.transformer.config)
@@ -81,11 +79,15 @@ def run(args, log=print) -> HeldoutReport:
     rows, measured = [], {}
     for i, method in enumerate(chosen):
         t0 = time.process_time()
-        m, run_cost = Measured({}, {}), None
-        for seed in config.seeds:
-            labels = data.balanced_labels(config.images, seed)
-            images, run_cost, _ = sampler.run(method, labels, seed)
-            m = m.extend(measure(images, labels, reference, images))  # no baseline: PSNR/SSIM are not reported
+        costs = []
+
+        def sample(labels, seed, method=method, costs=costs):
+            images, cost, _ = sampler.run(method, labels, seed)
+            costs.append(cost)  # per image, the same for every seed
+            return images
+
+        m = measure_seeds(sample, config.seeds, config.images, reference)  # no baseline: PSNR/SSIM are not reported
+        run_cost = costs[0]
         measured[method.key] = m
         rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=run_cost.total / 1e9,
                                gflops_linear=run_cost.linear / 1e9, metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))

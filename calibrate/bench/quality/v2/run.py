@@ -240,14 +240,19 @@ def estimate_minutes(runs: list[ArchRun], config: V2Config, probe_images: int = 
     return total
 
 
+def real_reference(classifier, n: int) -> Reference:
+    """The real scenes every row is measured against: ``n`` of them, balanced labels, seed ``REAL_SEED``."""
+    real, _ = data.make_batch(REAL_SEED, n, labels=data.balanced_labels(n, REAL_SEED))
+    return Reference(classifier, real)
+
+
 def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, dict[str, SampleGrid]]:
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
     folders, classifier, pipes = load_parts(config)
     weights = file_hashes(folders)
-    real, _ = data.make_batch(REAL_SEED, config.real_images, labels=data.balanced_labels(config.real_images, REAL_SEED))
-    reference = Reference(classifier, real)
+    reference = real_reference(classifier, config.real_images)
     stats = Statistics(reference, config.resamples, config.set_resamples)
     log(f"{PROG} --testbed v2: {', '.join(ARCH_NAMES[a] for a in config.arches)}, {len(config.seeds)} seed(s) x {config.images} images, budgets {config.budgets}")
     runs = [ArchRun(config, a, pipes[a], reference, stats, weights, log) for a in config.arches]

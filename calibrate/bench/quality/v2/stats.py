@@ -116,6 +116,18 @@ def measure(images, labels, reference: Reference, baseline) -> Measured:
     return Measured(per_image, per_seed)
 
 
+def measure_seeds(sample, seeds, images: int, reference: Reference) -> Measured:
+    """A row's images over ``seeds``, measured and pooled: ``sample(labels, seed)`` gives one
+    seed's images for the harness's ``balanced_labels(images, seed)``.  No baseline: PSNR/SSIM
+    are taken against the images themselves and mean nothing."""
+    measured = Measured({}, {})
+    for seed in seeds:
+        labels = data.balanced_labels(images, seed)
+        found = sample(labels, seed)
+        measured = measured.extend(measure(found, labels, reference, found))
+    return measured
+
+
 def seed_std(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 

@@ -26,12 +26,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ralu.calibrate.bench.common import fail, write_report
-from ralu.calibrate.bench.quality.v2.plan import REAL_SEED, V2Config, arch_presets, preset_schedule
+from ralu.calibrate.bench.quality.v2.plan import V2Config, arch_presets, preset_schedule
 from ralu.calibrate.bench.quality.v2.report import interval
-from ralu.calibrate.bench.quality.v2.run import load_parts
+from ralu.calibrate.bench.quality.v2.run import load_parts, real_reference
 from ralu.calibrate.bench.quality.v2.schema import Estimate
-from ralu.calibrate.bench.quality.v2.stats import Measured, Reference, Statistics, measure
-from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.bench.quality.v2.stats import Reference, Statistics, measure_seeds
 from ralu.calibrate.testbed.v2.evaluate import generate
 from ralu.runtime.compat import PaperCompat
 from ralu.runtime.flux import RALUFluxPipeline
@@ -93,8 +92,7 @@ def run(args) -> SwitchReport:
     torch.set_num_threads(args.threads)
     config = V2Config(arches=("flux",), weights_dir=str(args.weights_dir) if args.weights_dir else None)
     _, classifier, pipes = load_parts(config)
-    real, _ = data.make_batch(REAL_SEED, args.real_images, labels=data.balanced_labels(args.real_images, REAL_SEED))
-    reference = Reference(classifier, real)
+    reference = real_reference(classifier, args.real_images)
     stats = Statistics(reference, config.resamples, config.set_resamples)
     ralu = RALUFluxPipeline.from_pipe(pipes["flux"])
     ralu.set_progress_bar_config(disable=True)
@@ -104,11 +102,8 @@ def run(args) -> SwitchReport:
     todo = variants(args.draws)
     for i, (name, switches, draw) in enumerate(todo):
         t0 = time.process_time()
-        measured = Measured({}, {})
-        for seed in args.seeds:
-            labels = data.balanced_labels(args.images, seed)
-            images = sample(ralu, schedule, switches, draw, labels, seed, args.batch_size)
-            measured = measured.extend(measure(images, labels, reference, images))
+        measured = measure_seeds(lambda labels, seed, switches=switches, draw=draw: sample(ralu, schedule, switches, draw, labels, seed, args.batch_size),
+                                 args.seeds, args.images, reference)
         mean_term, rest = fd_parts(reference, measured.per_image["features"])
         rows.append(SwitchRow(name=name, switches=switches, global_draw=draw, metrics={k: Estimate(**stats.estimate(k, measured)) for k in METRIC_KEYS},
                               fd_mean_term=mean_term, fd_rest=rest, seconds=round(time.process_time() - t0, 1)))
