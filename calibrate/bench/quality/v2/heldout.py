@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, ve
 from ralu.calibrate.bench.quality.v2.run import load_parts, real_reference
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
 from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
-from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Statistics, measure_seeds
+from ralu.calibrate.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Reference, Statistics, measure_seeds
 from ralu.calibrate.testbed.v2.location import AUTOENCODER, FLUX
 
 PROG = "python -m ralu.calibrate.bench.quality.v2.heldout"
@@ -62,7 +63,22 @@ class HeldoutReport(BaseModel):
     verdicts: list[Verdict]
 
 
-def run(args, log=print) -> HeldoutReport:
+@dataclass
+class Prepared:
+    """What a held-out comparison samples with: the harness's configuration, real reference,
+    statistics and sampler, and the chosen rows planned as the harness plans them."""
+
+    config: V2Config
+    reference: Reference
+    stats: Statistics
+    sampler: V2Sampler
+    chosen: list
+
+
+def prepare(args, baseline: bool = False) -> Prepared:
+    """The harness's parts for ``args`` (budget, schedule, rows, seeds, images, ...): the rows
+    of ``args.rows`` at ``args.budget``, every schedule file, and the 50-step baseline first
+    when ``baseline``."""
     torch.set_num_threads(args.threads)
     config = V2Config(arches=("flux",), seeds=tuple(args.seeds), images=args.images, budgets={"flux": (args.budget,)}, schedules=tuple(args.schedule),
                       caches=False, z_values=(), weights_dir=args.weights_dir, work_dir=str(args.work_dir), batch_size=min(args.batch_size, args.images),
@@ -75,7 +91,13 @@ def run(args, log=print) -> HeldoutReport:
     cost = transformer_cost("flux", pipe.transformer.config)
     sampler = V2Sampler("flux", pipe, config.batch_size, WorkStore(config.work_dir), {p: weights[p] for p in (AUTOENCODER, FLUX)}, cost)
     methods, _ = plan_arch(config, "flux", cost, log=lambda message: None)
-    chosen = [m for m in methods if m.budget == args.budget and (m.key in args.rows or m.key.startswith("schedule:"))]
+    chosen = [m for m in methods if (baseline and m.key == "baseline") or (m.budget == args.budget and (m.key in args.rows or m.key.startswith("schedule:")))]
+    return Prepared(config, reference, stats, sampler, chosen)
+
+
+def run(args, log=print) -> HeldoutReport:
+    prepared = prepare(args)
+    config, stats, sampler, reference, chosen = prepared.config, prepared.stats, prepared.sampler, prepared.reference, prepared.chosen
     rows, measured = [], {}
     for i, method in enumerate(chosen):
         t0 = time.process_time()
@@ -134,12 +156,12 @@ def render_markdown(report: HeldoutReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=PROG, description="schedule files against chosen rows of ralu-bench quality (testbed v2, FLUX) on held-out seeds")
+def build_parser(prog: str, description: str, default_rows: Sequence[str]) -> argparse.ArgumentParser:
+    """The options of a held-out comparison (this module's and the spectrum report's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--budget", type=int, choices=sorted(arch_presets("flux")), required=True)
-    parser.add_argument("--schedule", action="append", required=True, metavar="FILE", help="a FLUX schedule file (or shipped name); repeatable")
-    parser.add_argument("--rows", nargs="*", default=["base-steps", "bottleneck", "ralu-paper"], choices=ROW_KEYS, help="harness rows to meet (default base-steps bottleneck ralu-paper)")
+    parser.add_argument("--schedule", action="append", default=[], metavar="FILE", help="a FLUX schedule file (or shipped name); repeatable")
+    parser.add_argument("--rows", nargs="*", default=list(default_rows), choices=ROW_KEYS, help=f"harness rows to meet (default {' '.join(default_rows)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="held-out seeds (default 0 1, the harness's)")
     parser.add_argument("--images", type=int, default=256, help="images per seed (default 256)")
     parser.add_argument("--real-images", type=int, default=1000)
@@ -149,15 +171,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights-dir", help="folder holding autoencoder/ classifier/ flux/ (default: testbed v2's weights lookup)")
     parser.add_argument("--work-dir", type=Path, default=Path("reports") / WORK_DIR_NAME, help="the harness's work folder (default reports/.quality-v2-work)")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    return parser
+
+
+def check_args(args) -> None:
+    """One-line ``ValueError`` for options that cannot make a comparison."""
+    if args.images < 2 or args.real_images < 2:
+        raise ValueError("--images and --real-images must be at least 2 (a Frechet distance needs a covariance)")
+    check_row_names(args.schedule)
+    for path in args.schedule:
+        if schedule_arch(path) != "flux":
+            raise ValueError(f"--schedule {path} drives SD3. Fix: give FLUX schedules (this comparison runs the FLUX generator)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(PROG, "schedule files against chosen rows of ralu-bench quality (testbed v2, FLUX) on held-out seeds", ("base-steps", "bottleneck", "ralu-paper"))
     args = parser.parse_args(argv)
     args.argv = argv
+    if not args.schedule:
+        parser.error("give at least one --schedule FILE: the held-out check compares schedule files with the harness's rows")
     try:
-        if args.images < 2 or args.real_images < 2:
-            raise ValueError("--images and --real-images must be at least 2 (a Frechet distance needs a covariance)")
-        check_row_names(args.schedule)
-        for path in args.schedule:
-            if schedule_arch(path) != "flux":
-                raise ValueError(f"--schedule {path} drives SD3. Fix: give FLUX schedules (this comparison runs the FLUX generator)")
+        check_args(args)
         report = run(args)
     except (FileNotFoundError, ValueError) as error:
         return fail(PROG, error)
