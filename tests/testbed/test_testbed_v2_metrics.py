@@ -53,6 +53,16 @@ def test_frechet_distance_small_for_the_same_distribution(scenes):
     assert metrics.feature_frechet_distance(x + 1.0, y) > 8.0  # |shift|^2 = 8
 
 
+def test_frechet_distance_of_two_free_sets_equals_torchmetrics():
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(400, 16, generator=g, dtype=torch.float64) @ mix
+    y = torch.randn(300, 16, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    for a, b in ((x, y), (y, x), (x, x[:200] * 1.5)):
+        assert metrics.frechet_distance(a, b) == pytest.approx(metrics.feature_frechet_distance(a, b), rel=1e-6)
+    assert metrics.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
 def test_psnr_ssim_and_blocking_on_known_images(scenes):
     a, b = scenes
     assert torch.all(metrics.psnr(a, a) == metrics.PSNR_CAP) and torch.allclose(metrics.ssim(a, a), torch.ones(48))

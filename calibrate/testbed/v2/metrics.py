@@ -139,6 +139,19 @@ def feature_frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor)
     return float(metric.compute())
 
 
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FD between two feature sets ``(n, d)``, both of them free to change: what
+    :func:`feature_frechet_distance` computes, without ``torchmetrics``' general matrix square
+    root (a bootstrap evaluates it hundreds of times).  ``tr((S_a S_b)^1/2)`` is the sum of the
+    square roots of the eigenvalues of ``S_b^1/2 S_a S_b^1/2``, a symmetric matrix."""
+    a, b = features_a.double(), features_b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_b)
+    root_b = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    inner = torch.linalg.eigvalsh(root_b @ cov_a @ root_b).clamp_min(0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2.0 * inner)
+
+
 class FrechetDistance:
     """FD of image sets to a fixed reference set, in the v2 classifier's features
     (``torchmetrics``' ``FrechetInceptionDistance`` with :class:`.classifier.FeatureExtractor`)."""
