@@ -190,7 +190,7 @@ def render_markdown(report: FidelityReport, figure: str) -> str:
         said = []
         for key, label in labels.items():
             beaten = sorted({v.b for v in mine if v.metric == key and v.verdict == f"{v.b} better"})
-            said.append(f"{label}: {beaters(beaten, report.rows, name) if beaten else 'beaten by none'}")
+            said.append(f"{label}: **beaten by {beaters(beaten, report.rows, name)}**" if beaten else f"{label}: beaten by none")
         lines += ["", f"`{name}`: " + "; ".join(said) + ".", "",
                   "| other row | " + " | ".join(f"{label}: schedule - other" for label in labels.values()) + " |",
                   "|---|" + "---|" * len(labels)]
