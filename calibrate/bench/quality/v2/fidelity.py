@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ralu.calibrate.bench.common import fail, write_report
 from ralu.calibrate.bench.quality.v2.heldout import build_parser, check_args, prepare
-from ralu.calibrate.bench.quality.v2.report import beaters, interval
+from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
 from ralu.calibrate.bench.quality.v2.stats import measure_seeds, seed_std
 from ralu.calibrate.testbed.v2 import metrics
@@ -182,7 +182,7 @@ def render_markdown(report: FidelityReport, figure: str) -> str:
         "|---|---|" + "---|" * (len(labels) + 2 + 2 * len(bands)),
     ]
     for r in report.rows:
-        lines.append(f"| {r.method} | {r.gflops_total:.2f} | " + " | ".join(interval(r.metrics[k], 3 if "spectral" in k else 1) for k in labels)
+        lines.append(f"| {r.method} | {r.gflops_total:.2f} | " + " | ".join(interval(r.metrics[k], DIGITS[k]) for k in labels)
                      + f" | {interval(r.metrics['fd'], 1)} | {interval(r.metrics['spectral_distance'], 3)} | "
                      + " | ".join(f"{r.bands_real[b]:+.3f}" for b in bands) + " | " + " | ".join(f"{r.bands_baseline[b]:+.3f}" for b in bands) + " |")
     for name in dict.fromkeys(v.a for v in report.verdicts):
@@ -194,17 +194,11 @@ def render_markdown(report: FidelityReport, figure: str) -> str:
         lines += ["", f"`{name}`: " + "; ".join(said) + ".", "",
                   "| other row | " + " | ".join(f"{label}: schedule - other" for label in labels.values()) + " |",
                   "|---|" + "---|" * len(labels)]
-        cells = {(v.b, v.metric): _cell(v) for v in mine}
+        cells = {(v.b, v.metric): verdict_cell(v) for v in mine}
         for other in dict.fromkeys(v.b for v in mine):
             lines.append(f"| {other} | " + " | ".join(cells[(other, k)] for k in labels) + " |")
     lines += ["", f"![log power ratio per radius]({figure})", ""]
     return "\n".join(lines)
-
-
-def _cell(v: Verdict) -> str:
-    d = 4 if "spectral" in v.metric else 1
-    said = {"not separable": "n.s.", f"{v.a} better": "**schedule better**"}.get(v.verdict, "**other better**")
-    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {said}"
 
 
 def figure_png(report: FidelityReport) -> bytes:

@@ -15,7 +15,8 @@ from ralu.calibrate.bench.quality.v2.schema import Estimate, V2Report
 from ralu.calibrate.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
 
 #: Digits per metric in the tables.
-DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3}
+DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3,
+          "fd_to_baseline": 1, "spectral_to_baseline": 3}
 
 
 @dataclass(frozen=True)
