@@ -36,13 +36,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from ralu.calibrate.bench.common import fail, write_report
-from ralu.calibrate.bench.quality.v2.heldout import build_parser, check_args, prepare
+from ralu.calibrate.bench.quality.v2.heldout import HeldoutReport, HeldoutRow, build_parser, check_args, prepare
 from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
-from ralu.calibrate.bench.quality.v2.stats import measure_seeds, seed_std
+from ralu.calibrate.bench.quality.v2.stats import seed_std
 from ralu.calibrate.testbed.v2 import metrics
 from ralu.runtime.schedule import write_bytes_atomic
 
@@ -62,15 +61,10 @@ QUESTION = "schedule vs row: distance to 50-step samples of other noise"
 BANDS = {"coarse (1-4)": (1, 4), "middle (5-12)": (5, 12), "fine (13-32)": (13, 32)}
 
 
-class FidelityRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: str
-    label: str
-    describe: str
-    gflops_total: float
-    gflops_linear: float
-    #: FIDELITY_METRICS' distances to the reference, then the harness's to real scenes ("fd", "spectral_distance")
-    metrics: dict[str, Estimate]
+class FidelityRow(HeldoutRow):
+    """A held-out row whose ``metrics`` are :data:`FIDELITY_METRICS`' distances to the
+    reference, then the harness's to real scenes (``fd``, ``spectral_distance``)."""
+
     #: per band: mean over its radii of log10(row power / real power), and / reference power
     bands_real: dict[str, float]
     bands_baseline: dict[str, float]
@@ -79,18 +73,10 @@ class FidelityRow(BaseModel):
     log_ratio_baseline: list[float]
 
 
-class FidelityReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    command: str
-    created: str
-    budget: int
-    seeds: list[int]
-    images_per_seed: int
+class FidelityReport(HeldoutReport):
     reference_noise_offset: int
-    threads: int
     bands: dict[str, tuple[int, int]]
     rows: list[FidelityRow]
-    verdicts: list[Verdict]
 
 
 def log_ratio(spectra: torch.Tensor, other: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -117,26 +103,15 @@ def distance_to(items: torch.Tensor, reference: torch.Tensor, distance, seeds: i
 
 def run(args, log=print) -> FidelityReport:
     prepared = prepare(args, baseline=True)
-    sampler, stats, real, seeds = prepared.sampler, prepared.stats, prepared.reference, prepared.config.seeds
+    stats, real, seeds = prepared.stats, prepared.reference, prepared.config.seeds
     reference_method, *chosen = prepared.chosen  # prepare puts the baseline first
-
-    def measure(method, offset: int):
-        costs = []
-
-        def sample(labels, seed):
-            images, cost, _ = sampler.run(method, labels, seed + offset)
-            costs.append(cost)
-            return images
-
-        return measure_seeds(sample, seeds, prepared.config.images, real), costs[0]
-
     t0 = time.process_time()
-    reference, _ = measure(reference_method, REFERENCE_NOISE_OFFSET)
+    reference, _ = prepared.measure(reference_method, REFERENCE_NOISE_OFFSET)
     log(f"[reference] 50-step samples, noise seeds {[s + REFERENCE_NOISE_OFFSET for s in seeds]}  ({time.process_time() - t0:.0f} s CPU)")
     rows, measured = [], {}
     for i, method in enumerate(chosen):
         t0 = time.process_time()
-        m, cost = measure(method, 0)
+        m, cost = prepared.measure(method)
         measured[method.key] = m
         found = {key: distance_to(m.per_image[items], reference.per_image[items], distance, len(seeds), stats.set_resamples)
                  for key, _, items, distance in FIDELITY_METRICS}

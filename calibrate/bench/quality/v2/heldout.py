@@ -74,6 +74,18 @@ class Prepared:
     sampler: V2Sampler
     chosen: list
 
+    def measure(self, method, noise_offset: int = 0):
+        """``method``'s images over the seeds (labels of each seed, noise of seed + ``noise_offset``),
+        measured and pooled (no baseline: PSNR/SSIM are not reported), and its per-image cost."""
+        costs = []
+
+        def sample(labels, seed):
+            images, cost, _ = self.sampler.run(method, labels, seed + noise_offset)
+            costs.append(cost)  # per image, the same for every seed
+            return images
+
+        return measure_seeds(sample, self.config.seeds, self.config.images, self.reference), costs[0]
+
 
 def prepare(args, baseline: bool = False) -> Prepared:
     """The harness's parts for ``args`` (budget, schedule, rows, seeds, images, ...): the rows
@@ -97,19 +109,11 @@ def prepare(args, baseline: bool = False) -> Prepared:
 
 def run(args, log=print) -> HeldoutReport:
     prepared = prepare(args)
-    config, stats, sampler, reference, chosen = prepared.config, prepared.stats, prepared.sampler, prepared.reference, prepared.chosen
+    stats, chosen = prepared.stats, prepared.chosen
     rows, measured = [], {}
     for i, method in enumerate(chosen):
         t0 = time.process_time()
-        costs = []
-
-        def sample(labels, seed, method=method, costs=costs):
-            images, cost, _ = sampler.run(method, labels, seed)
-            costs.append(cost)  # per image, the same for every seed
-            return images
-
-        m = measure_seeds(sample, config.seeds, config.images, reference)  # no baseline: PSNR/SSIM are not reported
-        run_cost = costs[0]
+        m, run_cost = prepared.measure(method)
         measured[method.key] = m
         rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=run_cost.total / 1e9,
                                gflops_linear=run_cost.linear / 1e9, metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))
@@ -125,7 +129,7 @@ def run(args, log=print) -> HeldoutReport:
                                      a_value=by_key[a.method].metrics[key].value, b_value=by_key[b.method].metrics[key].value,
                                      difference=c.difference, low=c.low, high=c.high, verdict=c.verdict))
     return HeldoutReport(command=f"{PROG} {shlex.join(args.argv)}".strip(), created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-                         budget=args.budget, seeds=list(config.seeds), images_per_seed=config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found)
+                         budget=args.budget, seeds=list(prepared.config.seeds), images_per_seed=prepared.config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found)
 
 
 def render_markdown(report: HeldoutReport) -> str:
