@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from ralu.calibrate.bench.common import fail, write_report
 from ralu.calibrate.bench.quality.config import check_row_names
 from ralu.calibrate.bench.quality.v2.cost import transformer_cost
-from ralu.calibrate.bench.quality.v2.plan import PEER_KEYS, RALU_KEYS, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
+from ralu.calibrate.bench.quality.v2.plan import CACHE_KINDS, PEER_KEYS, RALU_KEYS, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
 from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu.calibrate.bench.quality.v2.run import load_parts, real_reference
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
@@ -46,7 +46,8 @@ class HeldoutRow(BaseModel):
     method: str
     label: str
     describe: str
-    gflops_total: float
+    #: None for a cache row: the token log cannot say what a cache skipped (only executed linear FLOPs are measured)
+    gflops_total: float | None
     gflops_linear: float
     metrics: dict[str, Estimate]
 
@@ -88,12 +89,12 @@ class Prepared:
 
 
 def prepare(args, baseline: bool = False) -> Prepared:
-    """The harness's parts for ``args`` (budget, schedule, rows, seeds, images, ...): the rows
-    of ``args.rows`` at ``args.budget``, every schedule file, and the 50-step baseline first
-    when ``baseline``."""
+    """The harness's parts for ``args`` (budget, schedule, rows, seeds, images, caches, ...): the
+    rows of ``args.rows`` at ``args.budget`` (with ``args.caches``, also their step-cache rows),
+    every schedule file, and the 50-step baseline first when ``baseline``."""
     torch.set_num_threads(args.threads)
     config = V2Config(arches=("flux",), seeds=tuple(args.seeds), images=args.images, budgets={"flux": (args.budget,)}, schedules=tuple(args.schedule),
-                      caches=False, z_values=(), weights_dir=args.weights_dir, work_dir=str(args.work_dir), batch_size=min(args.batch_size, args.images),
+                      caches=args.caches, z_values=(), weights_dir=args.weights_dir, work_dir=str(args.work_dir), batch_size=min(args.batch_size, args.images),
                       real_images=args.real_images, trials=args.trials)
     folders, classifier, pipes = load_parts(config)
     weights = file_hashes(folders)
@@ -103,7 +104,9 @@ def prepare(args, baseline: bool = False) -> Prepared:
     cost = transformer_cost("flux", pipe.transformer.config)
     sampler = V2Sampler("flux", pipe, config.batch_size, WorkStore(config.work_dir), {p: weights[p] for p in (AUTOENCODER, FLUX)}, cost)
     methods, _ = plan_arch(config, "flux", cost, log=lambda message: None)
-    chosen = [m for m in methods if (baseline and m.key == "baseline") or (m.budget == args.budget and (m.key in args.rows or m.key.startswith("schedule:")))]
+    # a cache row comes with its uncached row (the harness plans them only when config.caches)
+    wanted = set(args.rows) | {m.key for m in methods if m.uncached in args.rows}
+    chosen = [m for m in methods if (baseline and m.key == "baseline") or (m.budget == args.budget and (m.key in wanted or m.key.startswith("schedule:")))]
     return Prepared(config, reference, stats, sampler, chosen)
 
 
@@ -115,7 +118,7 @@ def run(args, log=print) -> HeldoutReport:
         t0 = time.process_time()
         m, run_cost = prepared.measure(method)
         measured[method.key] = m
-        rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=run_cost.total / 1e9,
+        rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=None if run_cost.total is None else run_cost.total / 1e9,
                                gflops_linear=run_cost.linear / 1e9, metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))
         log(f"[{i + 1}/{len(chosen)}] {method.key:<40} FD {rows[-1].metrics['fd'].value:8.1f}  fine {rows[-1].metrics['fine_accuracy'].value:.3f}  "
             f"({time.process_time() - t0:.0f} s CPU)")
@@ -132,6 +135,11 @@ def run(args, log=print) -> HeldoutReport:
                          budget=args.budget, seeds=list(prepared.config.seeds), images_per_seed=prepared.config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found)
 
 
+def gflops_cell(row: HeldoutRow) -> str:
+    """A row's total GFLOPs per image; a cache row's executed linear GFLOPs, marked (its total is unknown)."""
+    return f"{row.gflops_total:.2f}" if row.gflops_total is not None else f"{row.gflops_linear:.2f} linear"
+
+
 def render_markdown(report: HeldoutReport) -> str:
     lines = [
         f"# Schedules on held-out seeds (testbed v2, FLUX {report.budget}x)",
@@ -146,7 +154,7 @@ def render_markdown(report: HeldoutReport) -> str:
         "|---|---|---|" + "---|" * len(SCHEDULE_METRICS),
     ]
     for r in report.rows:
-        lines.append(f"| {r.method} | {r.gflops_total:.2f} | {r.describe} | " + " | ".join(interval(r.metrics[k], DIGITS[k]) for k in SCHEDULE_METRICS) + " |")
+        lines.append(f"| {r.method} | {gflops_cell(r)} | {r.describe} | " + " | ".join(interval(r.metrics[k], DIGITS[k]) for k in SCHEDULE_METRICS) + " |")
     for name in dict.fromkeys(v.a for v in report.verdicts):
         mine = [v for v in report.verdicts if v.a == name]
         beaten = sorted({v.b for v in mine if v.verdict == f"{v.b} better"})
@@ -166,6 +174,9 @@ def build_parser(prog: str, description: str, default_rows: Sequence[str]) -> ar
     parser.add_argument("--budget", type=int, choices=sorted(arch_presets("flux")), required=True)
     parser.add_argument("--schedule", action="append", default=[], metavar="FILE", help="a FLUX schedule file (or shipped name); repeatable")
     parser.add_argument("--rows", nargs="*", default=list(default_rows), choices=ROW_KEYS, help=f"harness rows to meet (default {' '.join(default_rows)})")
+    parser.add_argument("--caches", action="store_true",
+                        help="also each chosen row's step-cache rows, planned as the harness plans them (FLUX: ralu-ours and base-steps with "
+                             f"{', '.join(CACHE_KINDS['flux'])})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="held-out seeds (default 0 1, the harness's)")
     parser.add_argument("--images", type=int, default=256, help="images per seed (default 256)")
     parser.add_argument("--real-images", type=int, default=1000)
