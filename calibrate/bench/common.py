@@ -111,8 +111,12 @@ def fail(command: str, error: Exception | str) -> int:
 
 def render_from_json(argv: Sequence[str], module: str, render: Callable[[str], str]) -> int:
     """``python -m MODULE REPORT_JSON``: print ``render(json_text)``, the report's Markdown."""
-    if len(argv) != 1:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(f"usage: python -m {module} REPORT_JSON", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    path = Path(argv[0])
+    if not path.is_file():
+        print(f"python -m {module}: no report file {path}. Fix: give the JSON a report run wrote", file=sys.stderr)
         return 2
-    sys.stdout.write(render(Path(argv[0]).read_text()))
+    sys.stdout.write(render(path.read_text()))
     return 0

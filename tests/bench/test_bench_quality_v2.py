@@ -135,6 +135,10 @@ def test_rows_that_beat_a_schedule_at_more_cost_are_marked():
     assert v2_report.extra_cost(rows, "schedule:mine", "dearer") == pytest.approx(0.1)
     assert v2_report.beaters(["dearer", "same", "cheaper"], rows, "schedule:mine") == "cheaper, dearer (costs 10 % more), same"
     assert v2_report.beaters([], rows, "schedule:mine") == "none"
+    # a cache row has no total: it is compared in linear GFLOPs, as is the schedule then (2 * 10 against 21)
+    rows.append(SimpleNamespace(method="cached", gflops_total=None, gflops_linear=21.0))
+    assert v2_report.extra_cost(rows, "schedule:mine", "cached") == pytest.approx(0.05)
+    assert v2_report.beaters(["cached"], rows, "schedule:mine") == "cached (costs 5 % more)"
 
 
 def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):

@@ -69,3 +69,7 @@ def test_render_from_json_on_the_command_line(name):
     assert done.stdout == (REPORTS / f"{name}.md").read_text()
     bad = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+    missing = subprocess.run([sys.executable, "-m", module, "no-such-report.json"], capture_output=True, text=True, timeout=120)
+    last = missing.stderr.strip().splitlines()[-1]
+    assert missing.returncode == 2 and "no report file no-such-report.json" in last and "Traceback" not in missing.stderr

@@ -90,19 +90,20 @@ def _cell_of(cells: dict, key: str):
     return lambda other: cells.get((other, key), "")
 
 
-#: A row that beats a ``--schedule`` row counts as costing more when its total (else linear)
-#: GFLOPs exceed the schedule's by more than this fraction: it is then outside the schedule's budget.
+#: A row that beats a ``--schedule`` row counts as costing more when its GFLOPs exceed the
+#: schedule's by more than this fraction: it is then outside the schedule's budget.
 COSTLIER = 0.01
 
 
-def _gflops(row) -> float:
-    return row.gflops_total if row.gflops_total is not None else row.gflops_linear
-
-
 def extra_cost(rows: list, name: str, other: str) -> float:
-    """How much more ``other`` costs per image than ``name`` (a fraction; rows of one budget)."""
-    by_method = {r.method: _gflops(r) for r in rows}
-    return by_method[other] / by_method[name] - 1.0
+    """How much more ``other`` costs per image than ``name`` (a fraction; rows of one budget):
+    in total GFLOPs, or in executed linear GFLOPs when either is a cache row (whose total is
+    unknown), so the two are always counted alike."""
+    by_method = {r.method: r for r in rows}
+    a, b = by_method[name], by_method[other]
+    if a.gflops_total is None or b.gflops_total is None:
+        return b.gflops_linear / a.gflops_linear - 1.0
+    return b.gflops_total / a.gflops_total - 1.0
 
 
 def beaters(names: list[str], rows: list, name: str) -> str:
