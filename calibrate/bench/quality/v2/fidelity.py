@@ -182,18 +182,22 @@ def figure_png(report: FidelityReport) -> bytes:
     matplotlib.use("Agg")  # figures are files, never windows
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    # one colour per row (tab20 has 20); schedule files solid, the first (the one under test) bold, harness rows dashed
+    colours = plt.get_cmap("tab20" if len(report.rows) > 10 else "tab10")
+    first = next((r.method for r in report.rows if r.method.startswith("schedule:")), None)
     for ax, key, title in zip(axes, ("log_ratio_real", "log_ratio_baseline"), ("vs real scenes", "vs 50-step samples of other noise")):
         for k, r in enumerate(report.rows):
             values = getattr(r, key)
-            ax.plot(range(1, len(values) + 1), values, marker="osD^v<>ph*"[k % 10], markersize=3, label=r.method)
+            style = dict(linewidth=2.6, zorder=3) if r.method == first else dict(linewidth=1.1, linestyle="-" if r.method.startswith("schedule:") else "--")
+            ax.plot(range(1, len(values) + 1), values, color=colours(k % colours.N), marker="osD^v<>ph*"[k % 10], markersize=3, label=r.method, **style)
         ax.axhline(0.0, color="grey", linewidth=1)
         ax.set_xlabel("radius (cycles per image)")
         ax.set_ylabel("log10 power ratio")
         ax.set_title(f"FLUX {report.budget}x: mean radial power {title}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
