@@ -73,3 +73,19 @@ def test_render_from_json_on_the_command_line(name):
     missing = subprocess.run([sys.executable, "-m", module, "no-such-report.json"], capture_output=True, text=True, timeout=120)
     last = missing.stderr.strip().splitlines()[-1]
     assert missing.returncode == 2 and "no report file no-such-report.json" in last and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("budget", [4, 7])
+def test_committed_heldout_and_fidelity_reports_are_rendered_from_their_json(budget):
+    """The budget-filling picks' proof: the committed Markdown is what today's renderers make
+    of the committed JSON (a change to the verdict wording or the cost comparison shows here)."""
+    from ralu.calibrate.bench.quality.v2 import fidelity, heldout
+
+    folder = REPORTS / "quality-search-v2" / "budget-filling"
+    held = heldout.HeldoutReport.model_validate_json((folder / f"heldout-{budget}x.json").read_text())
+    assert heldout.render_markdown(held) == (folder / f"heldout-{budget}x.md").read_text()
+    score = fidelity.FidelityReport.model_validate_json((folder / f"fidelity-{budget}x.json").read_text())
+    assert fidelity.render_markdown(score, f"fidelity-{budget}x.png") == (folder / f"fidelity-{budget}x.md").read_text()
+    # every row the harness plans at the budget is there, its cache rows included
+    assert {"base-steps", "bottleneck", "ralu-paper", "ralu-ours+magcache", "base-steps+first_block"} <= {r.method for r in held.rows}
+    assert [r.method for r in held.rows] == [r.method for r in score.rows]
