@@ -111,9 +111,10 @@ def fail(command: str, error: Exception | str) -> int:
 
 def render_from_json(argv: Sequence[str], module: str, render: Callable[[str], str]) -> int:
     """``python -m MODULE REPORT_JSON``: print ``render(json_text)``, the report's Markdown."""
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    asked = list(argv[:1]) in (["-h"], ["--help"])
+    if asked or len(argv) != 1:
         print(f"usage: python -m {module} REPORT_JSON", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        return 0 if asked else 2
     path = Path(argv[0])
     if not path.is_file():
         print(f"python -m {module}: no report file {path}. Fix: give the JSON a report run wrote", file=sys.stderr)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ralu.calibrate.bench.common import fail, write_report
-from ralu.calibrate.bench.quality.v2.heldout import HeldoutReport, HeldoutRow, build_parser, check_args, gflops_cell, prepare
+from ralu.calibrate.bench.quality.v2.heldout import HeldoutReport, HeldoutRow, build_parser, check_args, gflops_cell, prepare, row_fields
 from ralu.calibrate.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu.calibrate.bench.quality.v2.schema import Estimate, Verdict
 from ralu.calibrate.bench.quality.v2.stats import seed_std
@@ -117,8 +117,7 @@ def run(args, log=print) -> FidelityReport:
                  for key, _, items, distance in FIDELITY_METRICS}
         found.update({key: Estimate(**stats.estimate(key, m)) for key in ("fd", "spectral_distance")})
         ratio_real, ratio_base = log_ratio(m.per_image["spectra"], real.spectra), log_ratio(m.per_image["spectra"], reference.per_image["spectra"])
-        rows.append(FidelityRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=None if cost.total is None else cost.total / 1e9,
-                                gflops_linear=cost.linear / 1e9, metrics=found, bands_real=band_means(ratio_real), bands_baseline=band_means(ratio_base),
+        rows.append(FidelityRow(**row_fields(method, cost), metrics=found, bands_real=band_means(ratio_real), bands_baseline=band_means(ratio_base),
                                 log_ratio_real=ratio_real.tolist(), log_ratio_baseline=ratio_base.tolist()))
         log(f"[{i + 1}/{len(chosen)}] {method.key:<40} FD to 50-step {found['fd_to_baseline'].value:8.1f}  "
             f"spectral to 50-step {found['spectral_to_baseline'].value:.3f}  ({time.process_time() - t0:.0f} s CPU)")

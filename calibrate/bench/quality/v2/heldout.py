@@ -88,6 +88,13 @@ class Prepared:
         return measure_seeds(sample, self.config.seeds, self.config.images, self.reference), costs[0]
 
 
+def row_fields(method, cost) -> dict:
+    """A measured row's name, label, definition and per-image GFLOPs, as :class:`HeldoutRow`
+    (and the rows extending it) declare them; a cache row has no total (``cost.total`` None)."""
+    return dict(method=method.key, label=method.label, describe=method.details.get("describe", ""),
+                gflops_total=None if cost.total is None else cost.total / 1e9, gflops_linear=cost.linear / 1e9)
+
+
 def prepare(args, baseline: bool = False) -> Prepared:
     """The harness's parts for ``args`` (budget, schedule, rows, seeds, images, caches, ...): the
     rows of ``args.rows`` at ``args.budget`` (with ``args.caches``, also their step-cache rows),
@@ -118,8 +125,7 @@ def run(args, log=print) -> HeldoutReport:
         t0 = time.process_time()
         m, run_cost = prepared.measure(method)
         measured[method.key] = m
-        rows.append(HeldoutRow(method=method.key, label=method.label, describe=method.details.get("describe", ""), gflops_total=None if run_cost.total is None else run_cost.total / 1e9,
-                               gflops_linear=run_cost.linear / 1e9, metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))
+        rows.append(HeldoutRow(**row_fields(method, run_cost), metrics={k: Estimate(**stats.estimate(k, m)) for k in SCHEDULE_METRICS}))
         log(f"[{i + 1}/{len(chosen)}] {method.key:<40} FD {rows[-1].metrics['fd'].value:8.1f}  fine {rows[-1].metrics['fine_accuracy'].value:.3f}  "
             f"({time.process_time() - t0:.0f} s CPU)")
     by_key = {r.method: r for r in rows}
