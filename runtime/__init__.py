@@ -4,7 +4,7 @@ Light by design: never imports optuna, scipy or matplotlib.  Pipeline classes ar
 lazily so that reading a schedule does not pay for importing diffusers.
 """
 
-from .models import MODEL_FAMILIES
+from .models import FAMILIES, MODEL_FAMILIES
 from .schedule import (
     SCHEDULE_VERSION,
     Schedule,
@@ -19,10 +19,8 @@ from .schedule import (
     transition,
 )
 
-_LAZY = {
-    "RALUFluxPipeline": ".flux",
-    "RALUStableDiffusion3Pipeline": ".sd3",
-}
+#: RALU pipeline class -> its module, one per family (ralu.runtime.models.FAMILIES).
+_LAZY = {family.pipeline: f".{family.module}" for family in FAMILIES.values()}
 
 
 def __getattr__(name):
@@ -34,8 +32,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "RALUFluxPipeline",
-    "RALUStableDiffusion3Pipeline",
+    *_LAZY,
+    "FAMILIES",
     "MODEL_FAMILIES",
     "SCHEDULE_VERSION",
     "Schedule",

@@ -15,7 +15,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Family = Literal["flux", "sd3"]
+#: A pipeline family's name: a key of :data:`FAMILIES`.
+Family = str
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,8 +55,10 @@ class Scheduler:
     dynamic: DynamicShift | None = None
     num_train_timesteps: int = 1000
 
-    def base_shift(self, image_tokens: int) -> float:
-        """h0: the shift of the base model's own sigma grid at ``image_tokens`` image tokens."""
+    def base_shift(self, image_tokens: int, steps: int | None = None) -> float:
+        """h0: the shift of the base model's own sigma grid at ``image_tokens`` image tokens
+        and ``steps`` steps (a rule that depends on the step count, such as FLUX.2's, reads
+        ``steps``; the others ignore it)."""
         if self.dynamic is None:
             return self.shift
         return math.exp(self.dynamic.mu(image_tokens))
@@ -156,6 +159,63 @@ _SD3_TEXT = (
 
 
 # ----------------------------------------------------------------------------------------
+# Pipeline families: the RALU pipeline that runs a family's models.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One pipeline family: the RALU pipeline class that runs its models, the diffusers
+    pipelines whose folders it loads, and how its guidance is set.
+
+    What the family's pipeline itself must supply (prompt encoding, token layout, positions,
+    the velocity call, the decode) is the protocol of :mod:`ralu.runtime.family`; this record
+    holds only the facts the rest of ralu reads without importing diffusers (``ralu-generate``
+    choosing a class from ``model_index.json``, the lazy imports of :mod:`ralu.runtime`)."""
+
+    #: Family name, as schedules record it (through their model's :class:`ModelSpec`).
+    name: str
+    #: Human name in messages and tables ("FLUX.1", "Stable Diffusion 3").
+    title: str
+    #: Module (under ``ralu.runtime``) and name of the RALU pipeline class.
+    module: str
+    pipeline: str
+    #: ``model_index.json`` ``_class_name`` values of the diffusers pipelines it runs.
+    base_pipelines: tuple[str, ...]
+    #: Pipeline components ``--prompt`` needs (encoders and tokenizers; optional ones left out).
+    text_components: tuple[str, ...]
+    #: ``guidance_scale`` that ``ralu-generate`` passes when ``--guidance`` is not given.
+    default_guidance: float
+    #: The call argument whose value > 1 turns classifier-free guidance (and so the negative
+    #: prompt) on: ``"true_cfg_scale"`` for guidance-distilled models that add true CFG on
+    #: request (FLUX.1, Qwen-Image), ``"guidance_scale"`` for models that run CFG by default.
+    cfg_argument: Literal["true_cfg_scale", "guidance_scale"]
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            "flux", "FLUX.1", "flux", "RALUFluxPipeline", ("FluxPipeline",),
+            ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=3.5, cfg_argument="true_cfg_scale",
+        ),
+        FamilySpec(
+            # SD3's third encoder (T5) is optional in diffusers, so not required here.
+            "sd3", "Stable Diffusion 3", "sd3", "RALUStableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
+            ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=7.0, cfg_argument="guidance_scale",
+        ),
+    )
+}
+
+
+def get_family(name: str) -> FamilySpec:
+    """A family's record; unknown names get an error listing the families."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown pipeline family {name!r}. Fix: use one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# ----------------------------------------------------------------------------------------
 # The model record and the rules it implies.
 # ----------------------------------------------------------------------------------------
 
@@ -205,10 +265,11 @@ class ModelSpec:
         side = TOKEN_PATCH * self.vae_scale_factor
         return (height // side) * (width // side)
 
-    def base_shift(self, height: int, width: int) -> float:
-        """h0: the shift of the base model's own schedule at this resolution (FLUX.1-dev:
-        exp(mu) = 3.158 at 1024x1024; SD3: 3.0 at any size)."""
-        return self.scheduler.base_shift(self.image_tokens(height, width))
+    def base_shift(self, height: int, width: int, steps: int | None = None) -> float:
+        """h0: the shift of the base model's own schedule at this resolution and step count
+        (default: the baseline's ``base_steps``).  FLUX.1-dev: exp(mu) = 3.158 at 1024x1024;
+        SD3: 3.0 at any size."""
+        return self.scheduler.base_shift(self.image_tokens(height, width), self.base_steps if steps is None else steps)
 
 
 _SD3_SCHEDULER = Scheduler(shift=3.0)

@@ -1,8 +1,9 @@
 """What the RALU pipelines of every model family share: :class:`RALUPipelineMixin`.
 
-A family's pipeline (:mod:`ralu.runtime.flux`, :mod:`ralu.runtime.sd3`) inherits from this
+A family's pipeline (:mod:`ralu.runtime.flux`, :mod:`ralu.runtime.sd3`, ...) inherits from this
 mixin and from its diffusers base pipeline, encodes the prompt as that base pipeline does and
-supplies a stage model (:class:`RALUStageModel`); the mixin does the rest of a call: the
+supplies a stage model (:class:`RALUStageModel`); what it must supply is the protocol of
+:mod:`ralu.runtime.family`.  The mixin does the rest of a call: the
 plan and the checks every family makes, the initial noise, the stages with the
 ``callback_on_step_end`` hook and the progress bar, and the output.
 
@@ -88,7 +89,7 @@ class RALUStageModel:
         self.dtype, self.device = dtype, device
 
     def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
-        return vae_decode(self.pipe.vae, latent).float()
+        return self.pipe.decode_canvas(latent).float()
 
     #: The call's plan (set by :meth:`RALUPipelineMixin.run_ralu_stages`).
     plan: Plan | None = None
@@ -179,6 +180,12 @@ class RALUPipelineMixin:
     def canvas_to_latents(self, canvas: torch.Tensor) -> torch.Tensor:
         """A latent image ``(B, C, H, W)`` -> the family's ``latents`` layout."""
         raise NotImplementedError
+
+    def decode_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        """A latent image ``(B, C, h, w)`` -> images ``(B, 3, 8h, 8w)`` in [-1, 1]: the final
+        decode and the edge decode.  The default undoes the VAE's scaling and shift
+        (:func:`vae_decode`); a family whose VAE normalises otherwise overrides it."""
+        return vae_decode(self.vae, canvas)
 
     def latents_shape(self, images: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the ``latents`` of ``images`` latent images of ``height x width`` pixels."""
@@ -339,7 +346,7 @@ class RALUPipelineMixin:
         if output_type == "latent":
             image = self.canvas_to_latents(canvas).to(dtype)
         else:
-            image = self.image_processor.postprocess(vae_decode(self.vae, canvas), output_type=output_type)
+            image = self.image_processor.postprocess(self.decode_canvas(canvas), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
