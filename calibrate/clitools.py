@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from ralu.runtime.schedule import check_output_file
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (exit 2), like every other error here."""
@@ -24,20 +26,19 @@ def one_line(error: BaseException) -> str:
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Raise ``ValueError`` naming ``option`` unless ``path`` can be written: not a folder,
+    """Raise ``ValueError`` naming ``option`` unless ``path`` can be written: not a folder, device, FIFO or symbolic link,
     and its folder (or the nearest existing folder above it, which the writer will create
     the rest under) accepts a new file.  Probed by creating and removing a temporary file,
     since permission bits do not tell the whole story (root, read-only mounts)."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder. Fix: give a file name, e.g. {path / 'out'}")
+    check_output_file(path, option)  # a device, FIFO, folder or symbolic link; before any probe
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"{option} {path}: {folder} is not a folder. Fix: choose a path inside a folder")
     try:
-        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name[:120]}.", suffix=".probe", dir=folder)
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot create files in {folder} ({error.strerror}). Fix: choose a writable folder") from None
     os.close(handle)

@@ -24,16 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .schedule import write_text_atomic
+from .schedule import check_output_file, write_atomic, write_text_atomic
 
 MANIFEST = "manifest.jsonl"
+#: the lock file a run holds in its output folder (``fcntl.flock``: released when the process ends, killed or not)
+LOCK = ".ralu-generate.lock"
 PART_PREFIX = "manifest.part-"
 #: the fields that say which image a record describes; a rerun must agree on all of them
 IDENTITY = ("index", "prompt", "negative_prompt", "seed", "schedule_sha256", "parameters", "file")
@@ -67,8 +69,14 @@ def read_prompts(path: str | os.PathLike, base_seed: int, negative_prompt: str |
     without their own."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        regular = path.is_file() or not path.exists()
+    except (OSError, ValueError):
+        regular = True  # the read below names the problem
+    if not regular:
+        raise ValueError(f"the prompts file {str(path)!r} is not a regular file (a folder, device or FIFO). Fix: pass a UTF-8 text file, one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first prompt
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"cannot read the prompts file {str(path)!r} ({error}). Fix: pass a UTF-8 text file, one prompt per line") from None
     jsonl = path.suffix.lower() == ".jsonl"
     jobs = []
@@ -77,18 +85,53 @@ def read_prompts(path: str | os.PathLike, base_seed: int, negative_prompt: str |
             continue
         where = f"{path}, line {number}"
         fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
+        for key in ("prompt", "negative_prompt"):
+            problem = text_problem(fields.get(key))
+            if problem is not None:
+                raise ValueError(f"{where}: the {key} {problem}")
         index = len(jobs)
-        jobs.append(Job(index, fields["prompt"], fields.get("seed", base_seed + index), fields.get("negative_prompt", negative_prompt)))
+        seed = fields.get("seed", base_seed + index)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"{where}: seed {seed} (--seed {base_seed} + prompt index {index}) is not in [0, 2**63). Fix: a smaller non-negative --seed, or a seed on the line")
+        jobs.append(Job(index, fields["prompt"], seed, fields.get("negative_prompt", negative_prompt)))
     if not jobs:
         raise ValueError(f"the prompts file {str(path)!r} holds no prompt. Fix: write one prompt per line")
     return jobs
 
 
+def text_problem(text) -> str | None:
+    """Why a prompt cannot go to a tokenizer and into a PNG's metadata, or None: a NUL byte,
+    or a lone surrogate (JSON's ``"\\ud800"``, or undecodable bytes on the command line)."""
+    if not isinstance(text, str):
+        return None
+    if "\0" in text:
+        return "holds a NUL byte. Fix: remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"holds {text[error.start]!r} at character {error.start}, a lone surrogate that is no Unicode character. Fix: write the character itself (UTF-8), or a surrogate pair"
+    return None
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json`` object hook: a key given twice is refused, not silently the last one."""
+    fields = {}
+    for key, value in pairs:
+        if key in fields:
+            raise ValueError(f"the key {key!r} is given twice. Fix: keep one of them")
+        fields[key] = value
+    return fields
+
+
 def _jsonl_fields(line: str, where: str) -> dict:
     try:
-        fields = json.loads(line)
+        fields = json.loads(line, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise ValueError(f'{where} is not JSON ({error.msg}). Fix: one object per line, e.g. {{"prompt": "a cat", "seed": 3}}') from None
+    except RecursionError:
+        raise ValueError(f'{where} is nested too deeply. Fix: one flat object per line, e.g. {{"prompt": "a cat", "seed": 3}}') from None
+    except ValueError as error:  # a duplicate key, or an integer beyond Python's digit limit
+        raise ValueError(f"{where}: {error}" if "Fix:" in str(error) else f"{where} is not usable JSON ({error}). Fix: one object per line") from None
     if not isinstance(fields, dict):
         raise ValueError(f'{where} is not a JSON object. Fix: one object per line, e.g. {{"prompt": "a cat", "seed": 3}}')
     unknown = sorted(set(fields) - set(JSONL_KEYS))
@@ -186,10 +229,43 @@ def write_manifest(out: Path, records: Iterable[dict]) -> Path:
     return path
 
 
+@contextmanager
+def folder_lock(out: Path):
+    """Hold the output folder for this run: one live run per folder.
+
+    An exclusive ``fcntl.flock`` on ``out/.ralu-generate.lock``, taken without waiting.  The
+    kernel drops it when the process ends, however it ends (kill -9 included), so a crashed
+    run never leaves the folder locked; the file itself stays (removing it would let two runs
+    lock two different files).  A second run on the same folder gets a ``ValueError``.
+    """
+    import fcntl
+
+    path = out / LOCK
+    check_output_file(path)
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        raise ValueError(f"cannot create the lock file {path} ({error.strerror or error}). Fix: pass a writable --out folder") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another ralu-generate is writing to --out {str(out)!r} (it holds {LOCK} there). "
+                "Fix: wait for it to finish (a rerun then makes only the missing images), or pass another --out folder"
+            ) from None
+        except OSError as error:
+            raise ValueError(f"cannot lock {path} ({error.strerror or error}). Fix: pass an --out folder on a local file system") from None
+        yield path
+    finally:
+        os.close(handle)  # releases the lock
+
+
 class PartWriter:
     """Appends records to this process's part file, each one durable before the next image."""
 
     def __init__(self, path: Path):
+        check_output_file(path)  # a FIFO would block the open, a link would be written through
         self.stream = open(path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
@@ -202,17 +278,10 @@ class PartWriter:
 
 
 def save_png_atomic(image, path: Path, pnginfo=None) -> None:
-    """Save a PIL image through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=pnginfo)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Save a PIL image through a temporary file in the same folder and a rename
+    (:func:`ralu.runtime.schedule.write_atomic`: a target that is not a regular file, or is a
+    symbolic link, is refused; the PNG gets the mode of ``open(path, "w")``, like the manifest)."""
+    write_atomic(path, lambda stream: image.save(stream, format="PNG", pnginfo=pnginfo))
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,6 +388,8 @@ def run_batch(
     processes.wait_for_everyone()
 
     todo = [job for job in jobs if job.index not in done]
+    for job in todo:  # a file name taken by a FIFO, device, folder or link: refused before any image is made
+        check_output_file(out / file_name(job))
     mine = processes.share(todo)
     render = make_renderer() if mine else None
     bar = _progress_bar(len(todo), len(done), progress and processes.is_main and bool(todo))

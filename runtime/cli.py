@@ -12,6 +12,7 @@ makes one image per line of a file, shared among the processes of a launcher and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import re
@@ -216,27 +217,90 @@ def render(pipe, setup: Setup, args: argparse.Namespace, device: str, prompt: st
     return image, info, elapsed
 
 
+#: Largest --guidance and --true-cfg-scale: far above any useful scale (FLUX 3.5, SD3 7, true
+#: CFG 4), small enough that the guided prediction stays finite in bfloat16.
+MAX_GUIDANCE = 100.0
+#: Seeds are integers in [0, 2**63), as in a prompts file (torch's generators take them all).
+SEED_LIMIT = 2**63
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numbers and the device, before the schedule is read or anything is loaded: every
+    float finite and in range, every seed usable, the device one this machine has."""
+    import math
+
+    for option, value in (("--guidance", args.guidance), ("--true-cfg-scale", args.true_cfg_scale)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
+            raise CLIError(f"{option} {value!r} is not a finite number in [0, {MAX_GUIDANCE:g}]. Fix: e.g. {option} 4.0")
+    if args.num_images is not None and args.num_images < 1:
+        raise CLIError(f"--num-images {args.num_images}: must be at least 1")
+    last = args.seed + (0 if args.prompts is not None else (args.num_images or 1) - 1)
+    if not 0 <= args.seed or not last < SEED_LIMIT:
+        raise CLIError(f"--seed {args.seed}: seeds must be integers in [0, 2**63) (the last image's seed is --seed + --num-images - 1). Fix: a smaller non-negative --seed")
+    from ralu.runtime.batch import text_problem
+
+    for option, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        problem = text_problem(text)
+        if problem is not None:
+            raise CLIError(f"{option} {problem}")
+    if args.device is not None:
+        check_device(args.device)
+    try:
+        is_file = Path(args.out).exists() and not Path(args.out).is_dir()
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte
+        raise CLIError(f"--out {args.out!r} cannot be a folder name ({getattr(error, 'strerror', None) or error}). Fix: pass a shorter, plain folder name") from None
+    if is_file:
+        raise CLIError(f"--out {args.out!r} is a file; --out names a folder for the PNG files. Fix: pass a folder (it is created if missing)")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` torch cannot parse or this machine does not have."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"--device {device!r} is not a torch device. Fix: e.g. --device cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "meta":
+        raise CLIError("--device meta holds no data, so it cannot make images. Fix: --device cpu or cuda")
+    backend = {"mps": getattr(torch.backends, "mps", None)}.get(parsed.type, getattr(torch, parsed.type, None))
+    if parsed.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise CLIError(f"--device {device!r}: this machine has no {parsed.type} device. Fix: --device cpu, or leave --device out")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s). Fix: an index below that, or --device cuda")
+
+
+def make_out_folder(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"cannot create the output folder {args.out!r} ({error.strerror or error}). Fix: pass a writable --out folder") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> list[Path]:
+    check_arguments(args)
     if args.prompts is not None:
         return run_prompts(args)
     num_images = 1 if args.num_images is None else args.num_images
-    if num_images < 1:
-        raise CLIError(f"--num-images {num_images}: must be at least 1")
     setup = prepare(args)
     check_negative_prompt(setup, args, args.negative_prompt)
+    out = make_out_folder(args)  # before the pipeline is loaded
     device, dtype_name = choose_device(args)
     pipe = load_pipeline(setup, args, device, dtype_name)
 
     from ralu.runtime.batch import save_png_atomic
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(num_images):
         seed = args.seed + index
         image, info, elapsed = render(pipe, setup, args, device, args.prompt, args.negative_prompt, seed)
         path = out / png_name(args.schedule, seed, index)
-        save_png_atomic(image, path, info)
+        try:
+            save_png_atomic(image, path, info)
+        except (OSError, ValueError) as error:
+            raise CLIError(f"cannot write {path} ({getattr(error, 'strerror', None) or error}). Fix: free space, or pass a writable --out folder") from None
         written.append(path)
         print(f"{path}: {elapsed:.3f} s/image (seed {seed})", flush=True)
     return written
@@ -255,11 +319,7 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
         raise CLIError(str(error)) from None
     for job in jobs:
         check_negative_prompt(setup, args, job.negative_prompt, f" (prompt {job.index})")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CLIError(f"cannot create the output folder {args.out!r} ({error.strerror}). Fix: pass a writable --out folder") from None
+    out = make_out_folder(args)
 
     device, _ = choose_device(args)
     try:
@@ -286,7 +346,9 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
             return lambda job: render(pipe, setup, args, device, job.prompt, job.negative_prompt, job.seed)
 
         try:
-            result = batch.run_batch(jobs, out, processes, lambda job: png_name(args.schedule, job.seed, job.index), common, make_renderer)
+            # One live run per folder: the main process holds the folder's lock for the whole run.
+            with batch.folder_lock(out) if processes.is_main else contextlib.nullcontext():
+                result = batch.run_batch(jobs, out, processes, lambda job: png_name(args.schedule, job.seed, job.index), common, make_renderer)
         except ValueError as error:
             raise CLIError(str(error)) from None
     finally:
@@ -302,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except CLIError as error:
         print(f"ralu-generate: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only file system: what the checks cannot foresee
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"ralu-generate: error: {error.strerror or error}{where}. Fix: free space or pass a writable --out folder; a rerun of --prompts makes only the missing images", file=sys.stderr)
         return 2
     return 0
 

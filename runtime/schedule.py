@@ -14,6 +14,7 @@ import json
 import math
 import os
 import reprlib
+import stat
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -509,23 +510,85 @@ def _parse_json(raw: bytes, where: str):
         raise ScheduleError(f"schedule {where} is not a usable JSON document ({_short(str(error))}). {fix}") from None
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename:
-    readers see the old file or the new one, never a partial one.
+class OutputPathError(ValueError):
+    """A file ralu was asked to write cannot be written as a regular file: the path exists
+    and is not one (a device, FIFO, socket or folder), is a symbolic link, or is a name the
+    OS refuses.  Raised before anything is created or written."""
 
-    The file gets the mode a plain ``open(path, "w")`` would give it: an existing file keeps
-    its mode, a new one gets ``0o666`` less the umask (``mkstemp`` alone would leave 0600).
+
+#: What ``stat`` calls the kinds of file a write refuses to replace.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _path_text(path) -> str:
+    """A path for a one-line message: control characters escaped, a huge one shortened."""
+    text = _one_line(os.fsdecode(path))
+    return text if len(text) <= 200 else f"{text[:120]}...{text[-60:]}"
+
+
+def check_output_file(path: str | os.PathLike, what: str = "") -> None:
+    """Refuse, with a one-line :class:`OutputPathError`, a write target that exists and is not
+    a regular file, or that is a symbolic link (to anything, even a regular file).
+
+    ralu's writes replace the target by a rename; a rename would turn ``/dev/null`` or a FIFO
+    into an ordinary file and replace a link by a file.  ralu neither follows nor replaces a
+    link: the error names what the link points to, so the user can write there directly
+    (docs/hardening.md).  Only the last component is checked; links among the folders above
+    are followed as usual.  ``what`` (an option name such as ``--out``) starts the message.
+    """
+    label = f"{what} {_path_text(path)}" if what else _path_text(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise OutputPathError(f"{label}: a part of its folder path is not a folder but a file. Fix: choose a path inside a folder") from None
+    except ValueError:  # an embedded NUL byte
+        raise OutputPathError(f"{label} holds a NUL byte, which no file name can. Fix: choose another file name") from None
+    except OSError as error:  # a name too long, a loop of links, no permission to look
+        raise OutputPathError(f"{label} cannot be used as a file name ({error.strerror or error}). Fix: choose a shorter or reachable file name") from None
+    if stat.S_ISLNK(info.st_mode):
+        target = _path_text(os.path.realpath(path))
+        raise OutputPathError(
+            f"{label} is a symbolic link (to {target}); ralu neither writes through a link nor replaces it. "
+            f"Fix: pass the file it points to ({target}), or remove the link"
+        )
+    if stat.S_ISDIR(info.st_mode):
+        raise OutputPathError(f"{label} is a folder. Fix: give a file name, e.g. {_path_text(os.path.join(os.fspath(path), 'out'))}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+        raise OutputPathError(f"{label} exists and is {kind}; ralu replaces only regular files. Fix: choose another file name")
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Write a file through a temporary file in the same folder and a rename: readers see
+    the old file or the new one, never a partial one.  ``write(stream)`` writes the content
+    to a binary stream.
+
+    The target is checked first (:func:`check_output_file`): one that exists and is not a
+    regular file, or is a symbolic link, is refused before anything is created.  The file
+    gets the mode a plain ``open(path, "w")`` would give it: an existing file keeps its
+    mode, a new one gets ``0o666`` less the umask (``mkstemp`` alone would leave 0600).
     """
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o666 & ~_current_umask()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name is the target's plus ~20 characters: keep it within NAME_MAX (255)
+    # for a target whose own name is close to it.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:120]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fchmod(stream.fileno(), mode)
             os.fsync(stream.fileno())
@@ -534,6 +597,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`write_atomic` of ``data``."""
+    return write_atomic(path, lambda stream: stream.write(data))
 
 
 def _current_umask() -> int:
