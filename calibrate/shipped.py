@@ -24,6 +24,10 @@ from .search import MIN_SIGNAL, NTDMObjective, StageLayout, default_objective, o
 
 COMMAND = "python -m ralu.calibrate.shipped"
 
+#: Models with no published preset: what the main job (``ralu-calibrate --model M --speedup X``)
+#: writes at the paper's FLUX.1 budgets (4x and 7x), shipped as ``M-Xx``.
+MAIN_JOB_BUDGETS: tuple[tuple[str, float], ...] = ()
+
 
 def _row(name: str, schedule: Schedule, paper_js: float | None) -> str:
     stages = schedule.stages
@@ -128,6 +132,14 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
             f"- `{preset.name}`: published shifts {', '.join(f'{h:g}' for h in preset.shifts)}, c = {preset.c:.4f} "
             f"(h0 = {PAPER_H0:g}); our linear-convention speed-up {given.flops_speedup.linear:.2f}x vs published {published}."
         )
+    family_rows = []
+    for model, target in MAIN_JOB_BUDGETS:
+        name = f"{model}-{target:g}x"
+        schedule = calibrate(model, speedup=target, trials=trials, seed=seed, objective=default_objective(True, "global"))
+        save_schedule(schedule, schedules_dir / f"{name}.json")
+        plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
+        family_rows.append(_row(name, schedule, None))
+        print(f"{name}: JS {schedule.divergence.js_distance:.6f}, {schedule.flops_speedup.linear:.2f}x linear")
     plots = "\n".join(f"![{p.stem}](schedules/{p.name})" for p in sorted((reports_dir / "schedules").glob("*.png")))
     judged = testbed_judgement(reports_dir / "quality.json", [p.name for p in PRESETS])
     main_job = (": what the main job, `ralu-calibrate --model M --speedup X`, writes (same call, trials and seed)" if trials == MAIN_JOB_TRIALS
@@ -156,6 +168,16 @@ and usually better.
 
 {header}
 {chr(10).join(rows)}
+
+## The newer families
+
+No published preset exists for these models: each file is what the main job writes for the
+model at the paper's FLUX.1 budgets, with each model's own base shift h0 at 1024x1024 and
+baseline steps (docs/families.md).  They have not been judged for image quality: no testbed
+of these families exists, and no image of the real models was made.
+
+{header}
+{chr(10).join(family_rows)}
 
 ## Against the published presets (h0 = {PAPER_H0:g})
 

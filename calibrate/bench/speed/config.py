@@ -26,6 +26,17 @@ def latent_scaling(model: str) -> dict:
     return {k: vae[k] for k in LATENT_SCALING_KEYS}
 
 
+#: The families the benchmark builds (its reduced-width and full-width models).
+BENCHED_FAMILIES = ("flux", "sd3")
+
+
+def benchable_schedules() -> list[str]:
+    """The shipped schedules of the families the benchmark builds."""
+    from ralu.runtime import load_schedule
+
+    return [name for name in shipped_schedules() if load_schedule(name).family in BENCHED_FAMILIES]
+
+
 @dataclass(frozen=True)
 class FamilyConfig:
     """One model family as benchmarked: the transformer built, and its text conditioning."""
@@ -163,11 +174,11 @@ def make_config(
         repeats = 1 if quick else 5 if device == "cuda" else 3
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    available = shipped_schedules()
+    available = benchable_schedules()
     chosen = tuple(schedules) if schedules else tuple(available)
     unknown = [name for name in chosen if name not in available]
     if unknown:
-        raise ValueError(f"unknown schedule(s) {unknown}. Fix: use shipped schedules {available}")
+        raise ValueError(f"unknown schedule(s) {unknown}. Fix: use shipped schedules of the benchmarked families {available}")
     if quick:
         families, vae, size, preset = reduced_families(True), _vae((8, 8, 8, 8), 1, 4), 256, "quick"
     elif widths == "full":
