@@ -1,8 +1,9 @@
 """``ralu-generate``: images from a local diffusers pipeline folder with a RALU schedule.
 
 Loads nothing from the network (``local_files_only``).  The pipeline class follows the
-folder's ``model_index.json`` ``_class_name``: FluxPipeline -> RALUFluxPipeline,
-StableDiffusion3Pipeline -> RALUStableDiffusion3Pipeline.
+folder's ``model_index.json`` ``_class_name`` through the family registry
+(:data:`ralu.runtime.models.FAMILIES`): FluxPipeline -> RALUFluxPipeline,
+StableDiffusion3Pipeline -> RALUStableDiffusion3Pipeline, and so on.
 
 ``--prompt`` makes ``--num-images`` images of one prompt in this process; ``--prompts FILE``
 makes one image per line of a file, shared among the processes of a launcher and resumable
@@ -22,20 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: model_index.json ``_class_name`` -> (module, RALU pipeline class, family)
-PIPELINES: dict[str, tuple[str, str, str]] = {
-    "FluxPipeline": ("ralu.runtime", "RALUFluxPipeline", "flux"),
-    "RALUFluxPipeline": ("ralu.runtime", "RALUFluxPipeline", "flux"),
-    "StableDiffusion3Pipeline": ("ralu.runtime", "RALUStableDiffusion3Pipeline", "sd3"),
-    "RALUStableDiffusion3Pipeline": ("ralu.runtime", "RALUStableDiffusion3Pipeline", "sd3"),
-}
+
+def _pipelines() -> dict[str, tuple[str, str, str]]:
+    """model_index.json ``_class_name`` -> (module, RALU pipeline class, family), from the
+    family registry: each family's diffusers pipelines and its own RALU class (a folder saved
+    by an older ralu may name the RALU class)."""
+    from ralu.runtime.models import FAMILIES
+
+    table = {}
+    for family in FAMILIES.values():
+        for name in (*family.base_pipelines, family.pipeline):
+            table[name] = ("ralu.runtime", family.pipeline, family.name)
+    return table
 
 
-#: Text components a family's pipeline needs to encode ``--prompt`` (SD3's T5 is optional).
-TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-}
+PIPELINES: dict[str, tuple[str, str, str]] = _pipelines()
 
 
 class CLIError(Exception):
@@ -57,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts file: one prompt per line, or *.jsonl with {\"prompt\", \"seed\", \"negative_prompt\"} per line; "
         "runs data-parallel under torchrun / accelerate launch, writes OUT/manifest.jsonl and skips images already made",
     )
-    parser.add_argument("--negative-prompt", default=None, help="negative prompt (FLUX: needs --true-cfg-scale > 1; SD3: --guidance > 1); with --prompts, for lines without their own")
-    parser.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true classifier-free guidance scale (> 1 enables it)")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (needs classifier-free guidance: --true-cfg-scale > 1 for FLUX.1 and Qwen-Image, --guidance > 1 for the others); with --prompts, for lines without their own")
+    parser.add_argument("--true-cfg-scale", type=float, default=None, help="true classifier-free guidance scale of guidance-distilled families (FLUX.1, Qwen-Image; > 1 enables it)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the schedule's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the schedule's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (or prompt i of --prompts without its own seed) uses seed + i (default 0)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (FLUX distilled guidance, default 3.5; SD3 CFG, default 7.0)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's, e.g. FLUX.1 distilled guidance 3.5, SD3 CFG 7.0)")
     parser.add_argument("--num-images", type=int, default=None, help="number of images of --prompt (default 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype (default: bfloat16 on cuda, float32 otherwise)")
@@ -85,7 +87,7 @@ def pipeline_class(model_dir: Path):
     if not isinstance(class_name, str):
         raise CLIError(f"{index} names no pipeline class (no string _class_name). Fix: pass an intact pipeline folder (re-save or re-download it)")
     if class_name not in PIPELINES:
-        raise CLIError(f"{str(model_dir)!r} holds a {class_name!r}; ralu-generate runs {sorted(set(PIPELINES) - {'RALUFluxPipeline', 'RALUStableDiffusion3Pipeline'})}")
+        raise CLIError(f"{str(model_dir)!r} holds a {class_name!r}; ralu-generate runs {sorted(name for name in PIPELINES if not name.startswith('RALU'))}")
     module_name, attribute, family = PIPELINES[class_name]
     try:
         return getattr(importlib.import_module(module_name), attribute), family
@@ -96,8 +98,10 @@ def pipeline_class(model_dir: Path):
 def check_text_components(model_dir: Path, family: str) -> None:
     """The folder (its model_index.json already read by :func:`pipeline_class`) must hold the
     text encoders and tokenizers ``--prompt`` needs: listed, and saved as subfolders."""
+    from ralu.runtime.models import get_family
+
     config = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
-    missing = [name for name in TEXT_COMPONENTS[family] if not (isinstance(config.get(name), list) and None not in config[name] and (model_dir / name).is_dir())]
+    missing = [name for name in get_family(family).text_components if not (isinstance(config.get(name), list) and None not in config[name] and (model_dir / name).is_dir())]
     if missing:
         raise CLIError(f"{str(model_dir)!r} lacks {'/'.join(missing)}, needed to encode --prompt. Fix: pass a complete pipeline folder (with its text encoders and tokenizers)")
 
@@ -119,7 +123,7 @@ class Setup:
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check the folder, schedule, resolution and options; load nothing heavy."""
-    from ralu.runtime.models import check_resolution
+    from ralu.runtime.models import check_resolution, get_family
     from ralu.runtime.plan import check_schedule
     from ralu.runtime.schedule import load_schedule
 
@@ -135,23 +139,27 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise CLIError(str(error)) from None
 
     call = {"height": height, "width": width, "schedule": schedule}
-    if family == "flux":
-        call["guidance_scale"] = 3.5 if args.guidance is None else args.guidance
-        if args.true_cfg_scale is not None:
-            call["true_cfg_scale"] = args.true_cfg_scale
-    else:
-        if args.true_cfg_scale is not None:
-            raise CLIError("--true-cfg-scale is for FLUX; for SD3 use --guidance")
-        if args.guidance is not None:
-            call["guidance_scale"] = args.guidance
+    spec = get_family(family)
+    call["guidance_scale"] = spec.default_guidance if args.guidance is None else args.guidance
+    if args.true_cfg_scale is not None:
+        if spec.cfg_argument != "true_cfg_scale":
+            raise CLIError(f"--true-cfg-scale is for families with optional true CFG; {spec.title} runs classifier-free guidance with --guidance")
+        call["true_cfg_scale"] = args.true_cfg_scale
     return Setup(cls, family, schedule, call)
 
 
 def check_negative_prompt(setup: Setup, args: argparse.Namespace, negative_prompt: str | None, where: str = "") -> None:
-    if setup.family == "flux" and negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
-        raise CLIError(f"FLUX ignores a negative prompt without true CFG{where}. Fix: add --true-cfg-scale (e.g. 4.0), or drop the negative prompt")
-    if setup.family == "sd3" and negative_prompt is not None and args.guidance is not None and args.guidance <= 1.0:
-        raise CLIError(f"SD3 ignores a negative prompt without classifier-free guidance{where}. Fix: use --guidance > 1 (e.g. 7.0), or drop the negative prompt")
+    """A negative prompt needs the family's classifier-free guidance on (its CFG argument > 1)."""
+    from ralu.runtime.models import get_family
+
+    if negative_prompt is None:
+        return
+    spec = get_family(setup.family)
+    if setup.call.get(spec.cfg_argument, 1.0) > 1.0:
+        return
+    if spec.cfg_argument == "true_cfg_scale":
+        raise CLIError(f"{spec.title} ignores a negative prompt without true CFG{where}. Fix: add --true-cfg-scale (e.g. 4.0), or drop the negative prompt")
+    raise CLIError(f"{spec.title} ignores a negative prompt without classifier-free guidance{where}. Fix: use --guidance > 1 (e.g. {spec.default_guidance}), or drop the negative prompt")
 
 
 def choose_device(args: argparse.Namespace, launcher_device: str | None = None) -> tuple[str, str]:
