@@ -38,9 +38,9 @@ decides from the mean change over the whole batch: images of a batch skip togeth
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 #: Version of the schedule file's ``cache`` section this ralu reads.
 CACHE_SECTION_VERSION = 1
@@ -59,6 +59,10 @@ _KIND_FIELDS = {
     "magcache": {"threshold", "max_skip_steps", "retention_ratio", "mag_ratios"},
 }
 
+#: Bounds of ``mag_ratios``: at most this many stages and steps per stage (the schedule
+#: file's own MAX_STAGES and MAX_STEPS), each ratio in (0, MAX_MAG_RATIO] (measured ratios lie near 1).
+MAX_CACHE_STAGES, MAX_CACHE_STEPS, MAX_MAG_RATIO = 8, 1000, 100.0
+
 #: diffusers' config classes a RALU pipeline knows how to run (see the module docstring).
 SUPPORTED_CONFIGS = tuple(CACHE_KINDS.values())
 
@@ -67,24 +71,43 @@ class CacheSettings(BaseModel):
     """The optional ``cache`` section of a schedule file: one diffusers step cache for every
     stage of the schedule (settings act per stage; step counters restart at each stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Typed as strictly as the rest of the schedule file: no strings or booleans for numbers,
+    # no NaN or infinity (a loadable section always saves to a file that loads back).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     version: Literal[1] = Field(default=CACHE_SECTION_VERSION, description="Version of the cache section; this ralu reads 1.")
-    kind: str = Field(description=f"Cache kind: one of {sorted(CACHE_KINDS)}.")
-    threshold: float | None = Field(
+    kind: str = Field(max_length=40, description=f"Cache kind: one of {sorted(CACHE_KINDS)}.")
+    threshold: StrictFloat | None = Field(
         default=None, ge=0.0, le=1.0,
         description="first_block: relative change of the first block's output under which the other blocks are skipped (0 = never skip); "
         "magcache: accumulated magnitude error allowed while skipping (0 = never skip).",
     )
-    cache_interval: int | None = Field(default=None, ge=1, le=100, description="taylorseer: a full forward every this many steps of a stage.")
-    disable_cache_before_step: int | None = Field(default=None, ge=0, le=1000, description="taylorseer: steps of a stage always computed in full at its start.")
-    max_order: int | None = Field(default=None, ge=0, le=4, description="taylorseer: order of the Taylor extrapolation.")
-    max_skip_steps: int | None = Field(default=None, ge=1, le=100, description="magcache: most consecutive skipped steps.")
-    retention_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="magcache: fraction of a stage's first steps never skipped.")
-    mag_ratios: list[list[float]] | None = Field(
-        default=None,
+    cache_interval: StrictInt | None = Field(default=None, ge=1, le=100, description="taylorseer: a full forward every this many steps of a stage.")
+    disable_cache_before_step: StrictInt | None = Field(
+        default=None, ge=1, le=1000,
+        description="taylorseer: steps of a stage always computed in full at its start; at least 1, since the extrapolation needs one computed step (diffusers' default 3).",
+    )
+    max_order: StrictInt | None = Field(default=None, ge=0, le=4, description="taylorseer: order of the Taylor extrapolation.")
+    max_skip_steps: StrictInt | None = Field(default=None, ge=1, le=100, description="magcache: most consecutive skipped steps.")
+    retention_ratio: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, description="magcache: fraction of a stage's first steps never skipped.")
+    mag_ratios: list[list[Annotated[StrictFloat, Field(gt=0.0, le=MAX_MAG_RATIO)]]] | None = Field(
+        default=None, max_length=MAX_CACHE_STAGES,
         description="magcache (required): magnitude ratios, one list per stage with one positive ratio per step of that stage (ralu-calibrate --magcache SCHEDULE).",
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, version):
+        if type(version) is not int:  # not true, 1.0 or "1"
+            raise ValueError(f"cache version {version!r} is not the integer {CACHE_SECTION_VERSION}. Fix: set \"version\": {CACHE_SECTION_VERSION} or leave it out")
+        return version
+
+    @field_validator("mag_ratios")
+    @classmethod
+    def _check_stage_lengths(cls, ratios):
+        if ratios is not None and any(not 1 <= len(stage) <= MAX_CACHE_STEPS for stage in ratios):
+            raise ValueError(f"every stage of mag_ratios needs 1 to {MAX_CACHE_STEPS} ratios. Fix: measure them with ralu-calibrate --magcache SCHEDULE")
+        return ratios
 
     @model_validator(mode="after")
     def _check_kind(self) -> CacheSettings:
@@ -191,6 +214,12 @@ def check_cache(transformer, steps: list[int], settings: CacheSettings | None = 
         return
     name = type(config).__name__
     _check_fits(transformer, name)
+    start = getattr(config, "disable_cache_before_step", None)
+    if name == "TaylorSeerCacheConfig" and not (type(start) is int and start >= 1):
+        raise ValueError(
+            f"TaylorSeerCacheConfig(disable_cache_before_step={start!r}): the Taylor extrapolation needs at least one computed step at the start of "
+            "every stage (diffusers fails with 'Cannot predict without prior initialization'). Fix: an integer of at least 1 (diffusers' default is 3)"
+        )
     if name == "MagCacheConfig" and not config.calibrate and len(config.mag_ratios) != sum(steps):
         raise ValueError(
             f"MagCacheConfig has {len(config.mag_ratios)} magnitude ratios but the schedule takes {sum(steps)} steps ({' + '.join(map(str, steps))}): "
