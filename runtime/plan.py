@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .models import check_resolution, pixel_size, resolution_multiple, stage_image_tokens, upsampled_tokens
-from .schedule import Schedule, ScheduleError, TransitionCoefficients
+from .schedule import C_RANGE, Schedule, ScheduleError, TransitionCoefficients
 
 #: Stage roles by number of stages: low-res, mixed (edge tokens upsampled), full-res.
 STAGE_ROLES: dict[int, tuple[str, ...]] = {
@@ -123,8 +123,9 @@ def check_plan_numbers(stages: tuple[StagePlan, ...], transitions: tuple[Transit
         values = coefficients.model_dump()
         if not all(math.isfinite(value) for value in values.values()):
             raise ScheduleError(f"transition {k + 1} has coefficients that are not finite ({values}). {fix}")
-    # The noise injection scales by sqrt(1 - 4c) and sqrt(1 - c).
-    if not (math.isfinite(c) and 0.0 < c <= 0.25):
+    # The noise injection scales by sqrt(1 - 4c) and sqrt(1 - c).  The bound is the schedule
+    # file's own (C_RANGE[1] = 1/4, Z = 2): whatever validates also plans, c = 1/4 included.
+    if not (math.isfinite(c) and 0.0 < c <= C_RANGE[1]):
         raise ScheduleError(f"c={c} is outside (0, 1/4]: the noise coefficients sqrt(1 - 4c) would not be real. {fix}")
 
 

@@ -49,3 +49,30 @@ def test_count_images_as_diffusers_counts_them():
     assert count_images(None, embeds, 2, [torch.Generator() for _ in range(6)]) == (3, 2, 6)
     with pytest.raises(ValueError, match="2 generators for 6 images"):
         count_images(None, embeds, 2, [torch.Generator() for _ in range(2)])
+
+
+def test_c_of_one_quarter_plans_and_runs(make_schedule, flux_models, flux_embeds):
+    """Issue 26, item 9: c = 1/4 (Z = 2, the lower end of the search and the published
+    optimiser's start) validates, so it must plan and run: sqrt(1 - 4c) = 0 is a real noise
+    coefficient, not a refusal; just above 1/4 is refused."""
+    import math
+
+    from conftest import tiny_flux_scheduler
+
+    from ralu.runtime import RALUFluxPipeline
+    from ralu.runtime.noise import correlated_noise
+    from ralu.runtime.plan import check_plan_numbers
+
+    schedule = make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (2, 1.0, 2.2)], c=0.25)
+    assert schedule.c == 0.25 and schedule.z == 2.0
+    plan = make_plan(schedule, "flux", 64, 64)
+    assert plan.c == 0.25
+    with pytest.raises(ScheduleError, match="outside"):
+        check_plan_numbers(plan.stages, plan.transitions, math.nextafter(0.25, 1.0))
+    z = correlated_noise(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 0.25)
+    assert torch.isfinite(z).all()
+    transformer, vae = flux_models
+    pipe = RALUFluxPipeline(scheduler=tiny_flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(**flux_embeds(), schedule=schedule, height=64, width=64, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.isfinite(latents).all() and latents.abs().max() > 0
