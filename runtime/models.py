@@ -157,6 +157,23 @@ _SD3_TEXT = (
     TextEncoder("t5-xxl", "T5EncoderModel", T5_XXL, 256),
 )
 
+#: Chroma1-HD (lodestones/Chroma1-HD, transformer/config.json as published in the diffusers
+#: folder, e.g. its mirror TensorStack/Chroma1-HD-ts): the FLUX.1 layout (19 dual + 38 single
+#: blocks, 24 x 128 heads, packed 64-channel tokens, rope axes 16/56/56) with the modulation
+#: approximator (64 input channels, 5 layers of 5120) and no pooled or guidance embedding.
+CHROMA1_HD_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+    approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5,
+)
+#: Chroma runs one T5-XXL v1.1 encoder (its text_encoder folder) at ChromaPipeline's
+#: max_sequence_length=512; its VAE is FLUX.1's (vae/config.json: 16 channels, 0.3611 / 0.1159).
+_CHROMA_TEXT = (TextEncoder("t5-xxl", "T5EncoderModel", T5_XXL, 512),)
+#: Chroma1-HD's scheduler/scheduler_config.json: FlowMatchEulerDiscreteScheduler with
+#: shift 3.0 and use_dynamic_shifting false, so the mu ChromaPipeline computes is ignored by
+#: the scheduler and every resolution samples at the static shift 3.0.
+_CHROMA_SCHEDULER = Scheduler(shift=3.0)
+
 
 # ----------------------------------------------------------------------------------------
 # Pipeline families: the RALU pipeline that runs a family's models.
@@ -203,6 +220,11 @@ FAMILIES: dict[str, FamilySpec] = {
             # SD3's third encoder (T5) is optional in diffusers, so not required here.
             "sd3", "Stable Diffusion 3", "sd3", "RALUStableDiffusion3Pipeline", ("StableDiffusion3Pipeline",),
             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=7.0, cfg_argument="guidance_scale",
+        ),
+        FamilySpec(
+            # ChromaPipeline: one T5 encoder; true CFG on when guidance_scale > 1 (default 5.0).
+            "chroma", "Chroma", "chroma", "RALUChromaPipeline", ("ChromaPipeline",),
+            ("text_encoder", "tokenizer"), default_guidance=5.0, cfg_argument="guidance_scale",
         ),
     )
 }
@@ -294,6 +316,12 @@ MODELS: dict[str, ModelSpec] = {
             "sd3.5-large", "sd3", base_steps=28, cfg=True, text_tokens=333, scheduler=_SD3_SCHEDULER,
             architecture=Architecture("SD3Transformer2DModel", SD35_LARGE_TRANSFORMER, SD3_VAE, _SD3_TEXT),
         ),
+        ModelSpec(
+            # ChromaPipeline's defaults: 35 steps, guidance_scale 5.0 (> 1: true CFG, two
+            # forwards per step); T5 at 512 tokens.
+            "chroma", "chroma", base_steps=35, cfg=True, text_tokens=512, scheduler=_CHROMA_SCHEDULER,
+            architecture=Architecture("ChromaTransformer2DModel", CHROMA1_HD_TRANSFORMER, FLUX_VAE, _CHROMA_TEXT),
+        ),
     )
 }
 
@@ -301,7 +329,7 @@ MODELS: dict[str, ModelSpec] = {
 MODEL_FAMILIES: dict[str, str] = {name: spec.family for name, spec in MODELS.items()}
 
 #: Short names accepted on the command line.
-ALIASES: dict[str, str] = {"flux": "flux-dev", "sd3": "sd3-medium"}
+ALIASES: dict[str, str] = {"flux": "flux-dev", "sd3": "sd3-medium", "chroma1-hd": "chroma"}
 
 #: A height or width every known model accepts (each model's multiple divides it).
 RESOLUTION_MULTIPLE: int = math.lcm(*(spec.resolution_multiple for spec in MODELS.values()))

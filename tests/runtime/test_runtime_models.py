@@ -66,8 +66,9 @@ def test_shipped_schedules_record_the_registrys_facts(name):
 
 
 def test_families_and_aliases():
-    assert MODEL_FAMILIES == {"flux-dev": "flux", "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3"}
+    assert MODEL_FAMILIES == {"flux-dev": "flux", "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3", "chroma": "chroma"}
     assert get_model("flux") is FLUX and get_model("sd3").name == "sd3-medium"
+    assert get_model("chroma1-hd").name == "chroma"
     with pytest.raises(ValueError, match=r"unknown model 'sdxl'\. Fix: use one of"):
         get_model("sdxl")
 
