@@ -103,7 +103,7 @@ def calibrate(
     width = _whole("width", width, 1, MAX_SIDE)
     check_resolution(height, width)
     base_steps = spec.base_steps if base_steps is None else _whole("base_steps", base_steps, 1, MAX_STEPS)
-    h0 = _base_shift(spec, height, width, h0)
+    h0 = _base_shift(spec, height, width, h0, base_steps)
     _choice("optimizer", optimizer, ("global", "paper"))
     _choice("objective", objective, OBJECTIVES)
     _choice("flops_convention", flops_convention, ("total", "linear"))
@@ -276,14 +276,16 @@ def _min_signal(value, optimizer: str) -> float:
     return check_min_signal(value)
 
 
-def _base_shift(spec, height: int, width: int, h0) -> float:
+def _base_shift(spec, height: int, width: int, h0, base_steps: int) -> float:
+    """h0: given, or the base model's own shift for the baseline's ``base_steps`` steps (FLUX.2's
+    shift depends on the step count)."""
     if h0 is not None:
         h0 = _real("h0", h0)
         if not H0_RANGE[0] <= h0 <= H0_RANGE[1]:
             raise ValueError(f"--h0 {h0:g} is outside [{H0_RANGE[0]:g}, {H0_RANGE[1]:g}], where the divergence can be computed. Fix: a base shift such as 3")
         return h0
     try:
-        own = spec.base_shift(height, width)
+        own = spec.base_shift(height, width, base_steps)
     except OverflowError:
         own = math.inf
     if not H0_RANGE[0] <= own <= H0_RANGE[1]:

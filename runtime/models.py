@@ -46,6 +46,35 @@ class DynamicShift:
 
 
 @dataclass(frozen=True)
+class EmpiricalShift:
+    """FLUX.2's resolution- and step-dependent time shift: diffusers' ``compute_empirical_mu``
+    (``pipeline_flux2.py``, taken from Black Forest Labs' ``flux2/sampling.py``), which
+    ``Flux2Pipeline`` and ``Flux2KleinPipeline`` pass to the scheduler as ``mu``.
+
+    ``mu`` is linear in the image token count along two fitted lines, one for 10 steps and one
+    for 200 steps, interpolated linearly in the step count; above ``large_image`` tokens the
+    200-step line alone applies.  The scheduler's exponential time shift with ``mu`` equals the
+    static shift ``exp(mu)``.
+    """
+
+    slope_10: float = 8.73809524e-05
+    intercept_10: float = 1.89833333
+    slope_200: float = 0.00016927
+    intercept_200: float = 0.45666666
+    large_image: int = 4300
+
+    def mu(self, image_tokens: int, steps: int) -> float:
+        """``mu`` at ``image_tokens`` and ``steps`` (what ``compute_empirical_mu`` returns)."""
+        at_200 = self.slope_200 * image_tokens + self.intercept_200
+        if image_tokens > self.large_image:
+            return float(at_200)
+        at_10 = self.slope_10 * image_tokens + self.intercept_10
+        per_step = (at_200 - at_10) / 190.0
+        intercept = at_200 - 200.0 * per_step
+        return float(per_step * steps + intercept)
+
+
+@dataclass(frozen=True)
 class Scheduler:
     """The base model's flow-matching scheduler, as its ``scheduler_config.json`` sets it."""
 
@@ -54,11 +83,23 @@ class Scheduler:
     #: The dynamic shift rule, or None when the static ``shift`` applies (SD3).
     dynamic: DynamicShift | None = None
     num_train_timesteps: int = 1000
+    #: Qwen-Image's ``shift_terminal``: diffusers stretches the shifted grid (in progress time
+    #: ``1 - sigma``, linearly) so its last nonzero sigma is this value.  A multiplicative
+    #: stretch, not a shift: ``base_shift`` stays ``exp(mu)`` and the stretch is applied to a
+    #: schedule's last stage at run time (``ralu.runtime.qwenimage.stretch_to_terminal``).
+    shift_terminal: float | None = None
+    #: A pipeline-side rule that overrides ``dynamic`` (FLUX.2 passes its own ``mu``); the
+    #: scheduler config keeps ``dynamic`` so that the scheduler accepts ``mu``.
+    empirical: EmpiricalShift | None = None
 
     def base_shift(self, image_tokens: int, steps: int | None = None) -> float:
         """h0: the shift of the base model's own sigma grid at ``image_tokens`` image tokens
         and ``steps`` steps (a rule that depends on the step count, such as FLUX.2's, reads
         ``steps``; the others ignore it)."""
+        if self.empirical is not None:
+            if steps is None:
+                raise ValueError("this model's base shift depends on the step count. Fix: pass steps (the baseline's base_steps)")
+            return math.exp(self.empirical.mu(image_tokens, steps))
         if self.dynamic is None:
             return self.shift
         return math.exp(self.dynamic.mu(image_tokens))
@@ -74,6 +115,8 @@ class Scheduler:
                 base_image_seq_len=self.dynamic.base_image_seq_len,
                 max_image_seq_len=self.dynamic.max_image_seq_len,
             )
+        if self.shift_terminal is not None:
+            config["shift_terminal"] = self.shift_terminal
         return config
 
 
@@ -100,6 +143,7 @@ class Architecture:
     transformer: dict[str, Any]
     vae: dict[str, Any]
     text_encoders: tuple[TextEncoder, ...]
+    vae_class: str = "AutoencoderKL"  # a diffusers class name
 
 
 FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
@@ -174,6 +218,88 @@ _CHROMA_TEXT = (TextEncoder("t5-xxl", "T5EncoderModel", T5_XXL, 512),)
 #: the scheduler and every resolution samples at the static shift 3.0.
 _CHROMA_SCHEDULER = Scheduler(shift=3.0)
 
+# FLUX.2: the transformer configs are those diffusers' converter writes for the published
+# checkpoints (scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config: "flux2-dev",
+# "klein-4b"; the klein base and distilled checkpoints share an architecture), as in
+# black-forest-labs/FLUX.2-dev and FLUX.2-klein-base-4B transformer/config.json.
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+    num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True,
+)
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = dict(
+    FLUX2_DEV_TRANSFORMER, num_layers=5, num_single_layers=20, num_attention_heads=24,
+    joint_attention_dim=7680, guidance_embeds=False,
+)
+#: AutoencoderKLFlux2 as the converter builds it (its constructor defaults, every FLUX.2
+#: checkpoint's vae/config.json): 32 latent channels, an 8x downsampling, quant convs, and a
+#: BatchNorm over the 2x2-patchified latent (128 channels) whose running statistics
+#: normalise the transformer's tokens.
+FLUX2_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=32, norm_num_groups=32, use_quant_conv=True,
+    use_post_quant_conv=True, batch_norm_eps=1e-4, patch_size=(2, 2),
+)
+#: FLUX.2-dev's text encoder is Mistral Small 3.2 24B (Mistral3ForConditionalGeneration,
+#: mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json text_config).  For a text prompt
+#: its vision tower does not run; the language model runs all 40 layers (the embedding stacks
+#: the hidden states after layers 10, 20 and 30) and its LM head (diffusers asks for no
+#: logits_to_keep), so that is what is counted: the same computation as MistralForCausalLM.
+MISTRAL_SMALL_3_TEXT: dict[str, Any] = dict(
+    vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+    rope_theta=1000000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False,
+)
+#: FLUX.2 [klein] 4B's text encoder is Qwen3-4B (Qwen3ForCausalLM; Qwen/Qwen3-4B config.json,
+#: as in FLUX.2-klein-4B/text_encoder/config.json): all 36 layers and the tied LM head run
+#: (the embedding stacks the hidden states after layers 9, 18 and 27).
+QWEN3_4B: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_cache=False,
+)
+#: Both pipelines pad the prompt to max_sequence_length = 512 tokens.
+_FLUX2_TEXT = (TextEncoder("mistral-small-3.2", "MistralForCausalLM", MISTRAL_SMALL_3_TEXT, 512),)
+_FLUX2_KLEIN_4B_TEXT = (TextEncoder("qwen3-4b", "Qwen3ForCausalLM", QWEN3_4B, 512),)
+
+
+# Qwen-Image (Qwen/Qwen-Image on the Hugging Face Hub): transformer/config.json.
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+#: Qwen/Qwen-Image vae/config.json (AutoencoderKLQwenImage, a causal 3-D VAE: 16 latent
+#: channels, 8x spatial compression, per-channel latents_mean / latents_std instead of a
+#: scaling factor and shift).
+QWEN_IMAGE_VAE: dict[str, Any] = dict(
+    base_dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(), temperal_downsample=(False, True, True),
+    dropout=0.0,
+    latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+    latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+)
+#: Qwen/Qwen-Image text_encoder/config.json = Qwen/Qwen2.5-VL-7B-Instruct's config.json
+#: (Qwen2_5_VLForConditionalGeneration; the vision tower is built but a text prompt never runs it).
+QWEN25_VL_7B: dict[str, Any] = dict(
+    text_config=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=False, use_cache=False,
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+    ),
+    tie_word_embeddings=False,
+)
+#: Qwen-Image's prompt: QwenImagePipeline wraps it in a chat template (34 system-prompt tokens
+#: the encoder runs and the pipeline then drops, and 5 closing tokens it keeps) and passes the
+#: prompt's own tokens, unpadded.  The cost model takes a 123-token prompt: 128 text tokens in
+#: the joint sequence, 162 through the encoder.
+QWEN_IMAGE_TEXT_TOKENS = 128
+_QWEN_IMAGE_TEXT = (TextEncoder("qwen2.5-vl-7b", "Qwen2_5_VLForConditionalGeneration", QWEN25_VL_7B, 34 + QWEN_IMAGE_TEXT_TOKENS),)
+
 
 # ----------------------------------------------------------------------------------------
 # Pipeline families: the RALU pipeline that runs a family's models.
@@ -222,9 +348,32 @@ FAMILIES: dict[str, FamilySpec] = {
             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=7.0, cfg_argument="guidance_scale",
         ),
         FamilySpec(
+            # FluxKontextPipeline's text stack and guidance are FluxPipeline's: guidance-distilled
+            # (guidance_scale 3.5 is its default), true CFG on request with true_cfg_scale > 1.
+            "flux-kontext", "FLUX.1 Kontext", "flux_kontext", "RALUFluxKontextPipeline", ("FluxKontextPipeline",),
+            ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=3.5, cfg_argument="true_cfg_scale",
+        ),
+        FamilySpec(
+            # Qwen-Image's transformer has no distilled guidance (guidance_embeds False): 1.0 is
+            # "none"; CFG is true CFG (true_cfg_scale > 1 with a negative prompt).
+            "qwen-image", "Qwen-Image", "qwenimage", "RALUQwenImagePipeline", ("QwenImagePipeline",),
+            ("text_encoder", "tokenizer"), default_guidance=1.0, cfg_argument="true_cfg_scale",
+        ),
+        FamilySpec(
             # ChromaPipeline: one T5 encoder; true CFG on when guidance_scale > 1 (default 5.0).
             "chroma", "Chroma", "chroma", "RALUChromaPipeline", ("ChromaPipeline",),
             ("text_encoder", "tokenizer"), default_guidance=5.0, cfg_argument="guidance_scale",
+        ),
+        FamilySpec(
+            # FLUX.2-dev is guidance-distilled (guidance_scale is embedded); true CFG on request
+            # as in FLUX.1's pipeline (the base Flux2Pipeline has none).
+            "flux2", "FLUX.2", "flux2", "RALUFlux2Pipeline", ("Flux2Pipeline",),
+            ("text_encoder", "tokenizer"), default_guidance=4.0, cfg_argument="true_cfg_scale",
+        ),
+        FamilySpec(
+            # The undistilled klein base models run CFG (guidance_scale > 1), as Flux2KleinPipeline.
+            "flux2-klein", "FLUX.2 [klein]", "flux2", "RALUFlux2KleinPipeline", ("Flux2KleinPipeline",),
+            ("text_encoder", "tokenizer"), default_guidance=4.0, cfg_argument="guidance_scale",
         ),
     )
 }
@@ -267,15 +416,23 @@ class ModelSpec:
     text_tokens: int
     scheduler: Scheduler
     architecture: Architecture = field(repr=False)
+    #: Image tokens of a conditioning image the transformer carries at full resolution in every
+    #: forward besides the generated ones (FLUX.1 Kontext's reference image; 0: none).  The cost
+    #: model counts them as image tokens of every forward, baseline and RALU alike.
+    reference_tokens: int = 0
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel, as diffusers derives it from the VAE's blocks."""
+        """Pixels per latent pixel, as diffusers derives it from the VAE's blocks (Qwen-Image's
+        3-D VAE: from its ``temperal_downsample`` stages, as ``QwenImagePipeline`` does)."""
+        if "temperal_downsample" in self.architecture.vae:
+            return 2 ** len(self.architecture.vae["temperal_downsample"])
         return 2 ** (len(self.architecture.vae["block_out_channels"]) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return self.architecture.vae["latent_channels"]
+        vae = self.architecture.vae
+        return vae["z_dim"] if "z_dim" in vae else vae["latent_channels"]
 
     @property
     def resolution_multiple(self) -> int:
@@ -295,6 +452,9 @@ class ModelSpec:
 
 
 _SD3_SCHEDULER = Scheduler(shift=3.0)
+_FLUX2_SCHEDULER = Scheduler(
+    shift=3.0, dynamic=DynamicShift(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096), empirical=EmpiricalShift()
+)
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -303,6 +463,22 @@ MODELS: dict[str, ModelSpec] = {
             "flux-dev", "flux", base_steps=50, cfg=False, text_tokens=512,
             scheduler=Scheduler(shift=3.0, dynamic=DynamicShift(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
             architecture=Architecture("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, FLUX_VAE, _FLUX_TEXT),
+        ),
+        ModelSpec(
+            # FLUX.1-Kontext-dev (black-forest-labs/FLUX.1-Kontext-dev): the FLUX.1-dev transformer,
+            # VAE, text encoders and dynamic-shift scheduler (Black Forest Labs' reference code,
+            # github.com/black-forest-labs/flux src/flux/util.py configs["flux-dev-kontext"]: the
+            # flux-dev FluxParams and AutoEncoderParams; src/flux/sampling.py get_schedule: mu from
+            # the generated image's tokens, 0.5 at 256 to 1.15 at 4096, as FluxKontextPipeline
+            # computes it from the scheduler config).  Baseline: FluxKontextPipeline's defaults,
+            # 28 steps, guidance 3.5, no true CFG.  Reference tokens: FluxKontextPipeline resizes
+            # the reference to the nearest of PREFERRED_KONTEXT_RESOLUTIONS (all ~1 MP: 4042 to
+            # 4150 tokens, whatever the output size), so the cost model counts a 1024x1024
+            # reference, 4096 tokens, in every forward.
+            "flux-kontext-dev", "flux-kontext", base_steps=28, cfg=False, text_tokens=512,
+            scheduler=Scheduler(shift=3.0, dynamic=DynamicShift(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
+            architecture=Architecture("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, FLUX_VAE, _FLUX_TEXT),
+            reference_tokens=4096,
         ),
         ModelSpec(
             "sd3-medium", "sd3", base_steps=28, cfg=True, text_tokens=333, scheduler=_SD3_SCHEDULER,
@@ -317,10 +493,33 @@ MODELS: dict[str, ModelSpec] = {
             architecture=Architecture("SD3Transformer2DModel", SD35_LARGE_TRANSFORMER, SD3_VAE, _SD3_TEXT),
         ),
         ModelSpec(
+            # QwenImagePipeline's defaults: 50 steps, true_cfg_scale 4.0 (the model card's call
+            # passes a negative prompt, so the baseline runs true CFG).  Scheduler: Qwen/Qwen-Image
+            # scheduler/scheduler_config.json (dynamic shifting 0.5..0.9 over 256..8192 tokens,
+            # exponential time shift, shift_terminal 0.02).
+            "qwen-image", "qwen-image", base_steps=50, cfg=True, text_tokens=QWEN_IMAGE_TEXT_TOKENS,
+            scheduler=Scheduler(
+                shift=1.0, dynamic=DynamicShift(base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192), shift_terminal=0.02
+            ),
+            architecture=Architecture("QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE, _QWEN_IMAGE_TEXT, vae_class="AutoencoderKLQwenImage"),
+        ),
+        ModelSpec(
             # ChromaPipeline's defaults: 35 steps, guidance_scale 5.0 (> 1: true CFG, two
             # forwards per step); T5 at 512 tokens.
             "chroma", "chroma", base_steps=35, cfg=True, text_tokens=512, scheduler=_CHROMA_SCHEDULER,
             architecture=Architecture("ChromaTransformer2DModel", CHROMA1_HD_TRANSFORMER, FLUX_VAE, _CHROMA_TEXT),
+        ),
+        ModelSpec(
+            # 50 steps, guidance 4.0: Flux2Pipeline's defaults.  The scheduler config is FLUX.1-dev's
+            # (the converter reuses it); Flux2Pipeline overrides its mu with compute_empirical_mu.
+            "flux2-dev", "flux2", base_steps=50, cfg=False, text_tokens=512, scheduler=_FLUX2_SCHEDULER,
+            architecture=Architecture("Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER, FLUX2_VAE, _FLUX2_TEXT, vae_class="AutoencoderKLFlux2"),
+        ),
+        ModelSpec(
+            # The undistilled klein 4B ("base"): 50 steps with CFG 4.0 (Flux2KleinPipeline's defaults).
+            # The step-distilled FLUX.2-klein-4B samples in 4 steps: RALU has nothing to save there.
+            "flux2-klein-base-4b", "flux2-klein", base_steps=50, cfg=True, text_tokens=512, scheduler=_FLUX2_SCHEDULER,
+            architecture=Architecture("Flux2Transformer2DModel", FLUX2_KLEIN_4B_TRANSFORMER, FLUX2_VAE, _FLUX2_KLEIN_4B_TEXT, vae_class="AutoencoderKLFlux2"),
         ),
     )
 }
@@ -329,7 +528,7 @@ MODELS: dict[str, ModelSpec] = {
 MODEL_FAMILIES: dict[str, str] = {name: spec.family for name, spec in MODELS.items()}
 
 #: Short names accepted on the command line.
-ALIASES: dict[str, str] = {"flux": "flux-dev", "sd3": "sd3-medium", "chroma1-hd": "chroma"}
+ALIASES: dict[str, str] = {"flux": "flux-dev", "kontext": "flux-kontext-dev", "sd3": "sd3-medium", "qwen": "qwen-image", "chroma1-hd": "chroma", "flux2": "flux2-dev", "flux2-klein": "flux2-klein-base-4b"}
 
 #: A height or width every known model accepts (each model's multiple divides it).
 RESOLUTION_MULTIPLE: int = math.lcm(*(spec.resolution_multiple for spec in MODELS.values()))

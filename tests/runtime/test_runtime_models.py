@@ -66,16 +66,20 @@ def test_shipped_schedules_record_the_registrys_facts(name):
 
 
 def test_families_and_aliases():
-    assert MODEL_FAMILIES == {"flux-dev": "flux", "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3", "chroma": "chroma"}
+    assert MODEL_FAMILIES == {"flux-dev": "flux", "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3", "chroma": "chroma",
+                             "flux2-dev": "flux2", "flux2-klein-base-4b": "flux2-klein"}
     assert get_model("flux") is FLUX and get_model("sd3").name == "sd3-medium"
     assert get_model("chroma1-hd").name == "chroma"
+    assert get_model("flux2").name == "flux2-dev" and get_model("flux2-klein").name == "flux2-klein-base-4b"
     with pytest.raises(ValueError, match=r"unknown model 'sdxl'\. Fix: use one of"):
         get_model("sdxl")
 
 
 def test_vae_and_resolution_rule():
     for spec in MODELS.values():
-        assert (spec.vae_scale_factor, spec.latent_channels, spec.resolution_multiple) == (8, 16, 32)
+        # FLUX.2's VAE has 32 latent channels; every other model's 16.
+        channels = 32 if spec.family.startswith("flux2") else 16
+        assert (spec.vae_scale_factor, spec.latent_channels, spec.resolution_multiple) == (8, channels, 32)
     assert RESOLUTION_MULTIPLE == 32
     # FLUX packs 2x2 patches of the 16-channel latent into one 64-channel token.
     assert FLUX.architecture.transformer["in_channels"] == 4 * FLUX.latent_channels
