@@ -123,6 +123,15 @@ def _transformer_inputs(model: str, image_tokens: int) -> dict[str, Any]:
     arch = spec.architecture
     config = arch.transformer
     text = torch.empty(1, spec.text_tokens, config["joint_attention_dim"], device="meta")
+    if arch.transformer_class == "ChromaTransformer2DModel":
+        # Chroma: FLUX's packed tokens and 3-axis ids, but no pooled vector and no guidance
+        # embedding (its approximator makes the modulation from the timestep alone).
+        return dict(
+            hidden_states=torch.empty(1, image_tokens, config["in_channels"], device="meta"),
+            encoder_hidden_states=text, timestep=torch.empty(1, device="meta"),
+            img_ids=torch.empty(image_tokens, 3, device="meta"),
+            txt_ids=torch.empty(spec.text_tokens, 3, device="meta"),
+        )
     pooled = torch.empty(1, config["pooled_projection_dim"], device="meta")
     timestep = torch.empty(1, device="meta")
     if arch.transformer_class == "FluxTransformer2DModel":
