@@ -67,9 +67,12 @@ def test_shipped_schedules_record_the_registrys_facts(name):
 
 def test_families_and_aliases():
     assert MODEL_FAMILIES == {"flux-dev": "flux", "sd3-medium": "sd3", "sd3.5-medium": "sd3", "sd3.5-large": "sd3", "chroma": "chroma",
-                             "flux2-dev": "flux2", "flux2-klein-base-4b": "flux2-klein"}
+                             "flux-kontext-dev": "flux-kontext",
+                             "flux2-dev": "flux2", "flux2-klein-base-4b": "flux2-klein", "qwen-image": "qwen-image"}
     assert get_model("flux") is FLUX and get_model("sd3").name == "sd3-medium"
+    assert get_model("kontext").name == "flux-kontext-dev"
     assert get_model("chroma1-hd").name == "chroma"
+    assert get_model("qwen").name == "qwen-image"
     assert get_model("flux2").name == "flux2-dev" and get_model("flux2-klein").name == "flux2-klein-base-4b"
     with pytest.raises(ValueError, match=r"unknown model 'sdxl'\. Fix: use one of"):
         get_model("sdxl")
