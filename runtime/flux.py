@@ -235,6 +235,11 @@ class _FluxStageModel(RALUStageModel):
         self.true_cfg_scale = true_cfg_scale
         self.guidance = guidance
 
+    def token_ids(self, layout: TokenLayout) -> torch.Tensor:
+        """``(B, N, 3)`` rotary ids of the tokens one forward carries in ``layout`` (a family
+        that appends tokens of its own, such as Kontext's reference image, extends them)."""
+        return image_ids(layout)
+
     def _forward(self, hidden, timestep, embeds, pooled, text_ids, img_ids, context: str) -> torch.Tensor:
         batch = hidden.shape[0]
         kwargs = {
@@ -263,7 +268,7 @@ class _FluxStageModel(RALUStageModel):
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):
         with section("positions"):
-            ids = image_ids(layout).to(self.device)
+            ids = self.token_ids(layout).to(self.device)
             text_id_sets = [self.text_ids] + ([self.negative[2]] if self.negative is not None else [])
             if layout.shared:
                 img_ids, positions = ids[0], nullcontext()
