@@ -134,6 +134,10 @@ def _transformer_inputs(model: str, image_tokens: int) -> dict[str, Any]:
         )
     pooled = torch.empty(1, config["pooled_projection_dim"], device="meta")
     timestep = torch.empty(1, device="meta")
+    if spec.reference_tokens:
+        # FLUX.1 Kontext: the reference image's tokens follow the generated ones in every
+        # forward, as image tokens (same projections, ids and attention).
+        image_tokens += spec.reference_tokens
     if arch.transformer_class == "FluxTransformer2DModel":
         # FLUX takes packed latents: one token per 2x2 latent patch, 4 * 16 channels.
         return dict(
@@ -218,6 +222,10 @@ def fit_transformer(model: str) -> dict[str, Any]:
     counts = [count_transformer_forward(model, n, transformer) for n in TRANSFORMER_FIT_TOKENS]
     check = count_transformer_forward(model, TRANSFORMER_CHECK_TOKENS, transformer)
     entry = _fit_component(TRANSFORMER_FIT_TOKENS, counts, TRANSFORMER_CHECK_TOKENS, check, f"{model} transformer")
+    spec = get_model(model)
+    if spec.reference_tokens:
+        variable = f"generated image tokens (one batch-1 forward, no CFG; {spec.reference_tokens} reference image tokens counted in every forward)"
+        return {"variable": variable, "text_tokens": spec.text_tokens, "reference_tokens": spec.reference_tokens, **entry}
     return {"variable": "image tokens (one batch-1 forward, no CFG)", "text_tokens": get_model(model).text_tokens, **entry}
 
 
