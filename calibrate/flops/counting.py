@@ -89,12 +89,13 @@ def build_transformer(model: str) -> Any:
 
 
 def build_vae(model: str) -> Any:
-    """The model's ``AutoencoderKL`` on the meta device."""
+    """The model's VAE (``AutoencoderKL``, or the class its architecture names) on the meta device."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL
 
+    arch = get_model(model).architecture
     with torch.device("meta"):
-        return AutoencoderKL(**get_model(model).architecture.vae)
+        return getattr(diffusers, arch.vae_class)(**arch.vae)
 
 
 def build_text_encoder(encoder: TextEncoder) -> Any:
@@ -102,7 +103,11 @@ def build_text_encoder(encoder: TextEncoder) -> Any:
     import torch
     import transformers
 
-    config_class = transformers.T5Config if encoder.model_class.startswith("T5") else transformers.CLIPTextConfig
+    # FLUX.2's decoder-only LLMs (Mistral, Qwen3) are counted as their CausalLM classes.
+    configs = {"MistralForCausalLM": transformers.MistralConfig, "Qwen3ForCausalLM": transformers.Qwen3Config}
+    # Qwen-Image's Qwen2.5-VL: the whole model (the pipeline runs it with its LM head).
+    configs["Qwen2_5_VLForConditionalGeneration"] = transformers.Qwen2_5_VLConfig
+    config_class = configs.get(encoder.model_class) or (transformers.T5Config if encoder.model_class.startswith("T5") else transformers.CLIPTextConfig)
     with torch.device("meta"):
         return getattr(transformers, encoder.model_class)(config_class(**encoder.config))
 
@@ -123,6 +128,16 @@ def _transformer_inputs(model: str, image_tokens: int) -> dict[str, Any]:
     arch = spec.architecture
     config = arch.transformer
     text = torch.empty(1, spec.text_tokens, config["joint_attention_dim"], device="meta")
+    if arch.transformer_class == "Flux2Transformer2DModel":
+        # FLUX.2: packed tokens of 2x2 patches of the 32-channel latent (128 channels), 4-axis
+        # ids, no pooled vector; an embedded guidance where the model has one (dev, not klein).
+        return dict(
+            hidden_states=torch.empty(1, image_tokens, config["in_channels"], device="meta"),
+            encoder_hidden_states=text, timestep=torch.empty(1, device="meta"),
+            img_ids=torch.empty(image_tokens, 4, device="meta"),
+            txt_ids=torch.empty(spec.text_tokens, 4, device="meta"),
+            guidance=torch.empty(1, device="meta") if config.get("guidance_embeds", True) else None,
+        )
     if arch.transformer_class == "ChromaTransformer2DModel":
         # Chroma: FLUX's packed tokens and 3-axis ids, but no pooled vector and no guidance
         # embedding (its approximator makes the modulation from the timestep alone).
@@ -131,6 +146,14 @@ def _transformer_inputs(model: str, image_tokens: int) -> dict[str, Any]:
             encoder_hidden_states=text, timestep=torch.empty(1, device="meta"),
             img_ids=torch.empty(image_tokens, 3, device="meta"),
             txt_ids=torch.empty(spec.text_tokens, 3, device="meta"),
+        )
+    if arch.transformer_class == "QwenImageTransformer2DModel":
+        # Qwen-Image: packed 2x2 patches (64 channels), rotary positions built inside from
+        # img_shapes (one frame of a patch grid), no pooled vector, no guidance embedding.
+        rows, cols = _patch_grid(image_tokens, 4096)
+        return dict(
+            hidden_states=torch.empty(1, image_tokens, config["in_channels"], device="meta"),
+            encoder_hidden_states=text, timestep=torch.empty(1, device="meta"), img_shapes=[[(1, rows, cols)]],
         )
     pooled = torch.empty(1, config["pooled_projection_dim"], device="meta")
     timestep = torch.empty(1, device="meta")
@@ -166,6 +189,8 @@ def count_vae_decode(model: str, latent_height: int, latent_width: int, vae: Any
 
     vae = vae if vae is not None else build_vae(model)
     latent = torch.empty(1, get_model(model).latent_channels, latent_height, latent_width, device="meta")
+    if get_model(model).architecture.vae_class == "AutoencoderKLQwenImage":
+        latent = latent[:, :, None]  # a causal 3-D VAE: one frame
     return count_flops(vae.decode, latent)
 
 
@@ -173,6 +198,17 @@ def count_text_encoder(encoder: TextEncoder) -> Flops:
     """Count one prompt through one text encoder at its sequence length."""
     import torch
 
+    if encoder.model_class in ("MistralForCausalLM", "Qwen3ForCausalLM"):
+        # A decoder-only LLM builds its causal mask by reading the mask's values, which meta
+        # tensors lack; fake tensors (the same shapes and devices) let it take the traced path.
+        # The prompt is padded to the full length, so the mask is all ones.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        model = build_text_encoder(encoder)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            input_ids = torch.zeros(1, encoder.tokens, dtype=torch.long, device="meta")
+            attention_mask = torch.ones(1, encoder.tokens, dtype=torch.long, device="meta")
+            return count_flops(model, input_ids=input_ids, attention_mask=attention_mask)
     input_ids = torch.zeros(1, encoder.tokens, dtype=torch.long, device="meta")
     return count_flops(build_text_encoder(encoder), input_ids=input_ids)
 
