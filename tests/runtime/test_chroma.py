@@ -217,6 +217,24 @@ def test_batch_equals_each_image_alone(ralu, three_stage):
         assert torch.equal(ralu.selected_tokens[0], selected[i])
 
 
+def test_custom_processor_falls_back_to_one_forward_per_image_with_its_mask(three_stage):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class Custom(FluxAttnProcessor):
+        pass
+
+    pipe = RALUChromaPipeline(**components())
+    pipe.transformer.set_attn_processor(Custom())
+    pipe.set_progress_bar_config(disable=True)
+    inputs = dict(**embeds(2, seed=1, valid=3, dtype=torch.bool), **embeds(2, seed=2, valid=6, dtype=torch.bool, prefix="negative_"))
+    batched = pipe(**inputs, guidance_scale=4.0, schedule=three_stage, generator=generators(2), output_type="latent").images
+    assert pipe.selected_tokens[0].tolist() != pipe.selected_tokens[1].tolist()
+    one = {key: value[1:] for key, value in inputs.items()}
+    alone = pipe(**one, guidance_scale=4.0, schedule=three_stage, generator=generators(1, offset=1), output_type="latent").images
+    assert torch.allclose(batched[1], alone[0], atol=1e-4)
+    assert all(type(p) is Custom for p in pipe.transformer.attn_processors.values())
+
+
 def test_num_images_per_prompt_repeats_given_embeddings(ralu, three_stage):
     inputs = dict(**embeds(1, seed=1), **embeds(1, seed=2, prefix="negative_"))
     twice = ralu(**inputs, num_images_per_prompt=2, schedule=three_stage, generator=generators(2), output_type="latent").images
