@@ -420,3 +420,27 @@ def test_registry_record_and_cost_count_the_reference():
     for tokens in (1024, 1330, 4096):
         kontext, flux = transformer_forward_flops(MODEL, tokens), transformer_forward_flops("flux-dev", tokens + spec.reference_tokens)
         assert kontext.total == pytest.approx(flux.total, rel=1e-12) and kontext.linear == pytest.approx(flux.linear, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# ralu-generate: the folder's model_index.json picks the Kontext pipeline.
+# ----------------------------------------------------------------------------------------
+
+
+def test_ralu_generate_runs_a_saved_kontext_folder(saved_kontext_pipeline, make_schedule, tmp_path, capsys):
+    """ralu-generate has no reference-image option: it runs a Kontext folder text-to-image."""
+    from ralu.runtime.cli import main, pipeline_class
+    from ralu.runtime.schedule import save_schedule
+
+    cls, family = pipeline_class(saved_kontext_pipeline)
+    assert cls is RALUFluxKontextPipeline and family == "flux-kontext"
+    schedule = save_schedule(make_schedule(THREE_STAGES, c=0.04, up_ratio=0.3, height=64, width=64, model=MODEL), tmp_path / "kontext-3x.json")
+    out = tmp_path / "out"
+    argv = ["--model", str(saved_kontext_pipeline), "--schedule", str(schedule), "--prompt", "a red cat", "--seed", "3", "--device", "cpu", "--out", str(out)]
+    assert main(argv + ["--negative-prompt", "blue dog", "--true-cfg-scale", "2.0"]) == 0
+    (image,) = sorted(out.glob("*.png"))
+    with Image.open(image) as png:
+        assert png.size == (64, 64) and png.text["seed"] == "3" and png.text["negative_prompt"] == "blue dog"
+        parameters = png.text["parameters"]
+    assert '"guidance_scale": 3.5' in parameters and '"true_cfg_scale": 2.0' in parameters
+    assert "s/image" in capsys.readouterr().out
