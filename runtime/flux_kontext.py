@@ -26,7 +26,6 @@ from .compat import PaperCompat
 from .flux import RALUFluxPipeline, _FluxStageModel
 from .pipeline import RALUPipelineMixin
 from .plan import count_images
-from .profiling import section
 from .schedule import Schedule
 from .tokens import TokenLayout
 
@@ -196,8 +195,7 @@ class RALUFluxKontextPipeline(RALUPipelineMixin, FluxKontextPipeline):
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
         _, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
         self.check_latents(latents, plan, images, generator)
-        with section("reference"):
-            image = self.preprocess_reference(image, _auto_resize)
+        image = self.preprocess_reference(image, _auto_resize)
         self.check_reference_batch(image, images)
 
         self.begin_call(plan, guidance_scale, joint_attention_kwargs or {})
@@ -233,8 +231,7 @@ class RALUFluxKontextPipeline(RALUPipelineMixin, FluxKontextPipeline):
         #    (given a placeholder for the noise, which is drawn next, from the same generator).
         reference = reference_ids = None
         if image is not None:
-            with section("reference"):
-                _, reference, _, reference_ids = self.prepare_latents(image, images, self.latent_channels, height, width, dtype, device, generator, latents=torch.empty(0, device=device))
+            _, reference, _, reference_ids = self.prepare_latents(image, images, self.latent_channels, height, width, dtype, device, generator, latents=torch.empty(0, device=device))
 
         # 4. Initial noise: the full-size noise FluxKontextPipeline draws (or is given).
         canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype, compat)

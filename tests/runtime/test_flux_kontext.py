@@ -444,3 +444,59 @@ def test_ralu_generate_runs_a_saved_kontext_folder(saved_kontext_pipeline, make_
         parameters = png.text["parameters"]
     assert '"guidance_scale": 3.5' in parameters and '"true_cfg_scale": 2.0' in parameters
     assert "s/image" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------
+# Step caches (the transformer has diffusers' CacheMixin): contexts per stage and branch.
+# ----------------------------------------------------------------------------------------
+
+
+def test_first_block_cache_runs_in_stage_contexts_and_keeps_batch_equal_to_alone(flux_models, flux_embeds, three_stage):
+    from conftest import tiny_flux_scheduler, tiny_flux_transformer
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from ralu.runtime.cache import disable_cache, enable_cache
+
+    pipe = RALUFluxKontextPipeline(tiny_flux_scheduler(), flux_models[1], None, None, None, None, tiny_flux_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    embeds = {**flux_embeds(2), **flux_embeds(2, seed=4, prefix="negative_")}
+    references = [reference_image(0), reference_image(1)]
+
+    def run(config, images=(0, 1)):
+        contexts = []
+        original = pipe.transformer.cache_context
+
+        def record(name):
+            contexts.append(name)
+            return original(name)
+
+        inputs = {key: value[list(images)] for key, value in embeds.items()}
+        if config is not None:
+            enable_cache(pipe.transformer, config)
+        pipe.transformer.cache_context = record
+        try:
+            out = pipe(
+                image=[references[i] for i in images],
+                **inputs,
+                true_cfg_scale=2.0,
+                schedule=three_stage,
+                generator=[torch.Generator().manual_seed(10 + i) for i in images],
+                output_type="latent",
+                _auto_resize=False,
+            ).images
+        finally:
+            del pipe.transformer.cache_context
+            if config is not None:
+                disable_cache(pipe.transformer)
+        return out, contexts
+
+    plain, contexts = run(None)
+    never, _ = run(FirstBlockCacheConfig(threshold=0.0))
+    assert torch.equal(never, plain)
+    steps = [stage.steps for stage in three_stage.stages]
+    assert contexts == [f"stage{stage}-{branch}" for stage, n in zip((1, 2, 3), steps) for _ in range(n) for branch in ("cond", "uncond")]
+    skipping, _ = run(FirstBlockCacheConfig(threshold=1e9))
+    assert not torch.allclose(skipping, plain, atol=1e-6), "the cache must skip work for this test to mean anything"
+    for i in (0, 1):
+        alone, _ = run(FirstBlockCacheConfig(threshold=1e9), images=(i,))
+        assert torch.allclose(skipping[i], alone[0], atol=1e-5)
