@@ -26,7 +26,13 @@ COMMAND = "python -m ralu.calibrate.shipped"
 
 #: Models with no published preset: what the main job (``ralu-calibrate --model M --speedup X``)
 #: writes at the paper's FLUX.1 budgets (4x and 7x), shipped as ``M-Xx``.
-MAIN_JOB_BUDGETS: tuple[tuple[str, float], ...] = ()
+MAIN_JOB_BUDGETS: tuple[tuple[str, float], ...] = (
+    ("flux-kontext-dev", 4), ("flux-kontext-dev", 7),
+    ("chroma", 4), ("chroma", 7),
+    ("flux2-dev", 4), ("flux2-dev", 7),
+    ("flux2-klein-base-4b", 4), ("flux2-klein-base-4b", 7),
+    ("qwen-image", 4), ("qwen-image", 7),
+)
 
 
 def _row(name: str, schedule: Schedule, paper_js: float | None) -> str:
