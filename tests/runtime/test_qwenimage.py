@@ -330,3 +330,24 @@ def test_saved_folder_loads_with_diffusers_and_the_ralu_class(saved_qwen_pipelin
     got = loaded(**prompts, schedule=three_stage, generator=generators(2), output_type="latent").images
     assert got.shape == (2, 64, 64) and torch.isfinite(got).all()
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------
+# ralu-generate picks the pipeline from model_index.json.
+# ----------------------------------------------------------------------------------------
+
+
+def test_ralu_generate_runs_a_saved_qwen_image_folder(saved_qwen_pipeline, three_stage, tmp_path):
+    from PIL import Image
+
+    from ralu.runtime.cli import main, pipeline_class
+    from ralu.runtime.schedule import save_schedule
+
+    cls, family = pipeline_class(saved_qwen_pipeline)
+    assert cls is RALUQwenImagePipeline and family == MODEL
+    save_schedule(three_stage, tmp_path / "schedule.json")
+    code = main(["--model", str(saved_qwen_pipeline), "--schedule", str(tmp_path / "schedule.json"), "--prompt", "a red cat",
+                 "--negative-prompt", "dog", "--true-cfg-scale", "4.0", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    written = sorted((tmp_path / "out").glob("*.png"))
+    assert len(written) == 1 and Image.open(written[0]).size == (SIZE, SIZE)
