@@ -12,7 +12,8 @@ Which of diffusers 0.42's caches fit (checked on the tiny models by ``tests/runt
 
 * ``FirstBlockCacheConfig``: FLUX.  Not SD3: the last SD3 block (``context_pre_only``) returns
   no text stream, and the cache's tail hook subtracts one (a ``TypeError`` in diffusers 0.42.1).
-* ``TaylorSeerCacheConfig``, ``MagCacheConfig``: FLUX and SD3.  SD3's transformer has no
+  Not FLUX.2 either (the hook fails on its blocks with a ``TypeError``; refused up front).
+* ``TaylorSeerCacheConfig``, ``MagCacheConfig``: FLUX and SD3 (and FLUX.2: ``tests/runtime/test_flux2.py``).  SD3's transformer has no
   ``enable_cache``; :func:`enable_cache` applies the same hook functions
   (``diffusers.hooks.apply_taylorseer_cache``, ``apply_mag_cache``) to it.
 * ``PyramidAttentionBroadcastConfig``: not supported.  Its cached attention outputs are kept
@@ -167,6 +168,10 @@ def _check_fits(transformer, name: str) -> None:
         raise ValueError(f"{name} does not fit RALU's stages (see ralu.runtime.cache). Fix: use one of {list(SUPPORTED_CONFIGS)}")
     if name == "FirstBlockCacheConfig" and not hasattr(transformer, "enable_cache"):
         raise ValueError(f"FirstBlockCache does not run on {type(transformer).__name__}: its last block returns no text stream, which the cache's tail hook needs. Fix: use TaylorSeerCacheConfig or MagCacheConfig")
+    if name == "FirstBlockCacheConfig" and type(transformer).__name__ == "Flux2Transformer2DModel":
+        # FLUX.2's blocks take and return other tensors than the hooks expect: diffusers 0.42.1's
+        # FirstBlockCache fails in the forward with a TypeError.
+        raise ValueError("FirstBlockCache does not run on Flux2Transformer2DModel (diffusers' hook fails on its blocks). Fix: use TaylorSeerCacheConfig or MagCacheConfig")
 
 
 def enable_cache(transformer, config) -> None:

@@ -432,3 +432,46 @@ def test_ralu_generate_recognises_a_flux2_dev_folder(tmp_path, capsys):
     path = save_schedule(schedule, tmp_path / "dev-3x.json")
     status = main(["--model", str(folder), "--schedule", str(path), "--prompt", "a cat", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert status == 2 and "lacks text_encoder/tokenizer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# Step caches (Flux2Transformer2DModel has diffusers' CacheMixin).
+# ----------------------------------------------------------------------------------------
+
+
+def test_step_caches(dev):
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
+
+    schedule = three_stage()
+    run = lambda: dev(**embeds(2), schedule=schedule, generator=generators(2), output_type="latent").images
+    plain = run()
+    contexts = []
+    original = dev.transformer.cache_context
+    dev.transformer.cache_context = lambda name: contexts.append(name) or original(name)
+    try:
+        never_skip = (
+            TaylorSeerCacheConfig(disable_cache_before_step=100, taylor_factors_dtype=torch.float32),
+            mag_cache_config([[1.1] * 2, [1.1] * 2, [1.1] * 3], threshold=0.0, retention_ratio=0.0),
+        )
+        for config in never_skip:
+            enable_cache(dev.transformer, config)
+            try:
+                contexts.clear()
+                assert torch.equal(run(), plain)  # a cache set never to skip changes nothing
+            finally:
+                disable_cache(dev.transformer)
+            assert "stage1-cond" in contexts and "stage3-cond" in contexts and "stage2-cond:1" in contexts
+        # Skipping: TaylorSeer decides from the step number, so image i of a batch is image i alone.
+        enable_cache(dev.transformer, TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32))
+        try:
+            batch = run()
+            alone = dev(**{k: v[1:] for k, v in embeds(2).items()}, schedule=schedule, generator=generators(1, offset=1), output_type="latent").images
+        finally:
+            disable_cache(dev.transformer)
+        assert not torch.allclose(batch, plain, atol=1e-6) and torch.allclose(batch[1], alone[0], atol=1e-5)
+        with pytest.raises(ValueError, match=r"FirstBlockCache does not run on Flux2Transformer2DModel.*Fix: use TaylorSeerCacheConfig"):
+            enable_cache(dev.transformer, FirstBlockCacheConfig(threshold=0.1))
+    finally:
+        del dev.transformer.cache_context
