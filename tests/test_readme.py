@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 FLUX_FOLDER = "/models/FLUX.1-dev"
 SD3_FOLDER = "/models/stable-diffusion-3-medium-diffusers"
+CHROMA_FOLDER = "/models/Chroma1-HD"
 
 
 def code_blocks(language):
@@ -38,6 +39,16 @@ def saved_sd3_pipeline(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def saved_chroma_pipeline(tmp_path_factory):
+    from chroma_models import components
+    from diffusers import ChromaPipeline
+
+    folder = tmp_path_factory.mktemp("readme-chroma")
+    ChromaPipeline(**components(with_text=True)).save_pretrained(folder)
+    return folder
+
+
 def test_ci_runs_the_readme_test_command():
     setup = code_blocks("bash")[:2]
     assert "ralu-calibrate --model flux --speedup 7" in setup[0]
@@ -53,6 +64,8 @@ def test_python_examples_run(index, tmp_path, monkeypatch, request):
         block = on_cpu(block, FLUX_FOLDER, request.getfixturevalue("saved_flux_pipeline"))
     if SD3_FOLDER in block:
         block = on_cpu(block, SD3_FOLDER, request.getfixturevalue("saved_sd3_pipeline"))
+    if CHROMA_FOLDER in block:
+        block = on_cpu(block, CHROMA_FOLDER, request.getfixturevalue("saved_chroma_pipeline"))
     monkeypatch.chdir(tmp_path)
     exec(compile(block, f"README python block {index}", "exec"), {})
     assert "/models/" not in block
