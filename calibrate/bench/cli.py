@@ -56,8 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     #: The command line as typed, for the reports' "regenerate" line.
     args.command_line = shlex.join([PROG, *argv])
+    from .checks import problem
+
+    prog = f"{PROG} {args.command}"
+    found = problem(args)  # before the runner (and torch) is imported, and long before any report is written
+    if found is not None:
+        print(f"{prog}: error: {' '.join(found.split())}", file=sys.stderr)
+        return 2
     runner = importlib.import_module(SUBCOMMANDS[args.command].runner)
-    return int(runner.run_from_args(args) or 0)
+    try:
+        return int(runner.run_from_args(args) or 0)
+    except OSError as error:  # a full disk, a read-only file system, a report file taken by a device or link
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{prog}: error: {error.strerror or error}{where}. Fix: free space, or pass a writable --out-dir / --out", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        from ralu.runtime.schedule import OutputPathError
+
+        if not isinstance(error, OutputPathError):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
