@@ -475,3 +475,73 @@ def test_fuzz_calibrate_arguments(argv, tmp_path_factory, capsys, monkeypatch):
         assert not out.exists()
     assert [p for p in files_in(folder) if p.endswith((".tmp", ".probe"))] == []
     assert json.dumps(argv)  # keeps the failing example printable
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 26: a seeded fuzz of 500 command lines over output targets and numbers
+# ----------------------------------------------------------------------------------------
+
+
+def test_fuzz_calibrate_outputs_and_numbers(tmp_path, capsys, monkeypatch):
+    """500 seeded command lines.  Four in five fuzz the three output files (--out, --plot,
+    --plain-out: FIFOs, links, dangling links, folders, files used as folders, names too long,
+    the same file twice) around a calibration stubbed by a real result computed once; one in
+    five fuzzes the numbers of a real calibration.  No traceback, one error line, every file
+    written loads with finite numbers, no FIFO or link replaced or written through."""
+    from ralu.calibrate import calibration, plot
+    from ralu.runtime.schedule import write_bytes_atomic
+
+    real = calibration.calibrate
+    made = real("flux", steps=[2, 3, 5], ends=[0.2, 0.3, 1.0], optimizer="paper", show_progress=False)
+    stubbed = {"on": True}
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: made if stubbed["on"] else real(*a, **k))
+    monkeypatch.setattr(plot, "plot_schedule", lambda schedule, path: write_bytes_atomic(path, b"\x89PNG stub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target.json").write_text("keep")
+    (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere.json")
+    (tmp_path / "folder").mkdir()
+    targets = ["s.json", "s.json", "new/s.json", "p.png", "plain.json", "fifo", "link.json", "dangling.json", "folder", "afile/x.json", "a" * 300, "b" * 250, "."]
+    rng = __import__("random").Random(2628)
+    codes = Counter()
+    for case in range(500):
+        stubbed["on"] = rng.random() < 0.8
+        argv = list(FAST)
+        if stubbed["on"]:
+            for option in ("--out", "--plot", "--plain-out"):
+                if option == "--out" or rng.random() < 0.4:
+                    argv += [option, rng.choice(targets)]
+        else:
+            argv += ["--out", "s.json"]
+            for option in rng.sample(sorted(OPTIONS_RANDOM), rng.randint(1, 3)):
+                argv += [option, *rng.choice(OPTIONS_RANDOM[option])]
+        code, _, err = run(argv, capsys)
+        codes[code] += 1
+        assert code in (0, 2) and "Traceback" not in err, (case, argv, err)
+        if code == 2:
+            lines = [line for line in err.strip().splitlines() if "error:" in line]
+            assert len(lines) == 1, (case, argv, err)
+        assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+        assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "keep"
+        assert (tmp_path / "dangling.json").is_symlink() and not (tmp_path / "nowhere.json").exists()
+        assert (tmp_path / "folder").is_dir()
+    for written in [*tmp_path.glob("*.json"), *tmp_path.glob("new/*.json")]:
+        if written.is_file() and not written.is_symlink() and written.name != "target.json":
+            assert_valid_file(written)
+    assert not [p for p in files_in(tmp_path) if p.endswith((".tmp", ".probe"))]
+    assert codes[0] >= 100 and codes[2] >= 100, codes
+
+
+#: Numbers for the real calibrations of the fuzz above: good, bad and hostile.
+OPTIONS_RANDOM = {
+    "--h0": [["3"], ["nan"], ["inf"], ["1e308"], ["-1"], ["0.5"]],
+    "--up-ratio": [["0.1"], ["1.5"], ["nan"], ["-0.0"]],
+    "--z-bounds": [["2", "100"], ["2", "2"], ["100", "2"], ["1", "5"], ["nan", "5"], ["2", "inf"]],
+    "--min-signal": [["0"], ["0.5"], ["1"], ["nan"], ["-1"]],
+    "--base-steps": [["50"], ["0"], ["1001"]],
+    "--height": [["512"], ["1000"], ["-16"], ["8192"]],
+    "--seed": [["0"], ["-1"], [str(2**64)]],
+    "--resolution-gap": [["0.1"], ["nan"], ["-1"], ["inf"]],
+}
