@@ -294,7 +294,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     num_images = 1 if args.num_images is None else args.num_images
     setup = prepare(args)
     check_negative_prompt(setup, args, args.negative_prompt)
-    out = make_out_folder(args)  # before the pipeline is loaded
+    check_text_components(Path(args.model), setup.family)
+    out = make_out_folder(args)  # after every check, before the pipeline is loaded
     device, dtype_name = choose_device(args)
     pipe = load_pipeline(setup, args, device, dtype_name)
 

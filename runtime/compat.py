@@ -46,6 +46,9 @@ class PaperCompat:
             return cls(**{name: True for name in cls.names()})
         if isinstance(value, str):
             value = [value]
+        value = list(value) if isinstance(value, Iterable) else value
+        if not isinstance(value, list) or any(not isinstance(name, str) for name in value):
+            raise ValueError(f"paper_compat={value!r:.60} is not True, False, None or a list of switch names. Fix: use one of those (switches: {list(cls.names())})")
         chosen = set(value)
         unknown = chosen - set(cls.names())
         if unknown:

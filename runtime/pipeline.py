@@ -102,8 +102,13 @@ class RALUStageModel:
 
 
 def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: StepInfo) -> None:
-    """``callback_on_step_end`` may replace the latents, not change their shape (a stage's
-    token count is fixed by its layout)."""
+    """``callback_on_step_end`` may replace the latents with finite ones of the same shape (a
+    stage's token count is fixed by its layout), as a tensor."""
+    where = f"at step {info.step} (stage {info.stage_index + 1}/{info.num_stages}, {info.role})"
+    if not isinstance(returned, torch.Tensor):
+        raise ValueError(f"callback_on_step_end returned latents of type {type(returned).__name__} {where}. Fix: return a torch.Tensor of the shape the callback received")
+    if returned is not given and not bool(torch.isfinite(returned).all()):
+        raise ValueError(f"callback_on_step_end returned latents with NaN or infinity {where}. Fix: return finite latents")
     if tuple(returned.shape) != tuple(given.shape):
         raise ValueError(
             f"callback_on_step_end returned latents of shape {tuple(returned.shape)} at step {info.step} "
@@ -239,6 +244,12 @@ class RALUPipelineMixin:
         no generator warns that it is not reproducible."""
         if latents is None:
             return
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents of type {type(latents).__name__}: expected a torch.Tensor. Fix: torch.as_tensor(latents), or leave latents unset")
+        if latents.device.type == "meta":
+            raise ValueError("latents on the meta device hold no values. Fix: pass latents on the CPU or the pipeline's device")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or infinity, which would make NaN images. Fix: pass finite noise, or leave latents unset")
         latent_h, latent_w = 4 * plan.grid[0], 4 * plan.grid[1]
         full = self.latents_shape(images, latent_h, latent_w)
         if tuple(latents.shape) != full:
@@ -316,6 +327,8 @@ class RALUPipelineMixin:
             callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
             callback_kwargs["stage_index"], callback_kwargs["stage_step"] = info.stage_index, info.stage_step
             outputs = callback_on_step_end(self, info.step, torch.tensor(info.sigma * 1000.0), callback_kwargs) or {}
+            if not isinstance(outputs, dict):
+                raise ValueError(f"callback_on_step_end returned {type(outputs).__name__}, not a dict. Fix: return callback_kwargs (or a dict of the tensors it replaces)")
             for name in tensors:
                 if name != "latents":
                     setattr(model, name, outputs.pop(name, tensors[name]))

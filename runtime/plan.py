@@ -88,6 +88,17 @@ def check_schedule(schedule: Schedule, family: str, height: int, width: int) -> 
         )
 
 
+def _check_generator(generator) -> None:
+    """``generator`` is None, a ``torch.Generator`` or a list of them (a seed is not one)."""
+    import torch
+
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator):
+        return
+    raise ValueError(f"generator={generator!r:.60} is not a torch.Generator or a list of them. Fix: pass torch.Generator().manual_seed(seed), one per image for a list")
+
+
 def count_images(prompt, prompt_embeds, num_images_per_prompt, generator) -> tuple[int, int, int]:
     """``(prompts, images per prompt, images)`` of a call, as diffusers counts them; a list
     of generators must hold one generator per image."""
@@ -97,8 +108,13 @@ def count_images(prompt, prompt_embeds, num_images_per_prompt, generator) -> tup
         batch_size = len(prompt)
     else:
         batch_size = prompt_embeds.shape[0]
-    per_prompt = num_images_per_prompt or 1
+    if num_images_per_prompt is None:
+        num_images_per_prompt = 1
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} is not a positive integer. Fix: pass 1 or more (or leave it unset)")
+    per_prompt = int(num_images_per_prompt)
     images = batch_size * per_prompt
+    _check_generator(generator)
     if isinstance(generator, list) and len(generator) != images:
         raise ValueError(f"{len(generator)} generators for {images} images. Fix: pass one generator per image (batch size x num_images_per_prompt)")
     return batch_size, per_prompt, images
