@@ -261,7 +261,10 @@ def test_fuzz_generate_arguments_and_prompts_files(tmp_path, capsys, monkeypatch
     folder.mkdir()
     model = folder / "model"
     model.mkdir()
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", **{name: ["transformers", "Stub"] for name in components}}))
+    for name in components:
+        (model / name).mkdir()
     schedule = str(save_schedule(make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (2, 1.0, 2.2)], c=0.04, up_ratio=0.3, height=64, width=64), folder / "tiny.json"))
     os.mkfifo(folder / "fifo")
     (folder / "target").write_text("keep")
