@@ -207,7 +207,7 @@ class RALUChromaPipeline(RALUPipelineMixin, ChromaPipeline):
         canvas = self.prepare_canvas(plan, latents, images, generator, device, dtype, compat)
 
         # 4. The stages.
-        model = _ChromaStageModel(self, cond, negative, guidance_scale, dtype, device)
+        model = _ChromaStageModel(self, plan, cond, negative, guidance_scale, dtype, device)
         result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as ChromaPipeline gives it.
@@ -220,8 +220,8 @@ class _ChromaStageModel(RALUStageModel):
 
     ``prompt_embeds`` is the name ``callback_on_step_end`` reads and replaces."""
 
-    def __init__(self, pipe, cond, negative, guidance_scale, dtype, device):
-        super().__init__(pipe, dtype, device)
+    def __init__(self, pipe, plan, cond, negative, guidance_scale, dtype, device):
+        super().__init__(pipe, plan, dtype, device)
         self.prompt_embeds, self.text_ids, self.prompt_mask = cond
         self.negative = negative
         self.guidance_scale = guidance_scale

@@ -217,7 +217,7 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images)
-        model = _FluxStageModel(self, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
+        model = _FluxStageModel(self, plan, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
         result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as FluxPipeline gives it.
@@ -228,8 +228,8 @@ class _FluxStageModel(RALUStageModel):
     """The FLUX side of :func:`ralu.runtime.sampler.run_stages`: token packing, positions,
     guidance and true CFG around ``pipe.transformer``'s own forward."""
 
-    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device):
-        super().__init__(pipe, dtype, device)
+    def __init__(self, pipe, plan, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device):
+        super().__init__(pipe, plan, dtype, device)
         self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids = prompt_embeds, pooled_prompt_embeds, text_ids
         self.negative = negative
         self.true_cfg_scale = true_cfg_scale

@@ -248,7 +248,7 @@ class RALUFlux2Pipeline(Flux2Layout, Flux2Pipeline):
 
         # 3-5. Initial noise (as Flux2Pipeline draws it), the stages, the output.
         guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images) if self.transformer.config.guidance_embeds else None
-        model = _Flux2StageModel(self, prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
+        model = _Flux2StageModel(self, plan, prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
         return self.run_flux2(plan, compat, (latents, images, generator, device, dtype), model, callback_on_step_end, callback_on_step_end_tensor_inputs, output_type, return_dict)
 
 
@@ -337,7 +337,7 @@ class RALUFlux2KleinPipeline(Flux2Layout, Flux2KleinPipeline):
         dtype = prompt_embeds.dtype
 
         # 3-5. Initial noise (as Flux2KleinPipeline draws it), the stages, the output.
-        model = _Flux2StageModel(self, prompt_embeds, text_ids, negative, guidance_scale, None, dtype, device)
+        model = _Flux2StageModel(self, plan, prompt_embeds, text_ids, negative, guidance_scale, None, dtype, device)
         return self.run_flux2(plan, compat, (latents, images, generator, device, dtype), model, callback_on_step_end, callback_on_step_end_tensor_inputs, output_type, return_dict)
 
 
@@ -349,8 +349,8 @@ class _Flux2StageModel(RALUStageModel):
     ``cfg_scale`` weighs it (true CFG for dev, CFG for klein); ``guidance``: the embedded
     guidance per image, or None (klein)."""
 
-    def __init__(self, pipe, prompt_embeds, text_ids, negative, cfg_scale, guidance, dtype, device):
-        super().__init__(pipe, dtype, device)
+    def __init__(self, pipe, plan, prompt_embeds, text_ids, negative, cfg_scale, guidance, dtype, device):
+        super().__init__(pipe, plan, dtype, device)
         self.prompt_embeds, self.text_ids = prompt_embeds, text_ids
         self.negative = negative
         self.cfg_scale = cfg_scale

@@ -240,7 +240,7 @@ class RALUFluxKontextPipeline(RALUPipelineMixin, FluxKontextPipeline):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images)
-        model = _KontextStageModel(self, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device, reference, reference_ids)
+        model = _KontextStageModel(self, plan, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device, reference, reference_ids)
         result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 6. Output, as FluxKontextPipeline gives it.
@@ -251,8 +251,8 @@ class _KontextStageModel(_FluxStageModel):
     """FLUX.1's stage model with Kontext's reference tokens appended to every forward: their
     ids follow the stage's position units (:func:`reference_ids_in`), their output is dropped."""
 
-    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device, reference, reference_ids):
-        super().__init__(pipe, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
+    def __init__(self, pipe, plan, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device, reference, reference_ids):
+        super().__init__(pipe, plan, prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance, dtype, device)
         #: ``(B, R, 64)`` packed reference latents and their ``(R, 3)`` ids, or None (text-to-image).
         self.reference, self.reference_ids = reference, reference_ids
 

@@ -81,18 +81,19 @@ class RALUStageModel:
 
     The attributes named in the pipeline's ``_callback_tensor_inputs`` (other than
     ``latents``) are what ``callback_on_step_end`` sees and may replace: a subclass keeps its
-    prompt embeddings under those names (``prompt_embeds``, ``pooled_prompt_embeds``)."""
+    prompt embeddings under those names (``prompt_embeds``, ``pooled_prompt_embeds``).
 
-    def __init__(self, pipe, dtype: torch.dtype, device):
+    ``plan`` is the call's plan (:class:`ralu.runtime.plan.Plan`): a stage model serves one
+    call, and :meth:`RALUPipelineMixin.run_ralu_stages` runs it on that plan only."""
+
+    def __init__(self, pipe, plan: Plan, dtype: torch.dtype, device):
         self.pipe = pipe
+        self.plan = plan
         self.transformer = pipe.transformer
         self.dtype, self.device = dtype, device
 
     def decode_for_edges(self, latent: torch.Tensor) -> torch.Tensor:
         return self.pipe.decode_canvas(latent).float()
-
-    #: The call's plan (set by :meth:`RALUPipelineMixin.run_ralu_stages`).
-    plan: Plan | None = None
 
     def stage_cache(self, stage):
         """Around one stage: the transformer's step cache emptied and given this stage's
@@ -336,7 +337,8 @@ class RALUPipelineMixin:
             check_returned_latents(returned, latents, info)
             return returned.reshape(patches.shape)
 
-        model.plan = plan
+        if getattr(model, "plan", plan) is not plan:
+            raise ValueError("the stage model was built for another plan than the one run_ralu_stages runs. Fix: build the stage model with this call's plan")
         with self.progress_bar(total=plan.total_steps) as progress, schedule_cache(self.transformer, plan.schedule.cache):
             result = run_stages(
                 plan,

@@ -241,7 +241,7 @@ class RALUQwenImagePipeline(RALUPipelineMixin, QwenImagePipeline):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(images)
-        model = _QwenImageStageModel(self, prompt_embeds, prompt_embeds_mask, negative, true_cfg_scale, guidance, dtype, device)
+        model = _QwenImageStageModel(self, plan, prompt_embeds, prompt_embeds_mask, negative, true_cfg_scale, guidance, dtype, device)
         result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as QwenImagePipeline gives it.
@@ -252,8 +252,8 @@ class _QwenImageStageModel(RALUStageModel):
     """The Qwen-Image side of :func:`ralu.runtime.sampler.run_stages`: token packing,
     rotary positions, true CFG around ``pipe.transformer``'s own forward."""
 
-    def __init__(self, pipe, prompt_embeds, prompt_embeds_mask, negative, true_cfg_scale, guidance, dtype, device):
-        super().__init__(pipe, dtype, device)
+    def __init__(self, pipe, plan, prompt_embeds, prompt_embeds_mask, negative, true_cfg_scale, guidance, dtype, device):
+        super().__init__(pipe, plan, dtype, device)
         self.prompt_embeds, self.prompt_embeds_mask = prompt_embeds, prompt_embeds_mask
         self.negative = negative
         self.true_cfg_scale = true_cfg_scale

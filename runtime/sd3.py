@@ -47,6 +47,14 @@ POSITION_MODES = ("crop", "stretch")
 _SLG_EPS = 1e-9
 
 
+def check_position_mode(mode) -> str:
+    """``mode`` if it is one of :data:`POSITION_MODES` (the one check of ``low_res_positions``,
+    for a call and for :func:`table_positions` alike), else a one-line ValueError."""
+    if mode not in POSITION_MODES:
+        raise ValueError(f"low_res_positions={mode!r} is unknown. Fix: use one of {POSITION_MODES}")
+    return mode
+
+
 def table_positions(transformer, layout: TokenLayout, mode: str = "crop") -> torch.Tensor:
     """Table coordinates ``(B, N, 2)`` (row, col) of a layout's tokens.
 
@@ -57,8 +65,7 @@ def table_positions(transformer, layout: TokenLayout, mode: str = "crop") -> tor
     crop of the full-size image (the low-res grid is the full-size table at double step).
     Role ``full`` is always the native full-size crop.
     """
-    if mode not in POSITION_MODES:
-        raise ValueError(f"low_res_positions={mode!r} is unknown. Fix: use one of {POSITION_MODES}")
+    check_position_mode(mode)
     positions = layout.positions()
     gh, gw = layout.grid
     if layout.role == "full":
@@ -246,9 +253,7 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
             unsupported={"ip_adapter_image": ip_adapter_image, "ip_adapter_image_embeds": ip_adapter_image_embeds},
         )
         height, width = plan.schedule.height, plan.schedule.width
-        mode = self.low_res_positions if low_res_positions is None else low_res_positions
-        if mode not in POSITION_MODES:
-            raise ValueError(f"low_res_positions={mode!r} is unknown. Fix: use one of {POSITION_MODES}")
+        mode = check_position_mode(self.low_res_positions if low_res_positions is None else low_res_positions)
         if skip_guidance_layers is not None:
             layers = len(self.transformer.transformer_blocks)
             bad = [index for index in skip_guidance_layers if not 0 <= int(index) < layers]
@@ -330,7 +335,7 @@ class RALUStableDiffusion3Pipeline(RALUPipelineMixin, StableDiffusion3Pipeline):
                 skip_layer_guidance_stop,
                 plan.schedule.calibration.h0,
             )
-        model = _SD3StageModel(self, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device)
+        model = _SD3StageModel(self, plan, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device)
         result = self.run_ralu_stages(plan, canvas, model, generator, compat, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 5. Output, as StableDiffusion3Pipeline gives it.
@@ -353,8 +358,8 @@ class _SD3StageModel(RALUStageModel):
     skip-layer guidance around ``pipe.transformer`` (its forward on native grids, the token
     path of :mod:`ralu.runtime.sd3_tokens` otherwise)."""
 
-    def __init__(self, pipe, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device):
-        super().__init__(pipe, dtype, device)
+    def __init__(self, pipe, plan, prompt_embeds, pooled_prompt_embeds, cond_embeds, cond_pooled, slg, mode, dtype, device):
+        super().__init__(pipe, plan, dtype, device)
         # The CFG batch [negative, positive] (what callbacks see), and the positive half
         # alone for skip-layer guidance.
         self.prompt_embeds, self.pooled_prompt_embeds = prompt_embeds, pooled_prompt_embeds

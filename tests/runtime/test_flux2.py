@@ -138,8 +138,7 @@ def test_full_token_set_through_the_stage_model_equals_the_plain_forward(dev):
     prompt = embeds(2, seed=4)["prompt_embeds"]
     text_ids = dev._prepare_text_ids(prompt)
     guidance = torch.full((2,), 3.5)
-    model = _Flux2StageModel(dev, prompt, text_ids, None, 1.0, guidance, torch.float32, torch.device("cpu"))
-    model.plan = plan
+    model = _Flux2StageModel(dev, plan, prompt, text_ids, None, 1.0, guidance, torch.float32, torch.device("cpu"))
     dev.begin_call(plan, 3.5, None)
     dev._attention_kwargs = None
     packed = dev._pack_latents(patch_channels(canvas))  # Flux2Pipeline's token order

@@ -138,9 +138,10 @@ def stage_model(pipe, embeds, image, images: int):
     reference = pipe.preprocess_reference(image, auto_resize=False)
     _, packed, _, ids = pipe.prepare_latents(reference, images, 16, SIZE, SIZE, torch.float32, "cpu", None, latents=torch.empty(0))
     embeds_out, pooled, text_ids = pipe.encode_prompt(prompt=None, prompt_2=None, prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"], device="cpu")
-    pipe.begin_call(_Plan(), 3.5, {})
+    plan = _Plan()
+    pipe.begin_call(plan, 3.5, {})
     guidance = torch.full((images,), 3.5)
-    return _KontextStageModel(pipe, embeds_out, pooled, text_ids, None, 1.0, guidance, torch.float32, "cpu", packed, ids), packed, ids
+    return _KontextStageModel(pipe, plan, embeds_out, pooled, text_ids, None, 1.0, guidance, torch.float32, "cpu", packed, ids), packed, ids
 
 
 class _Plan:

@@ -53,3 +53,26 @@ def test_callback_may_replace_latents_of_the_same_shape(family_call):
 
     assert family_call(callback_on_step_end=callback).images.abs().max() == 0
     assert family_call().images.abs().max() > 0
+
+
+def test_the_stage_model_is_built_with_the_calls_plan_and_runs_no_other(family_call, monkeypatch):
+    from types import SimpleNamespace
+
+    from ralu.runtime.pipeline import RALUPipelineMixin
+
+    original, seen = RALUPipelineMixin.run_ralu_stages, []
+
+    def spy(self, plan, canvas, model, *args):
+        seen.append(model.plan is plan)
+        return original(self, plan, canvas, model, *args)
+
+    monkeypatch.setattr(RALUPipelineMixin, "run_ralu_stages", spy)
+    family_call()
+    assert seen == [True]
+
+    def other_plan(self, plan, canvas, model, *args):
+        return original(self, plan, canvas, SimpleNamespace(plan=SimpleNamespace()), *args)
+
+    monkeypatch.setattr(RALUPipelineMixin, "run_ralu_stages", other_plan)
+    with pytest.raises(ValueError, match="^the stage model was built for another plan"):
+        family_call()

@@ -333,6 +333,18 @@ def test_clear_errors(sd3_pipe, make_schedule, three_stage):
         sd3_pipe(**inputs, schedule=three_stage, skip_guidance_layers=[5])
 
 
+def test_one_position_mode_check_serves_the_call_its_default_and_table_positions(sd3_pipe, three_stage, monkeypatch):
+    message = "low_res_positions='middle' is unknown. Fix: use one of ('crop', 'stretch')"
+    assert sd3_module.check_position_mode("stretch") == "stretch"
+    with pytest.raises(ValueError) as error:
+        sd3_module.table_positions(sd3_pipe.transformer, None, mode="middle")
+    assert str(error.value) == message
+    monkeypatch.setattr(sd3_pipe, "low_res_positions", "middle")  # the pipeline's default, not the call's argument
+    with pytest.raises(ValueError) as error:
+        sd3_pipe(**text_inputs(1), schedule=three_stage)
+    assert str(error.value) == message
+
+
 def test_num_images_per_prompt_and_output_types(sd3_pipe, three_stage):
     inputs = text_inputs(1)
     two = sd3_pipe(**inputs, schedule=three_stage, num_images_per_prompt=2, generator=generators(0, 1), output_type="pt").images
