@@ -1,6 +1,6 @@
 """Which calibration objective picks better schedules on the quality testbed?
 
-    python -m ralu.calibrate.objectives_report --seeds 0 1 --images 32 --out reports/objectives
+    python -m ralu.calibrate.objectives_report --seeds 0 1 --images 32 --out reports/experiments/objectives
 
 At each budget of ``ralu-bench quality`` (the published 4x and 7x presets' testbed cost)
 it samples, from the harness's labels and noise of every seed: the plain sampler with the
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--schedule", action="append", help="add a row for this schedule file (at the budget nearest its testbed cost)")
     parser.add_argument("--schedules-only", action="store_true", help="only the plain row and the --schedule rows")
-    parser.add_argument("--out", type=Path, default=Path("reports/objectives"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--out", type=Path, default=Path("reports/experiments/objectives"), help="writes OUT.md and OUT.json")
     parser.add_argument("--render", action="store_true", help="only re-render OUT.md from OUT.json")
     args = parser.parse_args(argv)
     if args.render:

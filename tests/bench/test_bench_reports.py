@@ -1,5 +1,5 @@
-"""The committed reports and their typed models: ``reports/speed.json``, ``reports/quality.json``
-(testbed v2) and ``reports/quality-v1.json`` (testbed v1) load into their report models and
+"""The committed reports and their typed models: ``reports/speed.json`` and ``reports/quality.json``
+(testbed v2) load into their report models and
 write back byte for byte, and the Markdown rendered from them is the committed Markdown (one
 definition of every table)."""
 
@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from ralu.calibrate.bench.common import json_text
-from ralu.calibrate.bench.quality import report as quality_report
-from ralu.calibrate.bench.quality.schema import QualityReport
 from ralu.calibrate.bench.quality.v2 import report as quality_v2_report
 from ralu.calibrate.bench.quality.v2.schema import V2Report
 from ralu.calibrate.bench.speed import report as speed_report
@@ -24,7 +22,6 @@ REPORTS = Path(__file__).resolve().parents[2] / "reports"
 REPORT_KINDS = {
     "speed": (SpeedReport, speed_report),
     "quality": (V2Report, quality_v2_report),
-    "quality-v1": (QualityReport, quality_report),
 }
 
 
@@ -37,13 +34,6 @@ def test_committed_json_round_trips_through_the_typed_report(name):
 def test_speed_markdown_is_rendered_from_its_json():
     report = SpeedReport.model_validate_json((REPORTS / "speed.json").read_text())
     assert speed_report.render_markdown(report) == (REPORTS / "speed.md").read_text()
-
-
-def test_quality_v1_markdown_is_rendered_from_its_json():
-    report = QualityReport.model_validate_json((REPORTS / "quality-v1.json").read_text())
-    figures = quality_report.figure_paths(report)
-    assert quality_report.render_markdown(report, figures) == (REPORTS / "quality-v1.md").read_text()
-    assert all((REPORTS / path).is_file() for path in (figures.grid, figures.tradeoff, figures.sweep))
 
 
 def test_quality_markdown_is_rendered_from_its_json_with_its_figures():
@@ -81,7 +71,7 @@ def test_committed_heldout_and_fidelity_reports_are_rendered_from_their_json(bud
     of the committed JSON (a change to the verdict wording or the cost comparison shows here)."""
     from ralu.calibrate.bench.quality.v2 import fidelity, heldout
 
-    folder = REPORTS / "quality-search-v2" / "budget-filling"
+    folder = REPORTS / "experiments" / "quality-search-v2" / "budget-filling"
     held = heldout.HeldoutReport.model_validate_json((folder / f"heldout-{budget}x.json").read_text())
     assert heldout.render_markdown(held) == (folder / f"heldout-{budget}x.md").read_text()
     score = fidelity.FidelityReport.model_validate_json((folder / f"fidelity-{budget}x.json").read_text())
@@ -89,3 +79,15 @@ def test_committed_heldout_and_fidelity_reports_are_rendered_from_their_json(bud
     # every row the harness plans at the budget is there, its cache rows included
     assert {"base-steps", "bottleneck", "ralu-paper", "ralu-ours+magcache", "base-steps+first_block"} <= {r.method for r in held.rows}
     assert [r.method for r in held.rows] == [r.method for r in score.rows]
+
+
+def test_committed_switches_report_is_rendered_from_its_json():
+    """reports/experiments/quality-search-v2/paper-compat-switches.md is what today's renderer
+    makes of its JSON (its link to the harness report included, one folder deeper since the move)."""
+    from ralu.calibrate.bench.quality.v2 import switches
+
+    folder = REPORTS / "experiments" / "quality-search-v2"
+    report = switches.SwitchReport.model_validate_json((folder / "paper-compat-switches.json").read_text())
+    text = switches.render_markdown(report)
+    assert text == (folder / "paper-compat-switches.md").read_text()
+    assert "](../../quality.md)" in text and (folder / "../../quality.md").is_file()

@@ -2,7 +2,7 @@
 and each schedule file stays from the 50-step baseline, and where its spectrum departs.
 
     python -m ralu.calibrate.bench.quality.v2.fidelity --budget 4 --schedule PICK.json \\
-        --rows base-steps bottleneck ralu-paper --out reports/quality-search-v2/budget-filling/fidelity-4x
+        --rows base-steps bottleneck ralu-paper --out reports/experiments/quality-search-v2/budget-filling/fidelity-4x
 
 ``ralu-calibrate --objective quality`` scores a candidate by the Frechet distance, in the
 classifier's features, between its samples and 50-step samples of the same prompts drawn from

@@ -1,7 +1,7 @@
 """Schedule files against chosen rows of ``ralu-bench quality`` on held-out seeds.
 
     python -m ralu.calibrate.bench.quality.v2.heldout --budget 4 --schedule A.json --schedule B.json \\
-        --rows base-steps bottleneck ralu-paper --out reports/quality-search-v2/budget-filling/heldout-4x
+        --rows base-steps bottleneck ralu-paper --out reports/experiments/quality-search-v2/budget-filling/heldout-4x
 
 What a search's pick needs before it is trusted, at a fraction of the full table's cost: the
 same labels, per-image noise, real reference, metrics and paired bootstrap as the harness
@@ -153,7 +153,7 @@ def render_markdown(report: HeldoutReport) -> str:
         f"Regenerate: `{report.command}`.",
         "",
         f"Seeds {report.seeds}, {report.images_per_seed} images each: the labels, per-image noise, real reference, metrics and paired bootstrap "
-        "of [`ralu-bench quality`](../../quality.md), its rows planned as it plans them; only these rows are sampled (no 50-step baseline).  "
+        "of [`ralu-bench quality`](../../../quality.md), its rows planned as it plans them; only these rows are sampled (no 50-step baseline).  "
         "`value [95 % bootstrap interval over images]`; verdicts at 95 %.",
         "",
         "| row | GFLOPs per image (total) | definition | " + " | ".join(LABELS[k] for k in SCHEDULE_METRICS) + " |",

@@ -7,7 +7,7 @@ than the same numbers run with exact noise (reports/quality.md, FLUX 4x: 1179 ag
 splits each FD into its mean term ``|mu - mu_r|^2`` and covariance part: a shared pattern
 added to every image moves the feature mean, so its FD depends on which pattern was drawn.
 
-    python -m ralu.calibrate.bench.quality.v2.switches --budget 4 --out-dir reports/quality-search-v2
+    python -m ralu.calibrate.bench.quality.v2.switches --budget 4 --out-dir reports/experiments/quality-search-v2
 
 Images: the harness's labels and per-image noise of ``--seeds``; the real reference and
 metrics are the harness's (:mod:`ralu.calibrate.bench.quality.v2.stats`).
@@ -122,7 +122,7 @@ def render_markdown(report: SwitchReport) -> str:
         f"The published {report.schedule} preset's numbers on testbed v2's FLUX generator, run with exact noise, with each `paper_compat` "
         f"switch alone (`ralu.runtime.compat`), with all of them, and with `global_noise` drawn from other seeds of the global RNG.  "
         f"Seeds {report.seeds}, {report.images_per_seed} images each (the harness's labels and per-image noise); metrics as in "
-        "[quality.md](../quality.md), `value [95 % bootstrap interval]`.  FD = mean term `|mu - mu_r|^2` + covariance terms.",
+        "[quality.md](../../quality.md), `value [95 % bootstrap interval]`.  FD = mean term `|mu - mu_r|^2` + covariance terms.",
         "",
         "| run | global draw | FD | FD mean term | FD rest | accuracy (all 6 asked) | fine accuracy | spectral distance |",
         "|---|---|---|---|---|---|---|---|",
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights-dir", help="folder holding autoencoder/ classifier/ flux/ (default: testbed v2's weights lookup)")
-    parser.add_argument("--out-dir", default="reports/quality-search-v2")
+    parser.add_argument("--out-dir", default="reports/experiments/quality-search-v2")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.images < 2 or args.real_images < 2:
