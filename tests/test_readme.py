@@ -1,8 +1,9 @@
-"""The README's commands and examples are the ones that work.
+"""The commands and examples of the README and of the docs pages (docs/*.md) are the ones that work.
 
 Runtime examples load real weights from a local folder; here they run as written on tiny
 real-class pipelines saved to a temporary folder, with the folder path, device and dtype
-substituted (a CPU machine has no CUDA and no FLUX weights)."""
+substituted (a CPU machine has no CUDA and no FLUX weights).  Every python block of
+README.md and of every docs page runs."""
 
 import re
 from pathlib import Path
@@ -11,13 +12,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+#: the Markdown whose python blocks run: the README and every docs page
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 FLUX_FOLDER = "/models/FLUX.1-dev"
 SD3_FOLDER = "/models/stable-diffusion-3-medium-diffusers"
 CHROMA_FOLDER = "/models/Chroma1-HD"
 
 
-def code_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def code_blocks(language, text=README):
+    """The page's ``language`` blocks fenced at the start of a line (a block indented inside a
+    list, such as docs/scale-out.md's multi-GPU torchrun script, is an illustration)."""
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def page_blocks(language):
+    """``(page, index)`` of every ``language`` block of the README and the docs pages."""
+    return [(page, i) for page in PAGES for i in range(len(code_blocks(language, (ROOT / page).read_text())))]
 
 
 def on_cpu(block: str, folder: str, path: Path) -> str:
@@ -57,9 +67,16 @@ def test_ci_runs_the_readme_test_command():
     assert setup[1].strip() in ci
 
 
-@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
-def test_python_examples_run(index, tmp_path, monkeypatch, request):
-    block = code_blocks("python")[index]
+def test_examples_moved_to_the_docs_still_run():
+    """The examples the README held before it became an entry run from their docs pages."""
+    pages = {page for page, _ in page_blocks("python")}
+    assert {"README.md", "docs/calibration.md", "docs/runtime.md", "docs/quality.md"} <= pages
+    assert len(page_blocks("python")) >= 7
+
+
+@pytest.mark.parametrize(("page", "index"), page_blocks("python"))
+def test_python_examples_run(page, index, tmp_path, monkeypatch, request):
+    block = code_blocks("python", (ROOT / page).read_text())[index]
     if FLUX_FOLDER in block:
         block = on_cpu(block, FLUX_FOLDER, request.getfixturevalue("saved_flux_pipeline"))
     if SD3_FOLDER in block:
@@ -67,7 +84,7 @@ def test_python_examples_run(index, tmp_path, monkeypatch, request):
     if CHROMA_FOLDER in block:
         block = on_cpu(block, CHROMA_FOLDER, request.getfixturevalue("saved_chroma_pipeline"))
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, f"README python block {index}", "exec"), {})
+    exec(compile(block, f"{page} python block {index}", "exec"), {})
     assert "/models/" not in block
 
 
