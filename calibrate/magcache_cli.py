@@ -49,10 +49,6 @@ def check(args: argparse.Namespace):
     schedule = load_schedule(args.magcache)
     if schedule.family != get_model(args.model).family:
         raise ValueError(f"--magcache {args.magcache} is a {schedule.model} schedule but --model is {get_model(args.model).name}. Fix: pass a schedule of this model")
-    if args.pipeline == "testbed":
-        from .testbed.model import testbed_schedule
-
-        schedule = testbed_schedule(schedule)  # the testbed samples at its own size
     return schedule.model_copy(update={"cache": None})
 
 
@@ -61,13 +57,18 @@ def run_magcache(args: argparse.Namespace, out: Path) -> int:
     from ralu.runtime.cache import CacheSettings
 
     from .magcache import measure_mag_ratios
-    from .quality_cli import load
+    from .quality_cli import guidance_scale, load, target
     from .quality_search import to_ralu
 
     schedule = check(args)
     jobs = read_prompts(args.prompts, args.seed)
     started = time.perf_counter()
-    pipe, options = load(args)
+    if Path(args.pipeline).is_dir():
+        pipe, options = load(args)
+    else:  # a registered quality target: its pipeline, its prompt encoder, the schedule at its own size
+        found = target(args)
+        pipe, options = found.pipe, found.options
+        schedule = found.adapt_schedule(schedule)
     ralu = to_ralu(pipe)
     encode = options.get("encode")
     device = ralu._execution_device
@@ -77,7 +78,7 @@ def run_magcache(args: argparse.Namespace, out: Path) -> int:
         prompts = [job.prompt for job in batch]
         inputs = encode(prompts) if encode else {"prompt": prompts}
         inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
-        calls.append({**inputs, "guidance_scale": args.guidance_scale, "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in batch]})
+        calls.append({**inputs, "guidance_scale": guidance_scale(args, options), "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in batch]})
     with torch.no_grad():
         ratios = measure_mag_ratios(ralu, schedule, calls)
     settings = CacheSettings(kind="magcache", threshold=args.magcache_threshold, mag_ratios=[[round(r, 6) for r in stage] for stage in ratios])

@@ -9,19 +9,23 @@ from pathlib import Path
 
 from ralu.runtime.schedule import save_schedule
 
+#: ``--guidance-scale`` of a pipeline folder when none is given.
+DEFAULT_GUIDANCE_SCALE = 3.5
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quality search (--objective quality)")
-    group.add_argument("--pipeline", help="local diffusers pipeline folder (FLUX or SD3), or 'testbed' for the offline quality testbed")
+    group.add_argument("--pipeline", help="local diffusers pipeline folder (FLUX or SD3), or the name of a registered quality target "
+                       "(entry-point group ralu.quality_targets, docs/plugins.md; the lab registers 'testbed')")
     group.add_argument("--prompts", type=Path, help="prompts file: one prompt per line, or *.jsonl with prompt and seed (seeds default to --seed + index)")
-    group.add_argument("--metric", help="distance to the base model's samples: pixel (default, no weights), testbed (classifier features, paired), "
-                       "testbed-fd (Frechet distance of classifier features), testbed-v2-fd (the same in testbed v2's classifier), or a folder holding a feature model saved with torch.export.save as features.pt2")
+    group.add_argument("--metric", help="distance to the base model's samples: pixel (default for a folder, no weights), a folder holding a feature model "
+                       "saved with torch.export.save as features.pt2, or a name a quality target knows (the testbed's default: testbed-v2-fd)")
     group.add_argument("--reference-seed-offset", type=int, default=0, metavar="K",
-                       help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-fd, "
+                       help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-v2-fd, "
                        "K != 0 compares distributions instead of rewarding a retrace of the base model's path)")
     group.add_argument("--cache-dir", type=Path, help="where the base model's reference samples are kept between runs (default .ralu-references)")
     group.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per pruning report (default 8)")
-    group.add_argument("--guidance-scale", type=float, default=3.5)
+    group.add_argument("--guidance-scale", type=float, default=None, help="default: the quality target's own, else 3.5")
     group.add_argument("--device", default="cpu", help="torch device of the pipeline (default cpu)")
     group.add_argument("--candidate", action="append", default=[], metavar="SCHEDULE",
                        help="a schedule file or shipped name the search also tries among its first trials (repeatable), e.g. a published preset "
@@ -46,8 +50,10 @@ def check_pipeline_options(args: argparse.Namespace) -> None:
     """--batch-size and --pipeline, shared by every option that runs a pipeline (quality search, --magcache)."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.pipeline != "testbed" and not Path(args.pipeline).is_dir():
-        raise ValueError(f"--pipeline {args.pipeline!r} is not a folder. Fix: a local diffusers pipeline folder, or 'testbed'")
+    if not Path(args.pipeline).is_dir():
+        from .plugins import quality_target
+
+        quality_target(args.pipeline)  # a registered target, or one line naming those there are
 
 
 def candidates(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -64,18 +70,11 @@ def candidates(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def load(args: argparse.Namespace):
-    """(pipeline, search keyword arguments) for ``--pipeline``."""
-    if args.pipeline == "testbed":
-        from .quality_search import speedup_on_testbed
-        from .testbed.conditioning import encode_prompts
-        from .testbed.data import IMAGE_SIZE
-        from .testbed.location import transformer_dir
-        from .testbed.model import load_pipeline, testbed_h0
-
-        pipe = load_pipeline()
-        options = dict(model="flux-dev", height=IMAGE_SIZE, width=IMAGE_SIZE, h0=testbed_h0(), base_steps=50, encode=encode_prompts,
-                       speedup_of=speedup_on_testbed(pipe, IMAGE_SIZE), pipeline_id=f"testbed:{transformer_dir(None)}", metric=args.metric or "testbed")
-        return pipe, options
+    """(pipeline, search keyword arguments) for ``--pipeline``: a folder, or a registered
+    quality target (:func:`target`)."""
+    if not Path(args.pipeline).is_dir():
+        found = target(args)
+        return found.pipe, dict(found.options)
     from ralu.runtime.cli import CLIError, pipeline_class
 
     try:
@@ -91,6 +90,23 @@ def load(args: argparse.Namespace):
     return pipe, options
 
 
+def target(args: argparse.Namespace):
+    """The :class:`ralu.calibrate.plugins.QualityTarget` registered as ``--pipeline`` (not a
+    folder), built for ``--model``, ``--metric`` and ``--device``."""
+    from ralu.runtime.models import get_model
+
+    from .plugins import quality_target
+
+    return quality_target(args.pipeline)(model=get_model(args.model).name, metric=args.metric, device=args.device)
+
+
+def guidance_scale(args: argparse.Namespace, options: dict) -> float:
+    """``--guidance-scale``, else the target's own, else 3.5."""
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    return options.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+
+
 def run_quality(args: argparse.Namespace, out: Path) -> int:
     from ralu.runtime.batch import read_prompts
 
@@ -101,8 +117,9 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
     known = candidates(args)
     started = time.perf_counter()
     pipe, options = load(args)
+    options["guidance_scale"] = guidance_scale(args, options)
     result = search(
-        pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs], guidance_scale=args.guidance_scale,
+        pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs],
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
         extra_candidates=known, cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
         **({} if args.min_signal is None else {"min_signal": args.min_signal}), **options,

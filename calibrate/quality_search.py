@@ -8,11 +8,13 @@ first candidates are the plain fewer-steps sampler and two-stage layouts, so the
 answer "fewer steps" when that is what the images say.
 
 * Metric: a callable ``metric(images, references) -> (n,)`` distances (images in [0, 1],
-  ``(n, 3, H, W)``), or a name: ``"pixel"`` (default, no weights: RMS pixel difference),
-  ``"testbed"`` / ``"testbed-fd"`` (features of the quality testbed's classifier, per image /
-  Frechet distance of the set), ``"testbed-v2-fd"`` (the same set distance in testbed v2's
-  classifier features), or a folder holding a feature model saved with
-  ``torch.export.save`` as ``features.pt2`` (features' mean squared difference).
+  ``(n, 3, H, W)``), ``"pixel"`` (default, no weights: RMS pixel difference), or a folder
+  holding a feature model saved with ``torch.export.save`` as ``features.pt2`` (features'
+  mean squared difference).  A set-level callable (``set_level = True``, e.g. a Frechet
+  distance) scores the whole set.
+* Target: the pipeline, prompts, reference key, metric and cost ``speedup_of`` are
+  arguments; nothing here knows a particular model.  A named target (``--pipeline NAME``,
+  e.g. the lab's quality testbed) plugs in through :mod:`ralu.calibrate.plugins`.
 * Steps: a drawn layout is a number of stages and the weight of each stage's share of the
   steps; its steps are as many as the budget affords in those proportions
   (:func:`budget_steps`), so every draw is feasible and spends the budget.  Known schedules
@@ -91,53 +93,11 @@ def feature_distance(features: Callable[[torch.Tensor], torch.Tensor]) -> Metric
     return metric
 
 
-def features_on_testbed(classifier_path=None) -> Metric:
-    """Distance in the quality testbed classifier's features (its images are in [-1, 1])."""
-    from .testbed.classifier import features, load_classifier
-
-    classifier = load_classifier(classifier_path)
-    return feature_distance(lambda images: features(classifier, images * 2.0 - 1.0))
-
-
-def fd_on_testbed(classifier_path=None) -> Metric:
-    """Set-level: Frechet distance between the testbed classifier's features of the
-    candidate's images and of the references (a distribution distance: it does not ask
-    a sampler to retrace the base model's path image by image)."""
-    from .testbed.classifier import features, load_classifier
-    from .testbed.evaluate import frechet_distance
-
-    classifier = load_classifier(classifier_path)
-
-    def metric(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        a, b = features(classifier, images * 2.0 - 1.0), features(classifier, references * 2.0 - 1.0)
-        return torch.tensor(frechet_distance(a.numpy(), b.numpy()), dtype=torch.float64)
-
-    metric.set_level = True
-    return metric
-
-
-def fd_on_testbed_v2(classifier_path=None) -> Metric:
-    """Set-level Frechet distance in testbed v2's classifier features (the features of its
-    harness's FD, which read the fine structure: texture, orientation, period, marks)."""
-    from .testbed.evaluate import frechet_distance
-    from .testbed.v2.classifier import load_classifier
-
-    classifier = load_classifier(classifier_path)
-
-    def metric(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            a, b = classifier.features(images * 2.0 - 1.0), classifier.features(references * 2.0 - 1.0)
-        return torch.tensor(frechet_distance(a.double().numpy(), b.double().numpy()), dtype=torch.float64)
-
-    metric.set_level = True
-    return metric
-
-
 #: A feature model in a metric folder: an exported program (``torch.export.save``) mapping
 #: images in [0, 1] ``(n, 3, H, W)`` to features.
 FEATURE_FILE = "features.pt2"
 #: Named metrics (the callables' builders); any callable works too.
-METRICS = {"pixel": lambda: pixel_distance, "testbed": features_on_testbed, "testbed-fd": fd_on_testbed, "testbed-v2-fd": fd_on_testbed_v2}
+METRICS = {"pixel": lambda: pixel_distance}
 
 
 def load_metric(metric: str | os.PathLike | Metric | None) -> Metric:
@@ -496,7 +456,7 @@ def search(
     ``speedup_of(steps, up_ratio)`` prices a layout (default: the FLOPs model of ``model``).
     References go to ``cache_dir`` (default: not kept) under ``pipeline_id`` (default: the
     pipeline's ``name_or_path``).  ``reference_seed_offset`` (default 0: the same seeds)
-    draws the references from other seeds: with a set distance (``"testbed-fd"``) that
+    draws the references from other seeds: with a set distance (a ``set_level`` metric) that
     compares distributions without rewarding a candidate for retracing the base model's
     path image by image.  ``min_signal``: every candidate's transitions keep at least this
     signal (Z is drawn below the cap of docs/method.md §4; a given candidate above it is
@@ -650,49 +610,13 @@ def _result(study: optuna.Study, model: str, height: int, width: int, base_steps
 
 
 # ----------------------------------------------------------------------------------------
-# The quality testbed (offline, CPU): its pipeline, prompts, classifier features and cost
+# Helpers of a target (:mod:`ralu.calibrate.plugins`): a cost per layout, a weights key
 # ----------------------------------------------------------------------------------------
-
-
-def prompts_for_testbed(n: int, seed: int) -> tuple[list[str], list[int]]:
-    """``n`` balanced testbed prompts and per-image seeds (the harness's labels and noise for ``seed``)."""
-    from .testbed import data
-    from .testbed.evaluate import balanced_labels
-
-    labels = balanced_labels(n, seed)
-    return data.describe(labels), [int(seed) * 1_000_003 + i for i in range(n)]
-
-
-def search_testbed(speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options) -> SearchResult:
-    """:func:`search` on the quality testbed: its pipeline, balanced prompts (seed
-    ``image_seed``, disjoint from the harness's 0, 1, 2), classifier-feature distance and
-    testbed FLOPs."""
-    from .testbed.conditioning import encode_prompts
-    from .testbed.data import IMAGE_SIZE
-    from .testbed.location import transformer_dir
-    from .testbed.model import load_pipeline, testbed_h0
-
-    pipe = load_pipeline() if pipe is None else pipe
-    pipe.set_progress_bar_config(disable=True)
-    prompts, seeds = prompts_for_testbed(images, image_seed)
-    options.setdefault("metric", "testbed")
-    options.setdefault("speedup_of", speedup_on_testbed(pipe, IMAGE_SIZE))
-    options.setdefault("pipeline_id", f"testbed:{transformer_dir(None)}")
-    return search(pipe, prompts, speedup, seeds=seeds, model="flux-dev", height=IMAGE_SIZE, width=IMAGE_SIZE, h0=testbed_h0(), base_steps=50,
-                  encode=encode_prompts, **options)
-
-
-def speedup_on_testbed(pipe, size: int) -> SpeedupOf:
-    """Total-FLOPs speed-up on the testbed's own transformer (how ``ralu-bench quality`` matches budgets)."""
-    from .bench.quality.cost import TestbedCost
-    from .testbed.conditioning import TEXT_TOKENS
-
-    return layout_speedup(TestbedCost(pipe.transformer.config, TEXT_TOKENS), (size // 2) ** 2, 50)
 
 
 def layout_speedup(cost, full_tokens: int, base_steps: int) -> SpeedupOf:
     """``speedup_of(steps, up_ratio)``: the base model's ``base_steps`` full-size forwards over a
-    layout's forwards (its stages at their token counts), priced by a testbed's ``cost``."""
+    layout's forwards (its stages at their token counts), priced by ``cost`` (its ``of(token_counts).total``: the FLOPs of those forwards)."""
     baseline = cost.of([full_tokens] * base_steps).total
 
     def speedup_of(steps, ratio):
@@ -700,42 +624,6 @@ def layout_speedup(cost, full_tokens: int, base_steps: int) -> SpeedupOf:
         return baseline / cost.of([n for n, k in zip(tokens, steps) for _ in range(k)]).total
 
     return speedup_of
-
-
-def search_testbed_v2(arch: str, speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options) -> SearchResult:
-    """:func:`search` on testbed v2's ``arch`` generator ("flux" or "sd3") in its real
-    pipeline: balanced prompts of seed ``image_seed`` (disjoint from the harness's 0, 1),
-    the testbed's guided calls (:func:`ralu.calibrate.testbed.v2.model.call_inputs`), FD in
-    its classifier's features and its transformer's FLOPs (both guidance branches alike)."""
-    from .testbed.evaluate import image_generators
-    from .testbed.v2 import data
-    from .testbed.v2 import model as tb
-
-    pipe = tb.load_pipeline(arch) if pipe is None else pipe
-    pipe.set_progress_bar_config(disable=True)
-    labels = data.balanced_labels(images, image_seed)
-    prompts = data.describe(labels)
-    by_prompt = dict(zip(prompts, labels))
-    placed = ("height", "width", "guidance_scale")  # the search passes these itself
-
-    def encode(batch: list[str]) -> dict:
-        call = tb.call_inputs(arch, torch.stack([by_prompt[p] for p in batch]), dtype=pipe.transformer.dtype)
-        return {k: v for k, v in call.items() if k not in placed}
-
-    seeds = [int(g.initial_seed()) for g in image_generators(images, image_seed)]  # the harness's noise rule
-    options.setdefault("metric", "testbed-v2-fd")
-    options.setdefault("speedup_of", speedup_on_testbed_v2(pipe, arch))
-    options.setdefault("pipeline_id", f"testbed-v2:{arch}:{weights_id(pipe.transformer)}:{weights_id(pipe.vae)}")  # new weights, new references
-    return search(pipe, prompts, speedup, seeds=seeds, model="flux-dev" if arch == "flux" else "sd3-medium", height=data.IMAGE_SIZE, width=data.IMAGE_SIZE,
-                  h0=tb.base_shift(arch), base_steps=tb.BASE_STEPS[arch], encode=encode, guidance_scale=tb.GUIDANCE_SCALE[arch], **options)
-
-
-def speedup_on_testbed_v2(pipe, arch: str) -> SpeedupOf:
-    """Total-FLOPs speed-up on testbed v2's ``arch`` transformer (how its harness matches budgets)."""
-    from .bench.quality.v2.cost import transformer_cost
-    from .testbed.v2 import model as tb
-
-    return layout_speedup(transformer_cost(arch, pipe.transformer.config), tb.FULL_TOKENS, tb.BASE_STEPS[arch])
 
 
 def weights_id(module: torch.nn.Module) -> str:

@@ -1,14 +1,13 @@
-"""``ralu-calibrate --magcache SCHEDULE``: MagCache ratios per stage measured on a pipeline (the offline testbed here)."""
+"""``ralu-calibrate --magcache SCHEDULE``: MagCache ratios per stage measured on a pipeline (the lab's offline testbed v2 here)."""
 
 import pytest
 import torch
 
 from ralu.calibrate import cli
 from ralu.calibrate.magcache import measure_mag_ratios
-from ralu.calibrate.quality_search import prompts_for_testbed, to_ralu
-from ralu.calibrate.testbed.conditioning import encode_prompts
-from ralu.calibrate.testbed.model import load_pipeline
-from ralu.calibrate.testbed.model import testbed_schedule as moved_to_testbed
+from ralu.calibrate.quality_search import to_ralu
+from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.schedule import load_schedule
 
 
@@ -20,7 +19,8 @@ def run_cli(argv, capsys):
 
 def test_writes_the_schedule_with_the_ratios_measured_per_stage(tmp_path, capsys):
     torch.set_num_threads(1)
-    prompts, _ = prompts_for_testbed(3, 5)
+    labels = data.balanced_labels(3, 5)
+    prompts = data.describe(labels)
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "7x-magcache.json"
@@ -31,9 +31,15 @@ def test_writes_the_schedule_with_the_ratios_measured_per_stage(tmp_path, capsys
     assert written.cache.kind == "magcache" and written.cache.threshold == 0.1
     assert [len(stage) for stage in written.cache.mag_ratios] == [2, 3, 5]
     # the same measurement from Python: prompts in batches of 2, seeds --seed + index (0, 1, 2)
-    pipe = to_ralu(load_pipeline())
-    schedule = moved_to_testbed("flux-dev-7x")
-    calls = [{**encode_prompts(prompts[i : i + 2]), "guidance_scale": 3.5, "generator": [torch.Generator().manual_seed(s) for s in range(i, min(i + 2, 3))]}
+    # (--pipeline testbed is the lab's testbed v2, registered in the entry-point group ralu.quality_targets)
+    pipe = to_ralu(tb.load_pipeline("flux"))
+    schedule = tb.testbed_schedule("flux-dev-7x", "flux")
+
+    def inputs(batch):
+        call = tb.call_inputs("flux", batch)
+        return {k: v for k, v in call.items() if k not in ("height", "width", "guidance_scale")}
+
+    calls = [{**inputs(labels[i : i + 2]), "guidance_scale": tb.GUIDANCE_SCALE["flux"], "generator": [torch.Generator().manual_seed(s) for s in range(i, min(i + 2, 3))]}
              for i in (0, 2)]
     expected = measure_mag_ratios(pipe, schedule, calls)
     assert written.cache.mag_ratios == [[pytest.approx(r, abs=2e-6) for r in stage] for stage in expected]

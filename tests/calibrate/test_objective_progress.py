@@ -115,26 +115,6 @@ def test_cli_refuses_plain_out_equal_to_out(tmp_path, capsys):
     assert code == 2 and "--plain-out" in stderr and not out.exists()
 
 
-def test_objectives_report_renders_both_objectives_and_paired_differences():
-    from ralu.calibrate.objectives_report import render
-
-    def stats(values):
-        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "min": min(values), "max": max(values), "per_seed": values}
-
-    def row(key, steps, fd, **schedule):
-        return {"key": key, "label": key, "budget": 7, "steps": steps, "speedup_total": 8.0, "fd": stats(fd), "fd_pooled": float(np.mean(fd)),
-                "accuracy": stats([1.0, 0.9]), "edge_artifacts": stats([0.3, 0.2]), **schedule}
-
-    three = dict(ends=[0.2, 0.3, 1.0], shifts=[H0, H0, H0], z=6.0, up_ratio=0.1)
-    report = {"command": "python -m ralu.calibrate.objectives_report", "wall_seconds": 60, "seeds": [0, 1], "images_per_seed": 8, "layout_trials": 4,
-              "h0": H0, "rows": [row("plain", [6], [10.0, 20.0]), row("js-preset", [2, 3, 5], [12.0, 15.0], **three),
-                                 row("progress-preset", [2, 3, 5], [11.0, 18.0], **three)]}
-    text = render(report)
-    assert f"| {1 / 6:.4f} |" in text  # the plain sampler's progress error, 1/N
-    assert "progress-preset minus js-preset: per seed -1.0, +3.0; pooled +1.0" in text
-    assert "plain minus js-preset: per seed -2.0, +5.0" in text
-
-
 def test_a_one_stage_schedule_is_not_told_that_fewer_steps_win():
     schedule = calibrate("flux", steps=[5], ends=[1.0], objective="progress", optimizer="paper")
     comparison = compare(schedule)

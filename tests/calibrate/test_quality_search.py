@@ -13,8 +13,7 @@ from ralu.calibrate.quality_search import (
     candidate_schedule,
     load_metric,
     pixel_distance,
-    prompts_for_testbed,
-    search_testbed,
+    search,
 )
 from ralu.calibrate.testbed.conditioning import encode_prompts
 from ralu.calibrate.testbed.model import load_pipeline
@@ -22,6 +21,31 @@ from ralu.calibrate.testbed.model import testbed_h0 as base_shift
 from ralu.runtime.schedule import load_schedule
 
 SPEEDUP = 4.5
+
+
+def prompts_for_testbed(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """``n`` balanced prompts of the small 32 px testbed and per-image seeds (a fast FLUX pipeline for the search's own tests)."""
+    from ralu.calibrate.testbed import data
+    from ralu.calibrate.testbed.evaluate import balanced_labels
+
+    return data.describe(balanced_labels(n, seed)), [int(seed) * 1_000_003 + i for i in range(n)]
+
+
+def speedup_on_testbed(pipe, size: int):
+    from ralu.calibrate.bench.quality.cost import TestbedCost
+    from ralu.calibrate.quality_search import layout_speedup
+    from ralu.calibrate.testbed.conditioning import TEXT_TOKENS
+
+    return layout_speedup(TestbedCost(pipe.transformer.config, TEXT_TOKENS), (size // 2) ** 2, 50)
+
+
+def search_testbed(speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options):
+    """The product's search given everything from outside: the 32 px testbed's pipeline, prompts, encoder and FLOPs."""
+    prompts, seeds = prompts_for_testbed(images, image_seed)
+    options.setdefault("speedup_of", speedup_on_testbed(pipe, 32))
+    options.setdefault("pipeline_id", result_pipeline_id(pipe))
+    return search(pipe, prompts, speedup, seeds=seeds, model="flux-dev", height=32, width=32, h0=base_shift(), base_steps=50,
+                  encode=encode_prompts, **options)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +137,7 @@ def test_steps_split_by_weight_fill_the_budget():
 
 
 def test_the_search_draws_only_layouts_that_spend_the_budget(pipe):
-    from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion, speedup_on_testbed
+    from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion
 
     result = search_testbed(SPEEDUP, images=1, image_seed=4, pipe=pipe, batch_size=1, metric="pixel", trials=14)
     speedup_of = speedup_on_testbed(pipe, 32)
@@ -153,7 +177,11 @@ def test_cli_quality_needs_its_inputs_in_one_line(tmp_path, capsys):
 
 
 def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
-    prompts, seeds = prompts_for_testbed(2, 11)
+    """``--pipeline testbed``: the lab's testbed v2 through the entry point ralu.quality_targets."""
+    from ralu.calibrate.testbed.v2 import data
+
+    labels = data.balanced_labels(2, 11)
+    prompts, seeds = data.describe(labels), [11, 12]
     file = tmp_path / "prompts.jsonl"
     file.write_text("".join(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds)))
     out, plain = tmp_path / "best.json", tmp_path / "plain.json"
@@ -167,8 +195,9 @@ def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
 def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, tmp_path):
+    from ralu.calibrate.bench.quality.v2.search_target import search_testbed_v2
     from ralu.calibrate.fewer_steps import plain_schedule
-    from ralu.calibrate.quality_search import search_testbed_v2, to_ralu
+    from ralu.calibrate.quality_search import to_ralu
     from ralu.calibrate.testbed.v2 import data
     from ralu.calibrate.testbed.v2 import model as tb
     from ralu.calibrate.testbed.v2.evaluate import generate
@@ -193,9 +222,9 @@ def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, t
 
 
 def test_quality_testbed_command_refuses_what_a_testbed_lacks(tmp_path, capsys):
-    from ralu.calibrate import quality_testbed
+    from ralu.calibrate.bench import quality_testbed
 
-    for argv, message in ((["--arch", "sd3"], "--testbed v2"), (["--testbed", "v2", "--arch", "sd3", "--budgets", "7"], "[2, 3]")):
+    for argv, message in ((["--testbed", "v1"], "invalid choice: 'v1'"), (["--testbed", "v2", "--arch", "sd3", "--budgets", "7"], "[2, 3]")):
         with pytest.raises(SystemExit) as stop:
             quality_testbed.main([*argv, "--out-dir", str(tmp_path)])
         assert stop.value.code == 2 and message in capsys.readouterr().err
