@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+# Only the standard library at import time: the console script imports this module before
+# ``main`` can catch Ctrl-C, so everything heavier (numpy, scipy, Optuna, pydantic) is imported
+# inside the functions, under ``main``'s handler.
 import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ralu.runtime.models import ALIASES, MODELS, get_model, stage_image_tokens
-from ralu.runtime.plan import STAGE_ROLES
-from ralu.runtime.schedule import SHIFT_RANGE, Schedule, save_schedule
-
-from .clitools import OneLineParser, check_writable, one_line
-from .densities import RESOLUTION_GAP
-from .search import DEFAULT_TRIALS, MIN_SIGNAL, default_objective
+if TYPE_CHECKING:
+    from ralu.runtime.schedule import Schedule
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ralu.runtime.models import ALIASES, MODELS
+
+    from .clitools import OneLineParser
+    from .densities import RESOLUTION_GAP
+    from .search import DEFAULT_TRIALS, MIN_SIGNAL
+
     parser = OneLineParser(
         prog="ralu-calibrate",
         description="Calibrate a RALU schedule (NT-DM: per-stage shifts and noise strength minimising the "
@@ -66,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_out(model: str, target: float | None, steps: list[int] | None, magcache: str | None = None) -> Path:
+    from ralu.runtime.models import get_model
+
     if magcache is not None:
         return Path(f"{Path(magcache).name.removesuffix('.json')}-magcache.json")
     if target is not None:
@@ -74,6 +81,11 @@ def default_out(model: str, target: float | None, steps: list[int] | None, magca
 
 
 def summary(schedule: Schedule, seconds: float) -> str:
+    from ralu.runtime.models import get_model, stage_image_tokens
+    from ralu.runtime.plan import STAGE_ROLES
+
+    from .search import MIN_SIGNAL
+
     tokens_full = get_model(schedule.model).image_tokens(schedule.height, schedule.width)
     tokens = stage_image_tokens(tokens_full, schedule.up_ratio, len(schedule.stages))
     names = STAGE_ROLES.get(len(schedule.stages), ("?",) * len(schedule.stages))
@@ -104,6 +116,17 @@ def summary(schedule: Schedule, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a run began (imports, parsing): nothing to keep
+        print("ralu-calibrate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    from .clitools import one_line
+    from .search import default_objective
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.storage is None) != (args.study_name is None):
@@ -138,7 +161,10 @@ def _interrupted(error: BaseException | None) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ralu.runtime.schedule import save_schedule
+
     from .calibration import calibrate
+    from .clitools import check_writable, one_line
 
     out = args.out or default_out(args.model, args.speedup, args.steps, args.magcache)
     # Checked before the search, which may take minutes, not after it.
@@ -194,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
 def report_plain(schedule: Schedule, args: argparse.Namespace) -> Schedule | None:
     """Print the honest comparison with the plain sampler at the same budget; the plain
     schedule when ``--plain-out`` asks for it."""
+    from ralu.runtime.schedule import SHIFT_RANGE
+
     from .calibration import tool_version
     from .fewer_steps import compare
 

@@ -545,3 +545,42 @@ OPTIONS_RANDOM = {
     "--seed": [["0"], ["-1"], [str(2**64)]],
     "--resolution-gap": [["0.1"], ["nan"], ["-1"], ["inf"]],
 }
+
+
+# ----------------------------------------------------------------------------------------
+# Ctrl-C while the tool is still importing, and the trials a short search reports
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after_module", ["numpy", "scipy.optimize", "optuna"])
+def test_ctrl_c_while_importing_is_one_line(tmp_path, after_module):
+    """SIGINT as soon as ``after_module`` has been imported (``-X importtime`` reports each
+    import as it ends): the console script's module imports only the standard library, and
+    ``main`` catches the interrupt during the heavy imports it does itself.  (What remains
+    uncovered is the interpreter's own start-up and the first instruction of ``main``.)"""
+    import signal
+    import subprocess
+    import sys
+
+    code = "import sys; from ralu.calibrate.cli import main; sys.exit(main())"
+    argv = ["--model", "flux", "--speedup", "7", "--trials", "50", "--out", str(tmp_path / "s.json"), "--quiet"]
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code, *argv], stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.split("|")[-1].strip() == after_module:
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, rest
+    messages = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert not any("Traceback" in line for line in messages), rest
+    assert any(line.startswith("ralu-calibrate: interrupted") for line in messages), rest
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_a_search_shorter_than_its_start_layouts_reports_the_trials_it_ran(capsys, tmp_path):
+    # Start layouts are enqueued before the search; with --trials 1 most of them never run.
+    code = cli.main(["--model", "flux", "--speedup", "7", "--trials", "1", "--quiet", "--out", str(tmp_path / "s.json")])
+    assert code == 2
+    assert "no layout among 1 trials reached 7.0x" in capsys.readouterr().err
