@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({error.filename})" if error.filename else ""
         print(f"ralu-generate: error: {error.strerror or error}{where}. Fix: free space or pass a writable --out folder; a rerun of --prompts makes only the missing images", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = "; rerun the same command to make only the missing images" if args.prompts else ""
+        print(f"ralu-generate: interrupted (the images written so far are complete){kept}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -160,19 +160,39 @@ def test_runs_without_accelerate_unless_launched(saved_flux_pipeline, schedule_f
     assert "needs accelerate" in error and "pip install 'ralu[distributed]'" in error and error.count("\n") == 1
 
 
+def test_ctrl_c_is_one_line_and_a_rerun_completes(saved_flux_pipeline, schedule_file, prompts_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    append = batch.PartWriter.append
+
+    def interrupt_after_one(self, record):
+        append(self, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.PartWriter, "append", interrupt_after_one)
+    assert main(_args(saved_flux_pipeline, schedule_file, prompts_file, out)) == 130
+    said = [line for line in capsys.readouterr().err.splitlines() if "ralu-generate:" in line]  # besides the progress bars
+    assert len(said) == 1 and "ralu-generate: interrupted" in said[0] and said[0].endswith("rerun the same command to make only the missing images")
+    monkeypatch.undo()
+    assert main(_args(saved_flux_pipeline, schedule_file, prompts_file, out)) == 0
+    _assert_complete(out, len(PROMPTS))
+
+
 def test_crash_then_resume_completes_without_duplicates(saved_flux_pipeline, schedule_file, prompts_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     append = batch.PartWriter.append
     rendered = []
 
+    class Crash(Exception):
+        """The process dies (kill -9, power loss) with two images durable."""
+
     def crash_after_two(self, record):
         append(self, record)
         rendered.append(record["index"])
         if len(rendered) == 2:
-            raise KeyboardInterrupt  # the process dies with two images durable
+            raise Crash
 
     monkeypatch.setattr(batch.PartWriter, "append", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         main(_args(saved_flux_pipeline, schedule_file, prompts_file, out))
     monkeypatch.undo()
     assert not (out / "manifest.jsonl").read_text()  # the merged manifest of the start: empty, never torn
