@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import re
 import sys
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (needs classifier-free guidance: --true-cfg-scale > 1 for FLUX.1 and Qwen-Image, --guidance > 1 for the others); with --prompts, for lines without their own")
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="true classifier-free guidance scale of guidance-distilled families (FLUX.1, Qwen-Image; > 1 enables it)")
+    parser.add_argument("--image", metavar="FILE", default=None, help="reference image to edit, for families that take one (FLUX.1 Kontext); every image of the run uses it")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the schedule's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the schedule's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (or prompt i of --prompts without its own seed) uses seed + i (default 0)")
@@ -119,6 +121,9 @@ class Setup:
     family: str
     schedule: Any
     call: dict  # pipeline keyword arguments shared by every image (no prompt, no generator)
+    #: The ``--image`` reference (a PIL image) and what the records say of it (file, digest).
+    image: Any = None
+    image_record: dict | None = None
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -145,7 +150,29 @@ def prepare(args: argparse.Namespace) -> Setup:
         if spec.cfg_argument != "true_cfg_scale":
             raise CLIError(f"--true-cfg-scale is for families with optional true CFG; {spec.title} runs classifier-free guidance with --guidance")
         call["true_cfg_scale"] = args.true_cfg_scale
-    return Setup(cls, family, schedule, call)
+    image, image_record = None, None
+    if args.image is not None:
+        if not spec.reference_image:
+            raise CLIError(f"--image: {spec.title} generates from text only. Fix: drop --image, or use a family that edits a reference image (FLUX.1 Kontext)")
+        image, image_record = read_reference_image(args.image)
+    return Setup(cls, family, schedule, call, image, image_record)
+
+
+def read_reference_image(path: str) -> tuple[Any, dict]:
+    """The ``--image`` file as an RGB PIL image, and its record (file name and SHA-256, so a
+    resumed ``--prompts`` run refuses a folder made with another reference)."""
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CLIError(f"--image {path!r} is not a readable image ({reason}). Fix: pass a PNG or JPEG file") from None
+    return image, {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def check_negative_prompt(setup: Setup, args: argparse.Namespace, negative_prompt: str | None, where: str = "") -> None:
@@ -193,7 +220,10 @@ def load_pipeline(setup: Setup, args: argparse.Namespace, device: str, dtype_nam
 
 def parameters(setup: Setup) -> dict:
     """The call's settings besides prompts and schedule (PNG metadata, manifest records)."""
-    return {key: value for key, value in setup.call.items() if key != "schedule"}
+    settings = {key: value for key, value in setup.call.items() if key != "schedule"}
+    if setup.image_record is not None:
+        settings["image"] = setup.image_record
+    return settings
 
 
 def render(pipe, setup: Setup, args: argparse.Namespace, device: str, prompt: str, negative_prompt: str | None, seed: int):
@@ -202,6 +232,8 @@ def render(pipe, setup: Setup, args: argparse.Namespace, device: str, prompt: st
     from PIL.PngImagePlugin import PngInfo
 
     call = dict(setup.call, prompt=prompt)
+    if setup.image is not None:
+        call["image"] = setup.image
     if negative_prompt is not None:
         call["negative_prompt"] = negative_prompt
     generator = torch.Generator("cpu").manual_seed(seed)

@@ -334,6 +334,9 @@ class FamilySpec:
     #: prompt) on: ``"true_cfg_scale"`` for guidance-distilled models that add true CFG on
     #: request (FLUX.1, Qwen-Image), ``"guidance_scale"`` for models that run CFG by default.
     cfg_argument: Literal["true_cfg_scale", "guidance_scale"]
+    #: Whether the pipeline edits a reference image given as its ``image=`` argument
+    #: (``ralu-generate --image``).
+    reference_image: bool = False
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -353,6 +356,7 @@ FAMILIES: dict[str, FamilySpec] = {
             # (guidance_scale 3.5 is its default), true CFG on request with true_cfg_scale > 1.
             "flux-kontext", "FLUX.1 Kontext", "flux_kontext", "RALUFluxKontextPipeline", ("FluxKontextPipeline",),
             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), default_guidance=3.5, cfg_argument="true_cfg_scale",
+            reference_image=True,
         ),
         FamilySpec(
             # Qwen-Image's transformer has no distilled guidance (guidance_embeds False): 1.0 is

@@ -429,7 +429,7 @@ def test_registry_record_and_cost_count_the_reference():
 
 
 def test_ralu_generate_runs_a_saved_kontext_folder(saved_kontext_pipeline, make_schedule, tmp_path, capsys):
-    """ralu-generate has no reference-image option: it runs a Kontext folder text-to-image."""
+    """Without --image a Kontext folder runs text-to-image, as FluxKontextPipeline does."""
     from ralu.runtime.cli import main, pipeline_class
     from ralu.runtime.schedule import save_schedule
 
@@ -445,6 +445,49 @@ def test_ralu_generate_runs_a_saved_kontext_folder(saved_kontext_pipeline, make_
         parameters = png.text["parameters"]
     assert '"guidance_scale": 3.5' in parameters and '"true_cfg_scale": 2.0' in parameters
     assert "s/image" in capsys.readouterr().out
+
+
+def test_ralu_generate_edits_the_image_given_with_image(saved_kontext_pipeline, make_schedule, tmp_path, capsys):
+    import hashlib
+    import json
+
+    from ralu.runtime.cli import main
+    from ralu.runtime.schedule import save_schedule
+
+    schedule = save_schedule(make_schedule(THREE_STAGES, c=0.04, up_ratio=0.3, height=64, width=64, model=MODEL), tmp_path / "kontext-3x.json")
+    reference = tmp_path / "reference.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(reference)
+    argv = ["--model", str(saved_kontext_pipeline), "--schedule", str(schedule), "--prompt", "a red cat", "--seed", "3", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(argv + ["--image", str(reference), "--out", str(tmp_path / "edit")]) == 0
+    (plain,), (edit,) = sorted((tmp_path / "plain").glob("*.png")), sorted((tmp_path / "edit").glob("*.png"))
+    with Image.open(edit) as png:
+        recorded = json.loads(png.text["parameters"])["image"]
+        edited = np.asarray(png.convert("RGB"))
+    assert recorded == {"file": "reference.png", "sha256": hashlib.sha256(reference.read_bytes()).hexdigest()}
+    with Image.open(plain) as png:
+        assert "image" not in json.loads(png.text["parameters"])
+        assert not np.array_equal(np.asarray(png.convert("RGB")), edited)  # the reference reached the transformer
+
+    # A file that is not an image, and --image for a family without a reference, are one line.
+    capsys.readouterr()
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(argv + ["--image", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "bad")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ralu-generate: error: --image") and "is not a readable image" in error and error.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ralu_generate_refuses_image_for_a_text_only_family(saved_flux_pipeline, make_schedule, tmp_path, capsys):
+    from ralu.runtime.cli import main
+    from ralu.runtime.schedule import save_schedule
+
+    schedule = save_schedule(make_schedule(THREE_STAGES, c=0.04, up_ratio=0.3, height=64, width=64), tmp_path / "flux-3x.json")
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (64, 64)).save(reference)
+    argv = ["--model", str(saved_flux_pipeline), "--schedule", str(schedule), "--prompt", "a cat", "--image", str(reference), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "--image: FLUX.1 generates from text only" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
