@@ -1,6 +1,7 @@
 """ralu-calibrate and ralu-plot end to end (small trial counts), and the shipped files."""
 
 import subprocess
+from pathlib import Path
 
 import optuna
 import pytest
@@ -10,6 +11,7 @@ from ralu.calibrate.calibration import calibrate
 from ralu.calibrate.flops.pricing import flops_speedup
 from ralu.calibrate.layout_search import BUDGET_SLACK
 from ralu.calibrate.presets import PAPER_H0, PRESETS, preset
+from ralu.calibrate.shipped import MAIN_JOB_BUDGETS
 from ralu.runtime.schedule import load_schedule, shipped_schedules
 
 
@@ -174,3 +176,23 @@ def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     assert "Against the plain pipeline with fewer steps: FD not separable" in lines["flux-dev-7x-searched"]
     assert "not judged" in lines["flux-dev-4x-searched"]  # its row judged another calibration than the file holds now
     assert "has not judged" in testbed_judgement(tmp_path / "missing.json", ["flux-dev-7x"])
+
+
+def _without_creation_time(path) -> dict:
+    import json
+
+    data = json.loads(path.read_text())
+    data["calibration"].pop("created")
+    return data
+
+
+@pytest.mark.parametrize("model", sorted({model for model, _ in MAIN_JOB_BUDGETS}))
+def test_the_main_job_of_every_newer_family_writes_its_shipped_4x_schedule(model, tmp_path, capsys):
+    """``ralu-calibrate --model M --speedup 4`` works for every family without a published
+    preset, and what it writes (loaded back) is the shipped file, but for its creation time."""
+    out = tmp_path / f"{model}-4x.json"
+    assert cli.main(["--model", model, "--speedup", "4", "--quiet", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert load_schedule(str(out)).model == model
+    shipped = Path(__file__).resolve().parents[2] / "schedules" / f"{model}-4x.json"
+    assert _without_creation_time(out) == _without_creation_time(shipped)
