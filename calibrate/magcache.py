@@ -29,6 +29,16 @@ def _head_and_tail(transformer):
     return transformer.transformer_blocks[0], tail_blocks[-1]
 
 
+def _image_index(block) -> int:
+    """Index of the image stream in ``block``'s output, as diffusers' cache hooks read it."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        return TransformerBlockRegistry.get(type(block)).return_hidden_states_index
+    except ValueError:
+        return 1  # (text, image), the FLUX.1 / SD3 convention
+
+
 class _ResidualNorms:
     """Per-token norms ``(B, N)`` of the residual of every forward, in call order."""
 
@@ -45,8 +55,15 @@ class _ResidualNorms:
         self._input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def _tail(self, module, args, output):
-        # Both families' blocks return (text stream, image stream).
-        residual = output[1].float() - self._input.float()
+        # Where the block returns its image stream: diffusers' block registry, which its own
+        # MagCache hook reads (FLUX.1, SD3, Qwen-Image: (text, image); FLUX.2's single block:
+        # the fused text + image stream).
+        image = output[_image_index(module)] if isinstance(output, (tuple, list)) else output
+        if image.ndim == 3 and image.shape[1] > self._input.shape[1]:
+            # The fused text + image sequence (FLUX.2's single blocks): the image tokens are at
+            # the end, as diffusers' MagCache hook reads them.
+            image = image[:, -self._input.shape[1]:]
+        residual = image.float() - self._input.float()
         self.norms.append(torch.linalg.norm(residual, dim=-1))
 
     def close(self):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ralu.runtime import shipped_schedules
 
@@ -132,16 +133,22 @@ def test_cli_registers_speed_and_rejects_impossible_configs(capsys):
 def test_cache_rows_cover_every_schedule_with_its_familys_caches(quick_report):
     from ralu.calibrate.bench.quality.v2.plan import CACHE_KINDS
     from ralu.calibrate.bench.quality.v2.sampler import CACHE_SETTINGS
+    from ralu.calibrate.bench.speed.families import ADAPTERS
+    from ralu.runtime import load_schedule
 
     report, _, _ = quick_report
     rows = report["cache_rows"]
     for name in shipped_schedules():
-        family = "flux" if name.startswith("flux") else "sd3"
+        family = load_schedule(name).family
         ralu = {row["cache"] for row in rows if row["schedule"] == name and row["method"] == "ralu"}
-        assert ralu == set(CACHE_KINDS[family]), name
+        assert ralu == set(ADAPTERS[family].cache_kinds), name
+        if family in CACHE_KINDS:  # FLUX.1's and SD3's are the quality harness's
+            assert ralu == set(CACHE_KINDS[family]), name
         plain = {row["cache"] for row in rows if row["schedule"] == name and row["method"] == "plain"}
-        # FLUX's plain pipeline: uncached and with the caches the quality harness runs on it; SD3's opens no cache context.
-        assert plain == ({"none", "first_block", "taylorseer"} if family == "flux" else set()), name
+        # Plain pipelines that open cache contexts (FLUX.1, FLUX.2 [klein], Qwen-Image): uncached and with the
+        # caches the quality harness runs on them (MagCache's table belongs to RALU's stages); the others open none.
+        expected = {"none", *(kind for kind in ADAPTERS[family].cache_kinds if kind != "magcache")} if ADAPTERS[family].plain_caches else set()
+        assert plain == expected, name
     for row in rows:
         # The quality harness's settings, declared there once.
         assert row["settings"] == (CACHE_SETTINGS[row["cache"]][1] if row["cache"] != "none" else None)
@@ -176,7 +183,8 @@ def test_compile_rows_compile_in_the_warm_up_only(quick_report):
     rows = report["compile_rows"]
     assert report["config"]["compile_backend"] == "aot_eager"
     assert {row["schedule"] for row in rows if row["method"] == "ralu"} == set(shipped_schedules())
-    assert {row["family"] for row in rows if row["method"] == "plain"} == {"flux", "sd3"}
+    families = {row["family"] for row in rows if row["method"] == "plain"}
+    assert families == {"flux", "sd3", "flux-kontext", "chroma", "flux2", "flux2-klein", "qwen-image"}
     for row in rows:
         assert row["error"] is None, row
         assert row["recompiles"] == 0  # the timed calls are second calls: nothing left to compile
@@ -184,7 +192,7 @@ def test_compile_rows_compile_in_the_warm_up_only(quick_report):
         for key in ("seconds", "wall_speedup", "cpu_time_speedup", "wall_gain", "cpu_time_gain"):
             assert positive_finite(row[key]), (row, key)
     # Each family's first method compiles (the later ones may reuse a dynamic graph).
-    assert all(next(row for row in rows if row["family"] == family)["graphs_compiled"] >= 1 for family in ("flux", "sd3"))
+    assert all(next(row for row in rows if row["family"] == family)["graphs_compiled"] >= 1 for family in families)
     for heading in ("## Step caches", "## Compiled transformer"):
         assert heading in markdown
 
@@ -257,3 +265,130 @@ def test_cli_flags_for_the_new_rows():
     assert make_config(quick=True, compile_backend="eager").compile_backend == "eager"
     with pytest.raises(ValueError, match="compile backend"):
         make_config(compile_backend="nope")
+
+
+# ----------------------------------------------------------------------------------------
+# Every family through its adapter (ralu.calibrate.bench.speed.families).
+# ----------------------------------------------------------------------------------------
+
+NEW_FAMILIES = {
+    "flux-kontext": "flux-kontext-dev-7x", "chroma": "chroma-7x", "flux2": "flux2-dev-7x",
+    "flux2-klein": "flux2-klein-base-4b-7x", "qwen-image": "qwen-image-7x",
+}
+
+
+def test_every_family_with_shipped_schedules_is_benchmarked():
+    from ralu.calibrate.bench.quality.v2.plan import CACHE_KINDS, PLAIN_PIPELINE_CACHES
+    from ralu.calibrate.bench.speed.config import BENCHED_FAMILIES, benchable_schedules, make_config
+    from ralu.calibrate.bench.speed.families import ADAPTERS
+    from ralu.runtime import load_schedule
+    from ralu.runtime.models import FAMILIES
+
+    assert {load_schedule(name).family for name in shipped_schedules()} <= set(BENCHED_FAMILIES) <= set(FAMILIES)
+    assert benchable_schedules() == list(shipped_schedules())
+    assert set(NEW_FAMILIES) == set(BENCHED_FAMILIES) - {"flux", "sd3"}
+    for family in ("flux", "sd3"):  # their cache rows are the quality harness's
+        assert ADAPTERS[family].cache_kinds == CACHE_KINDS[family] and ADAPTERS[family].plain_caches == PLAIN_PIPELINE_CACHES[family]
+    # Only the chosen schedules' families are built.
+    assert [f.family for f in make_config(quick=True, schedules=("chroma-4x", "flux-dev-7x")).families] == ["flux", "chroma"]
+
+
+def test_reduced_widths_keep_each_familys_real_block_pattern():
+    from ralu.calibrate.bench.speed.config import make_config
+    from ralu.calibrate.bench.speed.cost import forward_flops_model
+
+    for quick in (False, True):
+        config = make_config(quick=quick)
+        assert len(config.families) == 7
+        for family in config.families:
+            real = family.spec.architecture.transformer
+            t = family.transformer
+            assert (t["num_attention_heads"], t["attention_head_dim"], t["joint_attention_dim"]) == (1, 32, 64), family.family
+            for key in ("num_layers", "num_single_layers"):
+                if key in real and not quick:
+                    assert t[key] == real[key], (family.family, key)
+            # What the width does not change is the real model's: patching, channels, guidance embedding.
+            for key in ("patch_size", "in_channels", "out_channels", "guidance_embeds"):
+                if key in real:
+                    assert t[key] == real[key], (family.family, key)
+            assert family.vae_class == family.spec.architecture.vae_class
+            assert family.reference_tokens == (config.size // 16) ** 2 * (family.family == "flux-kontext")
+    # FLOPs on the meta device (quick sizes): Kontext's reference tokens are in every forward.
+    flux, kontext = (config.family(name) for name in ("flux", "flux-kontext"))
+    assert forward_flops_model(kontext)(64).total == forward_flops_model(flux)(64 + kontext.reference_tokens).total
+
+
+def test_full_width_families_are_the_registrys_real_models():
+    """The --device cuda path: real configs from ralu.runtime.models, counted on the meta device."""
+    from ralu.calibrate.bench.speed.config import full_width_families, make_config
+    from ralu.calibrate.bench.speed.cost import edge_decode_flops, real_transformer_bytes
+    from ralu.calibrate.bench.speed.models import build_transformer
+    from ralu.calibrate.flops.counting import count_transformer_forward
+
+    config = make_config(device="cuda")
+    assert config.preset == "full-width" and config.dtype == "bfloat16" and len(config.families) == 7
+    for family in full_width_families():
+        spec = family.spec
+        assert family.transformer == dict(spec.architecture.transformer) and family.vae == dict(spec.architecture.vae)
+        assert family.text_tokens == spec.text_tokens
+        assert real_transformer_bytes(family) == 2 * sum(p.numel() for p in build_transformer(family, "meta").parameters())
+        assert edge_decode_flops(config, family.family).total > 0
+    # The adapter's inputs are the cost model's: a batch-1 forward counts what ralu.calibrate.flops counts.
+    from ralu.calibrate.bench.speed.families import adapter
+    from ralu.calibrate.flops.counting import count_flops
+
+    for family in full_width_families():
+        if family.family not in ("flux-kontext", "flux2-klein"):  # one with a reference, one with CFG and 4-axis ids: seconds each
+            continue
+        model = build_transformer(family, "meta")
+        inputs = adapter(family.family).inputs(family, 16, 16, lambda *shape: torch.empty(*shape, device="meta"), "meta")
+        # The adapter's batch is the CFG batch: twice the cost model's batch-1 forward.
+        assert count_flops(model, **inputs) == count_transformer_forward(family.model, 256, model) * family.transformer_batch, family.family
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_a_cache_row_runs_through_the_ralu_pipeline(family):
+    """Each new family's first cache kind on its 7x schedule, as the bench runs it: every forward
+    in a stage's cache context, fewer linear FLOPs executed than uncached, then disabled again."""
+    from ralu.calibrate.bench.cache.run import executed_linear_flops
+    from ralu.calibrate.bench.quality.v2.sampler import CACHE_SETTINGS
+    from ralu.calibrate.bench.speed.caches import cached
+    from ralu.calibrate.bench.speed.config import make_config
+    from ralu.calibrate.bench.speed.models import build_family, call_ralu
+
+    config = make_config(quick=True, threads=1, schedules=(NEW_FAMILIES[family],))
+    run = build_family(config, config.family(family))
+    (_, schedule, _), = run.schedules
+    transformer = run.base.transformer
+    kind = "taylorseer"  # the kind every family's transformer runs (cache_interval 2: stages of 3+ steps skip)
+    assert kind in run.config.adapter.cache_kinds
+    contexts = []
+    original = transformer.cache_context
+    transformer.cache_context = lambda name: contexts.append(name) or original(name)
+    try:
+        with executed_linear_flops(transformer) as uncached:
+            call_ralu(config, run, schedule)
+        contexts.clear()
+        with cached(transformer, CACHE_SETTINGS[kind][0](None)), executed_linear_flops(transformer) as counter:
+            call_ralu(config, run, schedule)
+    finally:
+        del transformer.cache_context
+    assert transformer._cache_config is None
+    assert 0 < counter["flops"] < uncached["flops"]
+    assert {name.split("-")[0] for name in contexts} == {f"stage{i + 1}" for i in range(len(schedule.stages))}, contexts
+
+
+def test_magcache_ratios_read_each_blocks_image_stream():
+    """FLUX.2's single-stream blocks return the fused text + image stream (diffusers' block
+    registry: index 0; the image tokens at the end, as diffusers' MagCache hook reads them)."""
+    from ralu.calibrate.bench.speed.config import make_config
+    from ralu.calibrate.bench.speed.models import build_family
+    from ralu.calibrate.magcache import measure_mag_ratios
+
+    config = make_config(quick=True, threads=1, schedules=("flux2-dev-7x",))
+    run = build_family(config, config.family("flux2"))
+    (_, schedule, _), = run.schedules
+    inputs = {key: value for key, value in run.inputs.items() if key != "output_type"}
+    ratios = measure_mag_ratios(run.ralu, schedule, [dict(inputs, generator=torch.Generator().manual_seed(1))])
+    assert [len(stage) for stage in ratios] == [stage.steps for stage in schedule.stages]
+    assert all(0 < r < 10 for stage in ratios for r in stage[1:]) and all(stage[0] == 1.0 for stage in ratios)

@@ -7,9 +7,10 @@ For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
 * the FLOPs speed-up of the configuration actually run (the same reduced models, counted with
   :func:`ralu.calibrate.flops.counting.count_flops` on the meta device at every stage's token count,
   plus the edge-detection decode);
-* the measured wall-clock speed-up of ``RALUFluxPipeline`` / ``RALUStableDiffusion3Pipeline``
-  (built with ``from_pipe``) against the plain ``FluxPipeline`` / ``StableDiffusion3Pipeline``
-  with the schedule's base steps, in the same process, same prompt embeddings, same
+* the measured wall-clock speed-up of the family's RALU pipeline (``RALUFluxPipeline``,
+  ``RALUStableDiffusion3Pipeline``, ``RALUFluxKontextPipeline``, ``RALUChromaPipeline``,
+  ``RALUFlux2Pipeline``, ``RALUFlux2KleinPipeline``, ``RALUQwenImagePipeline``; built with
+  ``from_pipe``) against its plain diffusers pipeline with the schedule's base steps, in the same process, same prompt embeddings, same
   resolution, ``output_type="latent"`` for both (no final decode in either): median of
   ``--repeats`` runs after an untimed warm-up, baseline and RALU runs interleaved so that a
   change of machine load hits both;
@@ -19,7 +20,7 @@ For every shipped schedule (or ``--schedules``) the benchmark puts side by side:
 * step caches (unless ``--no-caches``; :mod:`.caches`): every schedule with each diffusers cache
   its family supports, at the quality harness's settings (FLUX: first_block, taylorseer,
   magcache with per-stage ratios measured on other prompt embeddings and noise; SD3:
-  taylorseer, magcache), and beside them the plain pipeline at the step count of the same
+  taylorseer, magcache; the other families: what their adapter in :mod:`.families` declares), and beside them the plain pipeline at the step count of the same
   FLOPs budget, uncached and with the caches the quality harness runs on it (FLUX:
   first_block, taylorseer; MagCache's ratio table belongs to RALU's stages, and SD3's plain
   pipeline opens no cache context).  Per row: wall and CPU-time speed-up against the uncached
@@ -42,7 +43,11 @@ allocation), on runs with one step per stage / one baseline step: every step of 
 allocates the same tensors, so the peak does not depend on the step count.  The cache and
 compile rows are timed after the summary's rows and before the memory measurement.
 
-Modules: :mod:`.args` (the command line, cheap), :mod:`.config` (configurations), :mod:`.models`
+Every family is one declarative adapter (:mod:`.families`: the reduced-width rule for its
+registry config, its prompt tensors, guidance, transformer inputs and caches); the pipeline,
+transformer and VAE classes and the real configs come from :mod:`ralu.runtime.models`.
+
+Modules: :mod:`.args` (the command line, cheap), :mod:`.families` (the adapters), :mod:`.config` (configurations), :mod:`.models`
 (models and pipelines), :mod:`.cost` (FLOPs), :mod:`.measure` (timing, overhead, memory),
 :mod:`.caches` (the step-cache rows), :mod:`.compiled` (the compiled rows),
 :mod:`.run` (the benchmark and its files), :mod:`.schema` (the typed report), :mod:`.report`

@@ -34,3 +34,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"add rows with the transformer compiled by torch.compile with BACKEND (default inductor; one of {', '.join(COMPILE_BACKENDS)}); "
                         "--quick always adds them, with aot_eager unless given")
     parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="where speed.md and speed.json go (default reports/)")
+    parser.add_argument("--name", default="speed", help="the report files' name: NAME.md and NAME.json (default speed)")

@@ -25,7 +25,7 @@ import torch
 
 from ralu.calibrate.bench.cache.run import executed_linear_flops
 from ralu.calibrate.bench.common import median
-from ralu.calibrate.bench.quality.v2.plan import CACHE_KINDS, CACHED_METHODS, MAG_SEED_OFFSET, PLAIN_PIPELINE_CACHES
+from ralu.calibrate.bench.quality.v2.plan import CACHED_METHODS, MAG_SEED_OFFSET
 from ralu.calibrate.bench.quality.v2.sampler import CACHE_SETTINGS
 from ralu.calibrate.bench.speed.config import BenchConfig
 from ralu.calibrate.bench.speed.cost import equal_cost_steps, ralu_config_flops
@@ -66,8 +66,9 @@ def other_inputs(config: BenchConfig, run: FamilyRun) -> dict:
     """The timed calls' keyword arguments with other prompt embeddings and noise (MagCache's
     ratios are measured on these), without ``output_type`` (the measurement sets it)."""
     generator = torch.Generator("cpu").manual_seed(config.seed + MAG_SEED_OFFSET)
+    # Float tensors (embeddings, Kontext's reference latents) redrawn; masks kept.
     inputs = {
-        key: torch.randn(value.shape, generator=generator).to(value) if torch.is_tensor(value) else value
+        key: torch.randn(value.shape, generator=generator).to(value) if torch.is_tensor(value) and value.is_floating_point() and "mask" not in key else value
         for key, value in run.inputs.items() if key != "output_type"
     }
     return {**inputs, "generator": torch.Generator(config.device).manual_seed(config.seed + MAG_SEED_OFFSET)}
@@ -78,7 +79,7 @@ def methods_of(config: BenchConfig, run: FamilyRun, name: str, schedule, forward
     and with each cache the quality harness runs on it), MagCache's ratios, and the uncached
     RALU call's executed linear FLOPs."""
     family = run.config.family
-    kinds = CACHE_KINDS[family]
+    kinds = run.config.adapter.cache_kinds
     plan = run.ralu.plan(schedule)
     steps = [stage.steps for stage in schedule.stages]
     edge = edge_flops if len(steps) == 3 else ZERO
@@ -97,7 +98,7 @@ def methods_of(config: BenchConfig, run: FamilyRun, name: str, schedule, forward
         Method(("ralu", name, kind), "ralu", kind, steps, lambda: call_ralu(config, run, schedule), CACHE_SETTINGS[kind][0](ratios))
         for kind in kinds
     ]
-    if PLAIN_PIPELINE_CACHES[family]:
+    if run.config.adapter.plain_caches:
         # MagCache on the plain pipeline needs a ratio table of its own grid; the quality harness
         # measures one, this bench does not yet (its rows stay RALU-only for MagCache).
         plain = [kind for kind in kinds if "base-steps" in CACHED_METHODS[kind] and kind != "magcache"]

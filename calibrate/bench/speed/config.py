@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ralu.calibrate.bench.speed.args import COMPILE_BACKENDS, QUICK_COMPILE_BACKEND
+from ralu.calibrate.bench.speed.families import ADAPTERS, QUICK_TEXT_TOKENS, REDUCED_TEXT_DIM, BenchFamily, adapter
 from ralu.calibrate.presets import PAPER_SIZE
-from ralu.runtime import shipped_schedules
+from ralu.runtime import load_schedule, shipped_schedules
 from ralu.runtime.models import ModelSpec, get_model
 
 #: The VAE config keys that set the latent scaling, which differs between FLUX.1 and SD3 while
@@ -26,28 +27,42 @@ def latent_scaling(model: str) -> dict:
     return {k: vae[k] for k in LATENT_SCALING_KEYS}
 
 
-#: The families the benchmark builds (its reduced-width and full-width models).
-BENCHED_FAMILIES = ("flux", "sd3")
+#: The families the benchmark builds (its reduced-width and full-width models): every family
+#: with an adapter (.families), which is every family with shipped schedules.
+BENCHED_FAMILIES = tuple(ADAPTERS)
 
 
 def benchable_schedules() -> list[str]:
     """The shipped schedules of the families the benchmark builds."""
-    from ralu.runtime import load_schedule
-
     return [name for name in shipped_schedules() if load_schedule(name).family in BENCHED_FAMILIES]
 
 
 @dataclass(frozen=True)
 class FamilyConfig:
-    """One model family as benchmarked: the transformer built, and its text conditioning."""
+    """One model family as benchmarked: the transformer built, its text conditioning, guidance
+    and VAE (the adapter in .families says how each is built and called)."""
 
-    family: str  # "flux" or "sd3"
+    family: str  # a key of .families.ADAPTERS
     model: str  # the real model the shipped schedules are for (FLOPs of the real architecture)
     transformer: dict
     text_tokens: int
     text_dim: int
-    pooled_dim: int
-    guidance_scale: float
+    pooled_dim: int  # 0: no pooled vector
+    guidance_scale: float | None  # None: not passed
+    true_cfg_scale: float | None = None
+    #: Image tokens of a conditioning image in every forward of both pipelines (Kontext's reference).
+    reference_tokens: int = 0
+    transformer_class: str = ""
+    vae_class: str = "AutoencoderKL"
+    vae: dict = field(default_factory=dict)  # the VAE's constructor arguments, latent scaling included
+    base_pipeline: str = ""
+    ralu_pipeline: str = ""
+    #: Whether the base pipeline opens cache contexts (plain-pipeline cache rows).
+    plain_caches: bool = False
+
+    @property
+    def adapter(self) -> BenchFamily:
+        return adapter(self.family)
 
     @property
     def spec(self) -> ModelSpec:
@@ -55,11 +70,12 @@ class FamilyConfig:
 
     @property
     def cfg(self) -> bool:
-        """Classifier-free guidance doubles every transformer batch (SD3)."""
+        """Classifier-free guidance doubles every transformer evaluation (SD3: one doubled
+        batch; the true-CFG families: a second forward per step)."""
         return self.spec.cfg
 
     def image_tokens(self, size: int) -> int:
-        """Image tokens of one full-resolution forward at ``size x size``."""
+        """Image tokens of one full-resolution forward at ``size x size`` (generated image only)."""
         return self.spec.image_tokens(size, size)
 
     def half_latent_side(self, size: int) -> int:
@@ -100,40 +116,60 @@ def _vae(block_out_channels, layers_per_block, groups) -> dict:
     )
 
 
-def reduced_families(quick: bool) -> tuple[FamilyConfig, FamilyConfig]:
-    """The real block patterns (FLUX 19 dual + 38 single blocks, SD3-medium 24 joint blocks)
-    at one 32-wide attention head; ``quick``: 1 + 2 FLUX blocks, 2 SD3 blocks, short text."""
-    flux_spec, sd3_spec = get_model("flux-dev"), get_model("sd3-medium")
-    flux = dict(
-        # FLUX packs 2x2 latent pixels into one token.
-        patch_size=1, in_channels=4 * flux_spec.latent_channels, num_layers=1 if quick else 19, num_single_layers=2 if quick else 38,
-        attention_head_dim=32, num_attention_heads=1, joint_attention_dim=64, pooled_projection_dim=64,
-        guidance_embeds=True, axes_dims_rope=(8, 12, 12),
-    )
-    sd3 = dict(
-        sample_size=128, patch_size=2, in_channels=sd3_spec.latent_channels, num_layers=2 if quick else 24,
-        attention_head_dim=32, num_attention_heads=1, joint_attention_dim=64, caption_projection_dim=32,
-        pooled_projection_dim=64, out_channels=sd3_spec.latent_channels, pos_embed_max_size=192,
-    )
-    return (
-        FamilyConfig("flux", "flux-dev", flux, text_tokens=32 if quick else flux_spec.text_tokens, text_dim=64, pooled_dim=64, guidance_scale=3.5),
-        FamilyConfig("sd3", "sd3-medium", sd3, text_tokens=24 if quick else sd3_spec.text_tokens, text_dim=64, pooled_dim=64, guidance_scale=7.0),
-    )
+def family_vae(bench: BenchFamily, widths: dict | None) -> dict:
+    """The constructor arguments of ``bench``'s VAE: the registry's real one (``widths`` None),
+    or its layout at the block widths, layers and groups of ``widths`` (an AutoencoderKL shape,
+    :func:`_vae`): FLUX.2's AutoencoderKLFlux2 (32 channels, quant convs, BatchNorm) takes them
+    as they are, Qwen-Image's 3-D AutoencoderKLQwenImage as ``base_dim`` x ``dim_mult``."""
+    real = dict(bench.spec.architecture.vae)
+    if widths is None:
+        return real
+    if bench.vae_class == "AutoencoderKL":
+        return {**widths, **latent_scaling(bench.model)}
+    blocks, layers = list(widths["block_out_channels"]), widths["layers_per_block"]
+    if bench.vae_class == "AutoencoderKLFlux2":
+        return dict(real, block_out_channels=tuple(blocks), layers_per_block=layers, norm_num_groups=widths["norm_num_groups"])
+    if bench.vae_class == "AutoencoderKLQwenImage":
+        return dict(real, base_dim=blocks[0], dim_mult=[width // blocks[0] for width in blocks], num_res_blocks=layers)
+    raise ValueError(f"{bench.family}: no reduced-width rule for {bench.vae_class}. Fix: add one to ralu.calibrate.bench.speed.config.family_vae")
 
 
-def full_width_families() -> tuple[FamilyConfig, FamilyConfig]:
-    """FLUX.1-dev and SD3-medium at their real sizes (random weights)."""
-    return (_real_family("flux", "flux-dev", guidance_scale=3.5), _real_family("sd3", "sd3-medium", guidance_scale=7.0))
-
-
-def _real_family(family: str, model: str, guidance_scale: float) -> FamilyConfig:
-    """``model`` as the registry declares it: its transformer, text length and embedding widths."""
-    spec = get_model(model)
-    transformer = dict(spec.architecture.transformer)
+def _family_config(bench: BenchFamily, transformer: dict, text_tokens: int, text_dim: int, pooled_dim: int, vae: dict, size: int) -> FamilyConfig:
     return FamilyConfig(
-        family, model, transformer, text_tokens=spec.text_tokens, text_dim=transformer["joint_attention_dim"],
-        pooled_dim=transformer["pooled_projection_dim"], guidance_scale=guidance_scale,
+        bench.family, bench.model, transformer, text_tokens=text_tokens, text_dim=text_dim, pooled_dim=pooled_dim,
+        guidance_scale=bench.guidance_scale, true_cfg_scale=bench.true_cfg_scale,
+        reference_tokens=bench.spec.image_tokens(size, size) if bench.reference else 0,
+        transformer_class=bench.transformer_class, vae_class=bench.vae_class, vae=vae, base_pipeline=bench.base_pipeline,
+        ralu_pipeline=bench.ralu_pipeline, plain_caches=bench.plain_caches,
     )
+
+
+def reduced_families(quick: bool, widths: dict | None = None, size: int = PAPER_SIZE) -> tuple[FamilyConfig, ...]:
+    """Every family's real block pattern (FLUX 19 dual + 38 single blocks, SD3-medium 24 joint
+    blocks, ...) at one 32-wide attention head and 64-wide text; ``quick``: one to three
+    blocks, short text.  ``widths``: the AutoencoderKL shape the VAEs are narrowed to."""
+    widths = widths or (_vae((8, 8, 8, 8), 1, 4) if quick else _vae((8, 16, 32, 32), 2, 8))
+    out = []
+    for bench in ADAPTERS.values():
+        spec = bench.spec
+        # SD3's quick text was 24 tokens before the other families came: kept.
+        tokens = (24 if bench.family == "sd3" else QUICK_TEXT_TOKENS) if quick else spec.text_tokens
+        out.append(_family_config(bench, bench.reduced(dict(spec.architecture.transformer), quick), tokens, REDUCED_TEXT_DIM,
+                                  REDUCED_TEXT_DIM if bench.pooled else 0, family_vae(bench, widths), size))
+    return tuple(out)
+
+
+def full_width_families(size: int = PAPER_SIZE) -> tuple[FamilyConfig, ...]:
+    """Every benchmarked model at its real size (random weights), as the registry declares it."""
+    return tuple(_real_family(bench, size) for bench in ADAPTERS.values())
+
+
+def _real_family(bench: BenchFamily, size: int = PAPER_SIZE) -> FamilyConfig:
+    """``bench``'s model as the registry declares it: its transformer, text length and embedding widths."""
+    spec = get_model(bench.model)
+    transformer = dict(spec.architecture.transformer)
+    return _family_config(bench, transformer, spec.text_tokens, transformer["joint_attention_dim"],
+                          transformer.get("pooled_projection_dim", 0) if bench.pooled else 0, family_vae(bench, None), size)
 
 
 def make_config(
@@ -150,13 +186,16 @@ def make_config(
     """The benchmark configuration.
 
     * default (CPU): 1024x1024, the real token counts, the real block patterns at reduced
-      width (one 32-wide head), a real-shaped VAE at 1/16 of the real channel widths,
+      width (one 32-wide head), real-shaped VAEs at 1/16 of the real channel widths,
       float32, 3 repeats;
-    * ``quick``: 256x256 (schedules re-targeted to that size), 1 + 2 FLUX blocks, 2 SD3
-      blocks, short text, a tiny VAE, 1 repeat: the same code path in seconds (CI);
-    * ``device="cuda"``: bfloat16, 5 repeats and by default ``widths="full"``: FLUX.1-dev and
-      SD3-medium at their real sizes with random weights (reduced widths on a GPU measure
-      kernel-launch latency, not the method);
+    * ``quick``: 256x256 (schedules re-targeted to that size), one to three blocks per
+      family, short text, tiny VAEs, 1 repeat: the same code path in seconds (CI);
+    * ``device="cuda"``: bfloat16, 5 repeats and by default ``widths="full"``: every
+      benchmarked model at its real size (the registry's configs) with random weights
+      (reduced widths on a GPU measure kernel-launch latency, not the method); each family's
+      models are freed before the next is built;
+
+    Only the families of the chosen ``schedules`` are built.
     * ``caches``: rows with step caches; ``compile_backend``: rows with a compiled transformer
       (``quick`` adds them always, with ``aot_eager`` unless a backend is given).
     """
@@ -180,11 +219,16 @@ def make_config(
     if unknown:
         raise ValueError(f"unknown schedule(s) {unknown}. Fix: use shipped schedules of the benchmarked families {available}")
     if quick:
-        families, vae, size, preset = reduced_families(True), _vae((8, 8, 8, 8), 1, 4), 256, "quick"
+        vae, size, preset = _vae((8, 8, 8, 8), 1, 4), 256, "quick"
+        families = reduced_families(True, vae, size)
     elif widths == "full":
         families, vae, size, preset = full_width_families(), vae_shape("flux-dev"), PAPER_SIZE, "full-width"
     else:
-        families, vae, size, preset = reduced_families(False), _vae((8, 16, 32, 32), 2, 8), PAPER_SIZE, "reduced-width"
+        vae, size, preset = _vae((8, 16, 32, 32), 2, 8), PAPER_SIZE, "reduced-width"
+        families = reduced_families(False, vae, size)
+    # Only the families of the chosen schedules are built.
+    chosen_families = {load_schedule(name).family for name in chosen}
+    families = tuple(f for f in families if f.family in chosen_families)
     if quick and compile_backend is None:
         compile_backend = QUICK_COMPILE_BACKEND
     if compile_backend is not None and compile_backend not in COMPILE_BACKENDS:

@@ -13,7 +13,7 @@ from ralu.calibrate.bench.speed.config import (
     FamilyConfig,
     full_width_families,
 )
-from ralu.calibrate.bench.speed.models import build_transformer, build_vae
+from ralu.calibrate.bench.speed.models import build_transformer, build_vae, vae_latent
 from ralu.calibrate.flops.counting import count_flops, fit_quadratic
 from ralu.calibrate.flops.pricing import (
     ZERO,
@@ -29,27 +29,13 @@ _CHECK_GRID = (12, 20)
 
 
 def _meta_inputs(family: FamilyConfig, rows: int, cols: int) -> dict:
-    batch, config = family.transformer_batch, family.transformer
-    meta = dict(device="meta")
-    common = dict(
-        encoder_hidden_states=torch.empty(batch, family.text_tokens, config["joint_attention_dim"], **meta),
-        pooled_projections=torch.empty(batch, config["pooled_projection_dim"], **meta),
-        timestep=torch.empty(batch, **meta),
-    )
-    if family.family == "flux":
-        tokens = rows * cols
-        return dict(
-            common, hidden_states=torch.empty(batch, tokens, config["in_channels"], **meta),
-            img_ids=torch.empty(tokens, 3, **meta), txt_ids=torch.empty(family.text_tokens, 3, **meta),
-            guidance=torch.empty(batch, **meta),
-        )
-    patch = config["patch_size"]
-    return dict(common, hidden_states=torch.empty(batch, config["in_channels"], rows * patch, cols * patch, **meta))
+    """One evaluation's inputs on the meta device (the family adapter's, CFG batch included)."""
+    return family.adapter.inputs(family, rows, cols, lambda *shape: torch.empty(*shape, device="meta"), "meta")
 
 
 def forward_flops_model(family: FamilyConfig) -> Callable[[int], Any]:
-    """``tokens -> Flops`` of one transformer evaluation of the benchmarked model (CFG batch
-    included), exact: counted on the meta device at three sizes, a quadratic through them,
+    """``tokens -> Flops`` of one transformer evaluation of the benchmarked model at ``tokens``
+    generated image tokens (CFG batch and Kontext's reference tokens included), exact: counted on the meta device at three sizes, a quadratic through them,
     checked at a fourth (the same method as :mod:`ralu.calibrate.flops`)."""
     model = build_transformer(family, "meta")
     xs = [rows * cols for rows, cols in _FIT_GRIDS]
@@ -69,8 +55,9 @@ def edge_decode_flops(config: BenchConfig, family: str):
     """One half-size decode (the edge detection's) with the benchmarked VAE."""
 
     vae = build_vae(config, family, "meta")
-    side = config.family(family).half_latent_side(config.size)
-    return count_flops(vae.decode, torch.empty(1, vae.config.latent_channels, side, side, device="meta"))
+    spec = config.family(family)
+    side = spec.half_latent_side(config.size)
+    return count_flops(vae.decode, vae_latent(spec, torch.empty(1, spec.spec.latent_channels, side, side, device="meta")))
 
 
 def paper_speedup(schedule) -> float | None:

@@ -23,6 +23,7 @@ from ralu.calibrate.bench.speed.models import (
     call_ralu,
     one_step_per_stage,
     torch_dtype,
+    vae_latent,
 )
 from ralu.calibrate.bench.speed.schema import Throughput
 from ralu.runtime import sd3_tokens
@@ -109,9 +110,10 @@ def progress(message: str) -> None:
 
 def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token_counts: list[int]) -> list[Throughput]:
     """Median wall time of single transformer evaluations at each token count (text included,
-    CFG batch), as the runtime makes them: FLUX's forward at any count; SD3's forward where the
-    tokens form a native grid, else its token path (the mixed stage's).  This is the machine's
-    throughput curve, which decides how far wall-clock speed-ups can follow FLOPs ones."""
+    CFG batch, Kontext's reference tokens), as the runtime makes them: a forward at any count
+    (the family adapter's inputs, on the most square grid of the count); SD3's forward where
+    the tokens form a native grid, else its token path (the mixed stage's).  This is the
+    machine's throughput curve, which decides how far wall-clock speed-ups can follow FLOPs ones."""
 
     family = run.config
     device, dtype = torch.device(config.device), torch_dtype(config.dtype)
@@ -126,25 +128,9 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
     channels, patch = family.spec.latent_channels, family.transformer.get("patch_size")
     rows = []
     for tokens in token_counts:
-        common = dict(
-            encoder_hidden_states=rand(batch, family.text_tokens, family.text_dim),
-            pooled_projections=rand(batch, family.pooled_dim),
-            timestep=torch.full((batch,), 0.5 if family.family == "flux" else 500.0, device=device, dtype=dtype),
-        )
-        if family.family == "flux":
-            side = math.isqrt(tokens)
-            ids = torch.zeros(tokens, 3, device=device)
-            ids[:, 1] = torch.arange(tokens, device=device) // side
-            ids[:, 2] = torch.arange(tokens, device=device) % side
-            inputs = dict(common, hidden_states=rand(batch, tokens, family.transformer["in_channels"]), img_ids=ids,
-                          txt_ids=torch.zeros(family.text_tokens, 3, device=device), guidance=torch.full((batch,), 3.5, device=device))
-            path = "forward"
-
-            def evaluate():
-                return transformer(**inputs, return_dict=False)
-        elif _grid(tokens, transformer.pos_embed.pos_embed_max_size) is not None:
-            rows_, cols = _grid(tokens, transformer.pos_embed.pos_embed_max_size)
-            inputs = dict(common, hidden_states=rand(batch, channels, patch * rows_, patch * cols))
+        native = _grid(tokens, transformer.pos_embed.pos_embed_max_size) if family.adapter.native_grid_only else _grid(tokens, tokens)
+        if native is not None:
+            inputs = family.adapter.inputs(family, *native, rand, device)
             path = "forward"
 
             def evaluate():
@@ -154,6 +140,10 @@ def forward_throughput(config: BenchConfig, run: FamilyRun, forward_flops, token
             positions = sd3_tokens.grid_positions(transformer, side, side, device=device)[:tokens]
             embeds = sd3_tokens.position_embedding(transformer, positions)
             patches = rand(batch, tokens, channels, patch, patch)
+            common = dict(
+                encoder_hidden_states=rand(batch, family.text_tokens, family.text_dim), pooled_projections=rand(batch, family.pooled_dim),
+                timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+            )
             path = "token path"
 
             def evaluate():
@@ -180,6 +170,7 @@ def edge_decode_seconds(config: BenchConfig, run: FamilyRun) -> dict:
     device, dtype = torch.device(config.device), torch_dtype(config.dtype)
     side = run.config.half_latent_side(config.size)
     latent = torch.randn(1, run.config.spec.latent_channels, side, side, generator=torch.Generator("cpu").manual_seed(config.seed)).to(device=device, dtype=dtype)
+    latent = vae_latent(run.config, latent)
     seconds, cpu_seconds = [], []
     with torch.no_grad():
         for index in range(config.repeats + 1):
@@ -256,6 +247,7 @@ def measure_memory(config: BenchConfig, run: FamilyRun, meter: MemoryMeter) -> d
     device, dtype = torch.device(config.device), torch_dtype(config.dtype)
     side = run.config.half_latent_side(config.size)
     latent = torch.randn(1, run.config.spec.latent_channels, side, side, generator=torch.Generator("cpu").manual_seed(0)).to(device=device, dtype=dtype)
+    latent = vae_latent(run.config, latent)
     working, total = {}, {}
     working["baseline"], total["baseline"] = meter.measure(lambda: call_baseline(config, run, 1))
     with torch.no_grad():

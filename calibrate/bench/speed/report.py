@@ -21,6 +21,7 @@ from ralu.calibrate.bench.common import (
     times,
 )
 from ralu.calibrate.bench.speed.schema import (
+    CACHES_LEFT_OUT,
     NO_PLAIN_MAGCACHE,
     NO_PLAIN_SD3,
     OVERHEAD_LABELS,
@@ -30,6 +31,7 @@ from ralu.calibrate.bench.speed.schema import (
     CompileRow,
     ScheduleRow,
     SpeedReport,
+    no_plain_context,
 )
 from ralu.calibrate.presets import PAPER_SIZE
 from ralu.runtime.models import get_model
@@ -60,21 +62,91 @@ OPTIMISATION_LOG: list[str] = [
 ]
 
 
+#: How the summary names the real models of the first report (the others by their registry name).
+_MODEL_TITLES = {"flux-dev": "FLUX.1-dev", "sd3-medium": "SD3-medium"}
+
+#: Classes of the reports written before the families carried them.
+_OLD_CLASSES = {
+    "flux": ("FluxTransformer2DModel", "FluxPipeline", "RALUFluxPipeline"),
+    "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline", "RALUStableDiffusion3Pipeline"),
+}
+
+
+def _classes(family: dict) -> tuple[str, str, str]:
+    """Transformer, base pipeline and RALU pipeline class of a report's family."""
+    old = _OLD_CLASSES.get(family["family"], ("", "", ""))
+    return family.get("transformer_class") or old[0], family.get("base_pipeline") or old[1], family.get("ralu_pipeline") or old[2]
+
+
+def _blocks(family: dict) -> str:
+    t = family["transformer"]
+    if "num_single_layers" in t:
+        return f"{t['num_layers']} dual-stream + {t['num_single_layers']} single-stream blocks"
+    if family["family"] == "sd3":
+        return f"{t['num_layers']} joint blocks"
+    return f"{t['num_layers']} dual-stream blocks"
+
+
+def _guidance(family: dict) -> str:
+    parts = []
+    if family.get("guidance_scale") is not None:
+        parts.append(f"guidance scale {family['guidance_scale']}")
+    if family.get("true_cfg_scale") is not None:
+        parts.append(f"true CFG scale {family['true_cfg_scale']}")
+    return ", ".join(parts) or "no guidance"
+
+
 def _family_line(family: dict, size: int) -> str:
     t = family["transformer"]
-    if family["family"] == "flux":
-        cls, blocks = "FluxTransformer2DModel", f"{t['num_layers']} dual-stream + {t['num_single_layers']} single-stream blocks"
-    else:
-        cls, blocks = "SD3Transformer2DModel", f"{t['num_layers']} joint blocks"
+    cls = _classes(family)[0]
     width = t["num_attention_heads"] * t["attention_head_dim"]
     full = get_model(family["model"]).image_tokens(size, size)
-    cfg = "; classifier-free guidance (the transformer batch is doubled, as in the real pipeline)" if family["cfg"] else ""
+    if not family["cfg"]:
+        cfg = ""
+    elif family["family"] == "sd3":
+        cfg = "; classifier-free guidance (the transformer batch is doubled, as in the real pipeline)"
+    else:
+        cfg = "; classifier-free guidance (a second, negative-prompt forward every step, as in the real pipeline)"
+    pooled = f", pooled {family['pooled_dim']}" if family.get("pooled_dim") else ""
+    reference = (f"; a reference image of {family['reference_tokens']} tokens (as latents, the output's size) in every forward of both "
+                 "pipelines, counted in the configuration's FLOPs") if family.get("reference_tokens") else ""
     return (
-        f"* **{family['family']}** (schedules `{family['model']}-*`): `{cls}` with {blocks}, "
+        f"* **{family['family']}** (schedules `{family['model']}-*`): `{cls}` with {_blocks(family)}, "
         f"{t['num_attention_heads']} head(s) x {t['attention_head_dim']} (width {width}), text {family['text_tokens']} tokens x "
-        f"{family['text_dim']}, pooled {family['pooled_dim']}, guidance scale {family['guidance_scale']}; {full} image tokens at full "
-        f"resolution, {full // 4} in the low-res stage{cfg}."
+        f"{family['text_dim']}{pooled}, {_guidance(family)}; {full} image tokens at full "
+        f"resolution, {full // 4} in the low-res stage{cfg}{reference}."
     )
+
+
+def _other_vae_lines(config: dict, size: int) -> list[str]:
+    """The VAEs that are not FLUX.1's / SD3's AutoencoderKL shape (FLUX.2's, Qwen-Image's)."""
+    lines, seen = [], set()
+    for family in config["families"]:
+        cls, vae = family.get("vae_class", "AutoencoderKL"), family.get("vae") or {}
+        if cls == "AutoencoderKL" or cls in seen:
+            continue
+        seen.add(cls)
+        real = get_model(family["model"])
+        real_vae, edge_side = real.architecture.vae, size // (2 * real.vae_scale_factor)
+        users = ", ".join(f["family"] for f in config["families"] if f.get("vae_class") == cls)
+        if cls == "AutoencoderKLQwenImage":
+            shape = (f"a causal 3-D VAE decoding one frame, base width {vae['base_dim']} x {list(vae['dim_mult'])} (real: "
+                     f"{real_vae['base_dim']} x {list(real_vae['dim_mult'])}), {vae['num_res_blocks']} residual blocks per stage, "
+                     f"{real.latent_channels} latent channels")
+        else:
+            shape = (f"the real layout ({len(vae['block_out_channels'])} decoder up blocks, {vae['layers_per_block']} layers per block, "
+                     f"{vae['latent_channels']} latent channels, quant convs, BatchNorm over the 2x2-patchified latent) at block widths "
+                     f"{list(vae['block_out_channels'])} (real: {list(real_vae['block_out_channels'])}), {vae['norm_num_groups']} norm groups")
+        lines.append(f"* VAE of {users}: `{cls}`, {shape}; the edge decode turns a {edge_side}x{edge_side} latent into a "
+                     f"{size // 2}x{size // 2} image.")
+    return lines
+
+
+def _pipelines_line(config: dict) -> str:
+    classes = [_classes(family) for family in config["families"]]
+    bases = " / ".join(f"`{base}`" for _, base, _ in classes)
+    ralus = " / ".join(f"`{ralu}.from_pipe(pipe, dtype=...)`" for _, _, ralu in classes)
+    return f"* Baseline: {bases} with the schedules' base steps; RALU: {ralus} with `schedule=NAME`."
 
 
 def _runs(values: list[float]) -> str:
@@ -297,6 +369,7 @@ def cache_section(report: SpeedReport, cpu: bool) -> list[str]:
         return []
     settings = {row.cache: row.settings for row in rows if row.settings}
     families = {row.family for row in rows}
+    plain = {row.family for row in rows if row.method == "plain"} | ({"flux"} & families)
     return [
         "",
         "## Step caches",
@@ -313,8 +386,10 @@ def cache_section(report: SpeedReport, cpu: bool) -> list[str]:
         "turn, medians. MagCache's per-stage ratios are measured on other prompt embeddings and noise than the timed calls'.",
         "",
         *(f"* `{kind}`: {text}" for kind, text in settings.items()),
-        *([f"* {NO_PLAIN_MAGCACHE}"] if "flux" in families else []),
+        *([f"* {NO_PLAIN_MAGCACHE}"] if families & plain else []),
         *([f"* {NO_PLAIN_SD3}"] if "sd3" in families else []),
+        *([f"* {no_plain_context(sorted(families - plain - {'sd3'}))}"] if families - plain - {"sd3"} else []),
+        *(f"* {family}: {CACHES_LEFT_OUT[family]}" for family in sorted(families) if family in CACHES_LEFT_OUT),
         "",
         *table(cache_columns(cpu), rows),
     ]
@@ -361,7 +436,8 @@ def render_markdown(report: SpeedReport) -> str:
         "",
         "## Summary",
         "",
-        "*Real FLOPs*: speed-up of the real architectures (FLUX.1-dev, SD3-medium; text encoders, every step, edge",
+        f"*Real FLOPs*: speed-up of the real architectures ({', '.join(dict.fromkeys(_MODEL_TITLES.get(row.model, row.model) for row in rows)) or 'none'}; "
+        "text encoders, every step, edge",
         "and final decodes; `ralu.calibrate.flops`), both conventions, beside the paper's (linear) figure.",
         "*Config FLOPs*: the same for the models that ran here (transformer steps + edge decode, counted on the",
         "meta device at each stage's token count; total convention). *Wall*: measured against the plain diffusers",
@@ -403,8 +479,12 @@ def render_markdown(report: SpeedReport) -> str:
         "",
         "## Bare evaluations by sequence length",
         "",
-        "Single transformer evaluations (text tokens included, the CFG batch for SD3; SD3 counts that form no",
-        "native grid go through the runtime's token path, as in its mixed stage) and the bare edge decode, median",
+        *(["Single transformer evaluations (text tokens included, the CFG batch for SD3; SD3 counts that form no",
+            "native grid go through the runtime's token path, as in its mixed stage) and the bare edge decode, median"]
+          if {f["family"] for f in config["families"]} <= {"flux", "sd3"} else
+          ["Single transformer evaluations (text tokens included, the CFG batch for the families that run CFG, Kontext's",
+           "reference tokens after the generated ones; SD3 counts that form no native grid go through the runtime's token",
+           "path, as in its mixed stage, the other families' on the most square grid of the count) and the bare edge decode, median"]),
         f"of the repeats after a warm-up; GFLOP/s on the {basis} basis.",
         "",
         *table(THROUGHPUT_COLUMNS, throughput_lines(report, cpu)),
@@ -428,22 +508,25 @@ def render_markdown(report: SpeedReport) -> str:
     vae = config["vae"]
     # The benchmarked VAE has the real one's shape (FLUX.1's and SD3's are the same) at other widths.
     lines += cache_section(report, cpu) + compile_section(report, cpu)
-    real = get_model(config["families"][0]["model"])
+    kl = [f for f in config["families"] if f.get("vae_class", "AutoencoderKL") == "AutoencoderKL"]
+    real = get_model((kl or config["families"])[0]["model"])
     real_vae, edge_side = real.architecture.vae, size // (2 * real.vae_scale_factor)
+    # The AutoencoderKL line names its families when other VAEs are in the report too.
+    kl_users = None if not kl else "" if len(kl) == len(config["families"]) else " of " + ", ".join(f["family"] for f in kl)
     lines += [
         "",
         "## Configuration",
         "",
         *(_family_line(family, size) for family in config["families"]),
-        f"* VAE: `AutoencoderKL` with the real layout (4 decoder up blocks, {vae['layers_per_block']} layers per block, "
-        f"{vae['latent_channels']} latent channels, mid-block attention) at block widths {list(vae['block_out_channels'])} (real: "
-        f"{list(real_vae['block_out_channels'])}), {vae['norm_num_groups']} norm groups; the edge decode turns a {edge_side}x{edge_side} "
-        f"latent into a {size // 2}x{size // 2} image.",
+        *([f"* VAE{kl_users}: `AutoencoderKL` with the real layout (4 decoder up blocks, {vae['layers_per_block']} layers per block, "
+           f"{vae['latent_channels']} latent channels, mid-block attention) at block widths {list(vae['block_out_channels'])} (real: "
+           f"{list(real_vae['block_out_channels'])}), {vae['norm_num_groups']} norm groups; the edge decode turns a {edge_side}x{edge_side} "
+           f"latent into a {size // 2}x{size // 2} image."] if kl_users is not None else []),
+        *_other_vae_lines(config, size),
         "* Random weights (seeded; exactly-zero initialised layers filled so that latents and edge maps carry signal);",
         "  the same prompt embeddings for both pipelines; one image per call, a `torch.Generator` seeded 0 per call;",
         "  `output_type=\"latent\"` for both, so the final VAE decode is in neither.",
-        "* Baseline: `FluxPipeline` / `StableDiffusion3Pipeline` with the schedules' base steps; RALU: "
-        "`RALUFluxPipeline.from_pipe(pipe, dtype=...)` / `RALUStableDiffusion3Pipeline.from_pipe(pipe, dtype=...)` with `schedule=NAME`.",
+        _pipelines_line(config),
         "* Timing: one untimed warm-up call of each method with one step per stage (baseline: one step), the same",
         f"  shapes and code path; then {config['repeats']} rounds, each timing the baseline and every schedule in turn",
         "  (interleaved, so a change of machine load hits all methods), medians. On CPU the profiler is active in",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -69,6 +70,12 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     load_start = load_average()
     runs, measured, flops_models, decode_flops, decode_seconds, throughput = [], {}, {}, {}, {}, {}
     cache_rows, compile_rows = [], []
+    # On CUDA each family's memory is measured right after its timings and its models are then
+    # released (real-size models of every family do not fit one GPU together); on CPU memory
+    # comes after all timing (its allocator setting slows allocation), the reduced models kept.
+    meter = MemoryMeter(config.device)
+    memory = {}
+    per_family_memory = torch.device(config.device).type == "cuda"
     for family in config.families:
         run = build_family(config, family)
         if not run.schedules:
@@ -86,9 +93,16 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
             cache_rows += measure_cache_rows(config, run, flops_models[family.family], decode_flops[family.family], measured[family.family])
         if config.compile_backend:
             compile_rows += measure_compile_rows(config, run, config.compile_backend, measured[family.family])
-    progress("peak memory")
-    meter = MemoryMeter(config.device)
-    memory = {run.config.family: measure_memory(config, run, meter) for run in runs}
+        if per_family_memory:
+            progress(f"{family.family}: peak memory")
+            memory[family.family] = measure_memory(config, run, meter)
+            runs[-1] = released(run)
+            run = None  # the last reference to the models: freed before the next family is built
+            gc.collect()
+            torch.cuda.empty_cache()
+    if not per_family_memory:
+        progress("peak memory")
+        memory = {run.config.family: measure_memory(config, run, meter) for run in runs}
 
     rows, baselines = [], {}
     cpu_basis = on_cpu_time(config)
@@ -220,8 +234,25 @@ def run_benchmark(config: BenchConfig, command: str) -> SpeedReport:
     )
 
 
-def write_reports(report: SpeedReport, out_dir: Path) -> tuple[Path, Path]:
-    return write_report(out_dir, REPORT_NAME, render_markdown(report), report.model_dump(mode="json"))
+class _Planned:
+    """What the report still needs of a released family: its stage plans."""
+
+    def __init__(self, plans: dict):
+        self._plans = plans
+
+    def plan(self, schedule):
+        return self._plans[id(schedule)]
+
+
+def released(run):
+    """``run`` without its models (they are freed; the GPU's memory goes to the next family):
+    its configuration, schedules and stage plans only."""
+    plans = _Planned({id(schedule): run.ralu.plan(schedule) for _, schedule, _ in run.schedules})
+    return type(run)(run.config, None, plans, {}, list(run.schedules))
+
+
+def write_reports(report: SpeedReport, out_dir: Path, name: str = REPORT_NAME) -> tuple[Path, Path]:
+    return write_report(out_dir, name, render_markdown(report), report.model_dump(mode="json"))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -235,7 +266,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             return fail("ralu-bench speed", "--device cuda but torch sees no CUDA device")
     command = getattr(args, "command_line", "ralu-bench speed")
     report = run_benchmark(config, command)
-    md_path, json_path = write_reports(report, args.out_dir)
+    md_path, json_path = write_reports(report, args.out_dir, getattr(args, "name", REPORT_NAME))
     for row in report.rows:
         memory = "n/a" if row.peak_mem_ratio is None else f"{row.peak_mem_ratio:.2f}"
         print(f"{row.schedule:<24} FLOPs (config) {row.config_flops_speedup_total:6.2f}x  wall {row.wall_speedup:6.2f}x  "

@@ -20,6 +20,21 @@ NO_PLAIN_MAGCACHE = (
 #: Why SD3 has no plain-pipeline cache rows.
 NO_PLAIN_SD3 = "SD3's plain pipeline opens no cache context, which diffusers' cache hooks need: SD3 caches run on RALU rows only."
 
+#: Why a family runs fewer cache kinds than FLUX.1 (FirstBlockCache, TaylorSeer, MagCache).
+CACHES_LEFT_OUT = {
+    "chroma": "TaylorSeer only: FirstBlockCache and MagCache find the image stream through diffusers' transformer-block "
+              "registry, which in diffusers 0.42.1 has no Chroma block (\"Model class ... not registered\").",
+    "flux2": "no FirstBlockCache: diffusers 0.42.1's hook fails on FLUX.2's blocks (ralu.runtime.cache refuses it).",
+    "flux2-klein": "no FirstBlockCache: diffusers 0.42.1's hook fails on FLUX.2's blocks (ralu.runtime.cache refuses it).",
+}
+
+
+def no_plain_context(families: list[str]) -> str:
+    """Why these families (FLUX.1 Kontext, Chroma, FLUX.2 dev: their diffusers pipelines) have
+    no plain-pipeline cache rows."""
+    return (f"The plain pipelines of {', '.join(families)} open no cache context, which diffusers' cache hooks need: "
+            "their caches run on RALU rows only.")
+
 #: The runtime's overhead sections, as the report names them.
 OVERHEAD_LABELS = {
     "edge_decode": "edge decode (Tweedie, VAE)",
