@@ -165,8 +165,6 @@ def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["quality", "--quick", "--budgets", "5", "--arch", "sd3"]) == 2
     assert "published presets" in capsys.readouterr().err
-    assert main(["quality", "--quick", "--weights", str(tmp_path)]) == 2
-    assert "--weights-dir" in capsys.readouterr().err
 
 
 def test_no_caches_leaves_out_exactly_the_cache_rows():

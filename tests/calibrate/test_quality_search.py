@@ -1,4 +1,4 @@
-"""The quality-in-the-loop search on the offline testbed, at CI size (a few images, few trials)."""
+"""The quality-in-the-loop search on the offline testbed (v2's FLUX generator), at CI size (a few images, few trials)."""
 
 import json
 
@@ -15,43 +15,47 @@ from ralu.calibrate.quality_search import (
     pixel_distance,
     search,
 )
-from ralu.calibrate.testbed.conditioning import encode_prompts
-from ralu.calibrate.testbed.model import load_pipeline
-from ralu.calibrate.testbed.model import testbed_h0 as base_shift
+from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.schedule import load_schedule
 
 SPEEDUP = 4.5
+SIZE = data.IMAGE_SIZE
+
+
+def base_shift() -> float:
+    return tb.base_shift("flux")
 
 
 def prompts_for_testbed(n: int, seed: int) -> tuple[list[str], list[int]]:
-    """``n`` balanced prompts of the small 32 px testbed and per-image seeds (a fast FLUX pipeline for the search's own tests)."""
-    from ralu.calibrate.testbed import data
-    from ralu.calibrate.testbed.evaluate import balanced_labels
-
-    return data.describe(balanced_labels(n, seed)), [int(seed) * 1_000_003 + i for i in range(n)]
+    """``n`` balanced prompts of testbed v2 and per-image seeds (a fast FLUX pipeline for the search's own tests)."""
+    return data.describe(data.balanced_labels(n, seed)), [int(seed) * 1_000_003 + i for i in range(n)]
 
 
-def speedup_on_testbed(pipe, size: int):
-    from ralu.calibrate.bench.quality.cost import TestbedCost
-    from ralu.calibrate.quality_search import layout_speedup
-    from ralu.calibrate.testbed.conditioning import TEXT_TOKENS
+def target_options(pipe) -> dict:
+    """What the lab's ``testbed`` quality target gives the search for testbed v2's FLUX
+    generator: encoder, size, base shift and steps, guidance, FLOPs and reference key."""
+    from ralu.calibrate.bench.quality.v2.search_target import testbed_target
 
-    return layout_speedup(TestbedCost(pipe.transformer.config, TEXT_TOKENS), (size // 2) ** 2, 50)
+    return dict(testbed_target("flux-dev", metric="pixel", pipe=pipe).options)
+
+
+def speedup_on_testbed(pipe):
+    from ralu.calibrate.bench.quality.v2.search_target import speedup_on_testbed_v2
+
+    return speedup_on_testbed_v2(pipe, "flux")
 
 
 def search_testbed(speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options):
-    """The product's search given everything from outside: the 32 px testbed's pipeline, prompts, encoder and FLOPs."""
+    """The product's search given everything from outside: testbed v2's FLUX pipeline, prompts, encoder and FLOPs."""
     prompts, seeds = prompts_for_testbed(images, image_seed)
-    options.setdefault("speedup_of", speedup_on_testbed(pipe, 32))
-    options.setdefault("pipeline_id", result_pipeline_id(pipe))
-    return search(pipe, prompts, speedup, seeds=seeds, model="flux-dev", height=32, width=32, h0=base_shift(), base_steps=50,
-                  encode=encode_prompts, **options)
+    return search(pipe, prompts, speedup, seeds=seeds, **{**target_options(pipe), **options})
 
 
 @pytest.fixture(scope="module")
 def pipe():
     torch.set_num_threads(1)
-    return load_pipeline()
+    return tb.load_pipeline("flux")
 
 
 def run_cli(argv, capsys):
@@ -67,21 +71,16 @@ def test_references_are_the_plain_pipeline_and_are_cached(pipe, tmp_path):
                             log=calls.append)
     assert len(list(tmp_path.glob("*.pt"))) == 2
     # The cached reference of image 0 is FluxPipeline's own 50-step sample from the same seed.
-    plain = pipe(**encode_prompts(prompts[:1]), height=32, width=32, num_inference_steps=50, guidance_scale=3.5,
+    options = target_options(pipe)
+    plain = pipe(**options["encode"](prompts[:1]), height=SIZE, width=SIZE, num_inference_steps=50, guidance_scale=options["guidance_scale"],
                  generator=[torch.Generator().manual_seed(seeds[0])], output_type="pt").images[0]
-    cache = ReferenceCache(tmp_path, result_pipeline_id(pipe))
-    stored = cache.load(cache.path(prompts[0], seeds[0], 32, 32, 50, 3.5))
+    cache = ReferenceCache(tmp_path, options["pipeline_id"])
+    stored = cache.load(cache.path(prompts[0], seeds[0], SIZE, SIZE, 50, options["guidance_scale"]))
     assert stored is not None and torch.allclose(stored, plain.clamp(0, 1), atol=1e-5)
     # The first candidate is the plain fewer-steps sampler, which matches the budget exactly.
     first = result.history[0]
     assert first["stages"] == 1 and first["shift_1"] == pytest.approx(base_shift()) and first["speedup"] >= SPEEDUP
     assert any("affords" in line for line in calls)
-
-
-def result_pipeline_id(pipe):
-    from ralu.calibrate.testbed.location import transformer_dir
-
-    return f"testbed:{transformer_dir(None)}"
 
 
 def test_search_scores_honestly_and_resumes_from_storage(pipe, tmp_path):
@@ -140,7 +139,7 @@ def test_the_search_draws_only_layouts_that_spend_the_budget(pipe):
     from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion
 
     result = search_testbed(SPEEDUP, images=1, image_seed=4, pipe=pipe, batch_size=1, metric="pixel", trials=14)
-    speedup_of = speedup_on_testbed(pipe, 32)
+    speedup_of = speedup_on_testbed(pipe)
     drawn = [t for t in result.history if GIVEN_STEPS_ATTR not in t]
     assert drawn and all(t["speedup"] >= SPEEDUP for t in drawn)
     for t in drawn:
@@ -245,7 +244,7 @@ def test_a_known_schedule_is_a_point_of_the_search_space():
 def test_given_schedules_are_tried_first_and_named_in_the_answer(pipe, tmp_path, capsys):
     from ralu.calibrate.quality_search import SOURCE_ATTR, candidate_of
 
-    known = candidate_schedule("flux-dev", 32, 32, 50, base_shift(), Candidate((2, 3), (0.4, 1.0), (4.0, 3.0), 8.0, 0.0))
+    known = candidate_schedule("flux-dev", SIZE, SIZE, 50, base_shift(), Candidate((2, 3), (0.4, 1.0), (4.0, 3.0), 8.0, 0.0))
     result = search_testbed(SPEEDUP, images=1, image_seed=9, pipe=pipe, batch_size=1, metric="pixel", trials=6, extra_candidates=[("my preset", known)])
     tried = [t for t in result.history if t.get(SOURCE_ATTR) == "my preset"]
     assert len(tried) == 1

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from ralu.calibrate.testbed import location
-from ralu.calibrate.testbed.location import (
+from ralu.calibrate.testbed.v2 import location
+from ralu.calibrate.testbed.v2.location import (
+    AUTOENCODER,
+    CLASSIFIER,
     ENV_VAR,
+    FLUX,
+    SD3,
     WeightsNotFound,
-    classifier_dir,
     describe,
-    transformer_dir,
+    part_dir,
     weights_dir,
 )
 
@@ -39,23 +42,25 @@ def no_checkout(monkeypatch, tmp_path, no_env):
 
 def test_a_checkout_finds_its_repository_folder(no_env):
     assert weights_dir() == ROOT / "testbed-weights"
-    assert (transformer_dir() / "diffusion_pytorch_model.safetensors").is_file()
-    assert (classifier_dir() / "classifier.safetensors").is_file()
-    assert describe("transformer") == "testbed-weights/transformer (repository)"
-    # nothing of them is left inside the package
+    for part in (AUTOENCODER, FLUX, SD3):
+        assert (part_dir(part) / "diffusion_pytorch_model.safetensors").is_file()
+    assert (part_dir(CLASSIFIER) / "classifier.safetensors").is_file()
+    assert describe(FLUX) == "testbed-weights/v2/flux (repository)"
+    # testbed v1's weights are retired; nothing of them is left inside the package
+    assert sorted(p.name for p in (ROOT / "testbed-weights").iterdir()) == ["v2"]
     assert not list((ROOT / "calibrate").rglob("*.safetensors"))
 
 
 def test_an_explicit_folder_comes_first(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing"))  # not even looked at
-    assert transformer_dir(tmp_path / "t") == tmp_path / "t" and classifier_dir(str(tmp_path)) == tmp_path
-    assert describe("classifier", tmp_path) == str(tmp_path)
+    assert part_dir(FLUX, tmp_path / "t") == tmp_path / "t" and part_dir(CLASSIFIER, str(tmp_path)) == tmp_path
+    assert describe(CLASSIFIER, tmp_path) == str(tmp_path)
 
 
 def test_the_environment_variable_comes_before_the_checkout(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_VAR, str(tmp_path))
-    assert weights_dir() == tmp_path and transformer_dir() == tmp_path / "transformer"
-    assert describe("classifier") == f"{tmp_path / 'classifier'} (${ENV_VAR})"
+    assert weights_dir() == tmp_path and part_dir(FLUX) == tmp_path / "v2" / "flux"
+    assert describe(CLASSIFIER) == f"{tmp_path / 'v2' / 'classifier'} (${ENV_VAR})"
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing"))
     with pytest.raises(WeightsNotFound, match=ENV_VAR) as error:
         weights_dir()
@@ -63,7 +68,7 @@ def test_the_environment_variable_comes_before_the_checkout(monkeypatch, tmp_pat
 
 
 def test_without_a_checkout_one_line_says_where_the_weights_are(no_checkout):
-    from ralu.calibrate.testbed import load_classifier, load_pipeline
+    from ralu.calibrate.testbed.v2 import load_classifier, load_pipeline
 
     for load in (weights_dir, load_pipeline, load_classifier):
         with pytest.raises(FileNotFoundError) as error:
@@ -73,26 +78,29 @@ def test_without_a_checkout_one_line_says_where_the_weights_are(no_checkout):
 
 
 def test_evaluate_cli_without_weights_exits_2_with_one_line(no_checkout, capsys):
-    from ralu.calibrate.testbed.evaluate import main
+    from ralu.calibrate.testbed.v2.evaluate import main
 
-    assert main(["--n", "1", "--data-n", "1"]) == 2
+    assert main(["--arch", "flux", "--n", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "testbed-weights/" in err
 
 
-def test_bench_quality_without_weights_exits_2_with_one_line(no_checkout, capsys, tmp_path):
+@pytest.mark.parametrize("argv", [["quality", "--quick", "--out-dir", "out"], ["cache", "--images", "1", "--out-dir", "out"],
+                                  ["magcache", "--schedule", "flux-dev-7x", "--out", "x.json"]])
+def test_bench_without_weights_exits_2_with_one_line(no_checkout, capsys, tmp_path, monkeypatch, argv):
     from ralu.calibrate.bench.cli import main
 
-    assert main(["quality", "--testbed", "v1", "--quick", "--out-dir", str(tmp_path / "out")]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and ENV_VAR in err
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no report, no schedule, no work folder
 
 
 def test_a_missing_classifier_folder_names_the_fix(tmp_path):
-    from ralu.calibrate.testbed import load_classifier
+    from ralu.calibrate.testbed.v2 import load_classifier
 
-    with pytest.raises(FileNotFoundError, match="python -m ralu.calibrate.testbed.classifier"):
+    with pytest.raises(FileNotFoundError, match="python -m ralu.calibrate.testbed.v2.classifier"):
         load_classifier(tmp_path)
 
 
@@ -142,7 +150,7 @@ def installed(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_an_install_carries_no_testbed_weights(installed):
     _, names = installed
     # the packages are there (so the check below is not about an empty install) ...
-    assert "ralu/runtime/__init__.py" in names and "ralu/calibrate/testbed/model.py" in names
+    assert "ralu/runtime/__init__.py" in names and "ralu/calibrate/testbed/v2/model.py" in names
     assert any(n.startswith("ralu/schedules/") and n.endswith(".json") for n in names)
     # ... the weights and their records are not
     assert not [n for n in names if n.endswith((".safetensors", "training.json")) or "testbed-weights" in n]
@@ -153,7 +161,7 @@ def test_an_install_runs_without_weights_and_says_where_they_are(installed, tmp_
     environment's other packages behind it."""
     site, _ = installed
     script = (
-        "import ralu.runtime, ralu.calibrate.testbed.location as loc\n"
+        "import ralu.runtime, ralu.calibrate.testbed.v2.location as loc\n"
         "from ralu.runtime import load_schedule\n"
         f"assert ralu.runtime.__file__.startswith({str(site)!r}), ralu.runtime.__file__\n"
         "load_schedule('flux-dev-7x')\n"

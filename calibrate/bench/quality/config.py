@@ -1,20 +1,15 @@
-"""What the quality benchmark runs: the published presets, the peers' defaults, the metrics, and its configuration."""
+"""What every row of the quality harness shares: the published FLUX presets, the peers' defaults, the
+noise sweep's Z values, the rows' labels and the ``--schedule`` rows' names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from ralu.calibrate.presets import PRESETS, PublishedPreset
 from ralu.runtime.models import get_model
 
-REPORT_NAME = "quality-v1"
-#: Steps of the baseline (FLUX.1-dev's).
+#: Steps of FLUX.1-dev's baseline.
 BASE_STEPS = get_model("flux-dev").base_steps
-#: PSNR of identical images (dB): the cap keeps every number finite in JSON.
-PSNR_CAP = 100.0
-#: Generator seed of the real reference images (disjoint from the sample seeds).
-REAL_SEED = 1_000_000_033
 
 #: The published FLUX presets by budget (docs/method.md §5, calibrated by the paper with h0 =
 #: ``PAPER_H0``): the budgets of the table are named after them.
@@ -30,19 +25,6 @@ BOTTLENECK_RESTARTS = (1.0, 0.8, 0.6)
 DEFAULT_Z_VALUES = (2.5, 4.0, 6.0, 9.0, 14.0, 22.0, 35.0, 55.0, 90.0)
 QUICK_Z_VALUES = (4.0, 35.0)
 
-#: Metrics: (key, label, True when higher is better).
-METRICS: tuple[tuple[str, str, bool], ...] = (
-    ("psnr", "PSNR (dB)", True),
-    ("ssim", "SSIM", True),
-    ("fd", "FD", False),
-    ("accuracy", "accuracy", True),
-    ("edge_artifacts", "blocking", False),
-)
-
-#: Reported but not used to pick winners: blocking on the 4x4 grid of RALU's low-res tokens
-#: (seams between upsampled and not-upsampled cells).
-EXTRA_METRICS: tuple[tuple[str, str, bool], ...] = (("edge_artifacts_4x4", "blocking 4x4", False),)
-
 METHOD_LABELS = {
     "baseline": f"baseline ({BASE_STEPS} steps)",
     "base-steps": "base model, fewer steps",
@@ -52,30 +34,6 @@ METHOD_LABELS = {
     "ralu-ours": "RALU, ours (exact noise, global calibration)",
     "ralu-searched": "RALU, searched layout",
 }
-RALU_METHODS = ("ralu-paper", "ralu-ours", "ralu-searched")
-PEER_METHODS = ("base-steps", "bottleneck", "naive-upsample")
-
-
-@dataclass
-class Config:
-    quick: bool = False
-    seeds: tuple[int, ...] = (0, 1, 2)
-    images: int = 128
-    budgets: tuple[int, ...] = (4, 7)
-    schedules: tuple[str, ...] = ()
-    z_values: tuple[float, ...] = DEFAULT_Z_VALUES
-    sweep_seeds: tuple[int, ...] = (0,)
-    sweep_budget: int = 4
-    trials: int = 80
-    real_images: int = 1000
-    grid_images: int = 12
-    batch_size: int = 64
-    threads: int | None = 2
-    weights: str | None = None
-    classifier: str | None = None
-    size: int = 32
-    h0: float = 0.0
-    guidance_scale: float = 3.5
 
 
 def schedule_row_name(path) -> str:
@@ -94,7 +52,7 @@ def check_row_names(paths) -> None:
 
 
 def shared_overrides(args) -> dict:
-    """The command-line values both testbeds' configurations take as they are (None: not given).
+    """The command-line values the configuration takes as they are (None: not given).
     ValueError when two ``--schedule`` files would share a row."""
     check_row_names(args.schedule or ())
     return {

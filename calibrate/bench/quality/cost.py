@@ -1,4 +1,4 @@
-"""FLOPs of the testbed transformer, counted on the meta device, and the record of what each sampler ran."""
+"""FLOPs of a testbed FLUX transformer, counted on the meta device."""
 
 from __future__ import annotations
 
@@ -49,23 +49,3 @@ class TestbedCost:
         """Total FLOPs of one image through forwards at these token counts."""
         return sum((self.forward(n) for n in token_counts), Flops(0.0, 0.0))
 
-
-class ForwardLog:
-    """Records the image-token count of every forward of a transformer (a pre-hook), so the
-    cost of any sampler is what it really ran."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self.tokens: list[int] = []
-        self._handle = None
-
-    def _hook(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self.tokens.append(int(hidden.shape[1]))
-
-    def __enter__(self) -> ForwardLog:
-        self._handle = self.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()

@@ -1,10 +1,9 @@
-"""The table's methods at every budget, the peers' step counts matched to RALU's cost."""
+"""The rows of the quality harness: how each method samples and what it runs, the peers' step
+counts matched to a FLOPs target (testbed v2 plans them per architecture:
+:func:`ralu.calibrate.bench.quality.v2.plan.plan_arch`)."""
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +16,8 @@ from ralu.calibrate.bench.quality.config import (
     BOTTLENECK_SHIFT_FACTORS,
     BOTTLENECK_STEPS,
     METHOD_LABELS,
-    PAPER_PRESETS,
-    Config,
-    schedule_row_name,
 )
 from ralu.calibrate.bench.quality.cost import TestbedCost
-from ralu.calibrate.bench.quality.schedules import (
-    ours_schedule,
-    paper_schedule,
-    searched_schedule,
-)
-from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE
-from ralu.calibrate.testbed.model import testbed_schedule
 from ralu.runtime.models import stage_image_tokens
 from ralu.runtime.schedule import stage_sigmas
 
@@ -143,40 +132,3 @@ def ralu_method(key: str, budget: float, schedule, full: int, paper_compat: bool
         },
     )
 
-
-def plan_methods(config: Config, cost: TestbedCost, log: Callable[[str], None] = print) -> tuple[list[Method], dict]:
-    """Every method at every budget, peers matched to the RALU preset's cost."""
-    size, h0 = config.size, config.h0
-    full = (size // 2) ** 2
-    half = full // 4
-    baseline = Method("baseline", 1, METHOD_LABELS["baseline"], "pipeline", steps=BASE_STEPS, forwards=[full] * BASE_STEPS,
-                      details={"describe": f"plain FluxPipeline, {BASE_STEPS} steps, shift h0 = {h0:.4f}"})
-    methods = [baseline]
-    schedules = {}
-    optimizer = "paper" if config.quick else "global"
-    for budget in config.budgets:
-        t0 = time.time()
-        paper = paper_schedule(budget, size)
-        ours = ours_schedule(budget, size, h0, optimizer=optimizer)
-        searched = searched_schedule(budget, size, h0, config.trials)
-        schedules[budget] = {"paper": paper, "ours": ours, "searched": searched}
-        log(f"  {budget}x schedules calibrated in {time.time() - t0:.1f} s (ours Z = {ours.z:.2f}, searched steps "
-            f"{[s.steps for s in searched.stages]} Z = {searched.z:.2f})")
-        target = cost.of(ralu_forwards(paper, full)).total
-        n = closest(list(range(1, 2 * BASE_STEPS + 1)), lambda k: cost.of([full] * k), target)
-        methods.append(Method("base-steps", budget, METHOD_LABELS["base-steps"], "pipeline", steps=n, forwards=[full] * n,
-                              details={"steps": [n], "describe": f"plain FluxPipeline, {n} steps, shift h0 = {h0:.4f}"}))
-        methods.append(bottleneck_method(budget, target, cost, h0, full, half))
-        methods.append(naive_method(budget, target, cost, h0, full, half, switch_t=PAPER_PRESETS[budget].ends[-2]))
-        methods.append(ralu_method("ralu-paper", budget, paper, full, True, extra={"source": f"docs/method.md §5 published preset (h0 = {PAPER_H0:g})"}))
-        methods.append(ralu_method("ralu-ours", budget, ours, full, False, extra={"source": f"calibrate(preset layout, h0 = {h0:.4f}, {optimizer})"}))
-        methods.append(ralu_method("ralu-searched", budget, searched, full, False,
-                                   extra={"source": f"calibrate(speedup, h0 = {h0:.4f}, total FLOPs, {config.trials} trials) at {PAPER_SIZE} px, moved to {size} px"}))
-    for path in config.schedules:
-        schedule = testbed_schedule(path)
-        forwards = ralu_forwards(schedule, full)
-        speed = cost.of([full] * BASE_STEPS).total / cost.of(forwards).total
-        budget = min(config.budgets, key=lambda b: abs(math.log(speed / b))) if config.budgets else round(speed, 1)
-        name = schedule_row_name(path)
-        methods.append(ralu_method(f"schedule:{name}", budget, schedule, full, False, label=f"schedule {name}", extra={"file": str(path)}))
-    return methods, schedules

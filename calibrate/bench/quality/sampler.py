@@ -1,4 +1,6 @@
-"""Images of every method from the same labels and noise; the peers' staged Euler sampler."""
+"""The peers' staged Euler sampler (Bottleneck Sampling, naive upsampling): plain Euler on a
+FLUX transformer with FluxPipeline's conventions (packing, positions, timestep = sigma,
+guidance input), stages at full or half size joined by re-noising or by continuing."""
 
 from __future__ import annotations
 
@@ -7,60 +9,22 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from ralu.calibrate.bench.quality.cost import ForwardLog
 from ralu.calibrate.bench.quality.methods import Method
-from ralu.calibrate.testbed.conditioning import encode_labels
-from ralu.calibrate.testbed.evaluate import generate, image_generators
-from ralu.calibrate.testbed.model import image_ids, latents_to_images, pack
-from ralu.runtime import RALUFluxPipeline
-from ralu.runtime.noise import clear_global_noise
 from ralu.runtime.tokens import block_sum, upsample_nearest
 
 
-class TestbedSampler:
-    """Generates the images of every method from the same labels and per-image noise.
-
-    Pipelines (baseline, fewer steps, RALU) go through
-    :func:`ralu.calibrate.testbed.evaluate.generate`; the staged peers (Bottleneck Sampling,
-    naive upsampling) through :meth:`staged`, plain Euler on the same transformer with
-    FluxPipeline's conventions (packing, positions, timestep = sigma, guidance input).
-    """
+class StagedSampler:
+    """Images of a ``"staged"`` :class:`~ralu.calibrate.bench.quality.methods.Method` from
+    per-image noise (:meth:`staged`).  A subclass sets ``pipe``, ``size`` (the full-size
+    latent side), ``batch_size`` and ``guidance_scale`` and gives the testbed's noise
+    generators, conditioning and decoder (testbed v2:
+    :class:`ralu.calibrate.bench.quality.v2.sampler.V2Sampler`)."""
 
     __test__ = False  # not a pytest class
-
-    def __init__(self, pipe, batch_size: int, guidance_scale: float, size: int):
-        self.pipe = pipe
-        self.size = size
-        self.ralu = RALUFluxPipeline.from_pipe(pipe, vae=pipe.vae)
-        self.ralu.set_progress_bar_config(disable=True)
-        self.batch_size = batch_size
-        self.guidance_scale = guidance_scale
 
     @property
     def transformer(self):
         return self.pipe.transformer
-
-    def generate(self, method: Method, labels, seed: int):
-        """Images ``(n, 3, H, W)`` in [-1, 1] and the token counts of every forward (one image)."""
-
-        with ForwardLog(self.transformer) as log:
-            if method.kind == "pipeline":
-                images = generate(self.pipe, labels, seed=seed, num_inference_steps=method.steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size)
-            elif method.kind == "ralu":
-                if method.paper_compat:
-                    # The published script's correlated draw comes from the global RNG once per
-                    # process; seeding it per (method, seed) keeps every run reproducible.
-                    clear_global_noise()
-                    torch.manual_seed(seed)
-                images = generate(self.ralu, labels, seed=seed, num_inference_steps=None, guidance_scale=self.guidance_scale,
-                                  batch_size=self.batch_size, schedule=method.schedule, paper_compat=method.paper_compat)
-            elif method.kind == "staged":
-                images = self.staged(method, labels, seed)
-            else:
-                raise ValueError(f"unknown method kind {method.kind!r}")
-        batches = -(-labels.shape[0] // self.batch_size)
-        per_image = log.tokens[: len(log.tokens) // batches]
-        return images, per_image
 
     # -- the harness's own staged Euler sampler ----------------------------------------------
 
@@ -69,27 +33,27 @@ class TestbedSampler:
         dtype = self.transformer.dtype
         t = torch.tensor(float(sigma) * 1000.0, dtype=torch.float32)
         v = self.transformer(
-            hidden_states=pack(x).to(dtype),
+            hidden_states=FluxPipeline._pack_latents(x, b, x.shape[1], h, w).to(dtype),
             timestep=(t.expand(b) / 1000.0).to(dtype),
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"],
             encoder_hidden_states=cond["prompt_embeds"],
             txt_ids=torch.zeros(cond["prompt_embeds"].shape[1], 3),
-            img_ids=image_ids(h, w),
+            img_ids=FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, None, torch.float32),
             return_dict=False,
         )[0]
         return FluxPipeline._unpack_latents(v, h, w, 1).float()
 
-    # The testbed's conventions, which another testbed's sampler overrides: the per-image
-    # noise generators, the label conditioning and the decode to images in [-1, 1].
+    # The testbed's conventions, which a subclass gives: the per-image noise generators, the
+    # label conditioning and the decode of a latent to images.
     def _generators(self, n: int, seed: int):
-        return image_generators(n, seed)
+        raise NotImplementedError
 
     def _condition(self, labels):
-        return encode_labels(labels, dtype=self.transformer.dtype)
+        raise NotImplementedError
 
     def _to_images(self, latent):
-        return latents_to_images(latent, self.pipe.vae)
+        raise NotImplementedError
 
     def _decode(self, latent):
         image = self._to_images(latent)

@@ -11,7 +11,6 @@ from ralu.calibrate.calibration import calibrate, tool_version
 from ralu.calibrate.flops.pricing import flops_speedup
 from ralu.calibrate.presets import PAPER_H0, PAPER_SIZE, PublishedPreset
 from ralu.calibrate.search import Z_BOUNDS, NTDMObjective, StageLayout
-from ralu.calibrate.testbed.model import testbed_schedule
 from ralu.runtime.schedule import schedule_from_dict, stage_starts, transition
 
 
@@ -66,11 +65,12 @@ def ours_schedule(budget: int, size: int, h0: float, optimizer: str = "global", 
     )
 
 
-def searched_schedule(budget: int, size: int, h0: float, trials: int, seed: int = 0, preset: PublishedPreset | None = None, move=testbed_schedule):
-    """Our outer layout search for the preset's budget, moved to the testbed's 32 px.
+def searched_schedule(budget: int, size: int, h0: float, trials: int, *, move, seed: int = 0, preset: PublishedPreset | None = None):
+    """Our outer layout search for the preset's budget, moved to the testbed by ``move`` (a
+    schedule -> the schedule at the testbed's size).
 
-    The search prices layouts with FLUX.1-dev's cost model, which at 32 px would be
-    dominated by FLUX's 512 text tokens; so it runs at 1024 px (4096 image tokens, the
+    The search prices layouts with FLUX.1-dev's cost model, which at the testbed's 64 px would
+    be dominated by FLUX's 512 text tokens; so it runs at 1024 px (4096 image tokens, the
     resolution whose base shift equals the testbed's h0) for the preset's FLUX total-FLOPs
     speed-up there, and the schedule is then moved to the testbed's size.
     """

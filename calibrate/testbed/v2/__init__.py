@@ -1,7 +1,7 @@
 """ralu.calibrate.testbed.v2: a quality testbed in RALU's regime (latent space, fine detail).
 
-v1 (:mod:`ralu.calibrate.testbed`) samples pixels and labels only shape, colour and
-position; v2 has what a low-resolution stage can lose:
+The retired testbed v1 sampled pixels and labelled only shape, colour and position; v2 has
+what a low-resolution stage can lose:
 
 * :mod:`.data`: 64 px scenes whose label also names the background's texture, orientation
   and period and thin marks (lines, dots), rendered anti-aliased and reproducible;

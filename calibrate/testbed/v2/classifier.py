@@ -23,13 +23,55 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..classifier import AttributeClassifier, _conv, predict
 from . import data, training
 from .location import CLASSIFIER, default_out, part_dir
 
 PROG = "ralu.calibrate.testbed.v2.classifier"
 FEATURE_DIM = 256
 WEIGHTS_FILE = "classifier.safetensors"
+
+
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class AttributeClassifier(nn.Module):
+    """A CNN ``body`` and ``embed`` to features, one linear head per attribute; a subclass
+    builds the three modules and says how images are ``prepare``d."""
+
+    body: nn.Module
+    embed: nn.Module
+    heads: nn.ModuleList
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, FEATURE_DIM)`` penultimate features (for Frechet distances)."""
+        return self.embed(self.body(self.prepare(images)))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.features(images)
+        return [head(feats) for head in self.heads]
+
+
+@torch.no_grad()
+def attribute_logits(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """One pass of the classifier: logits per attribute, a list of ``(n, k)`` tensors in
+    :data:`ralu.calibrate.testbed.v2.data.ATTRIBUTES` order, for images ``(n, 3, H, W)`` in [-1, 1]."""
+    device = next(classifier.parameters()).device
+    chunks = [[logit.cpu() for logit in classifier(chunk.to(device))] for chunk in images.split(batch_size)]
+    return [torch.cat([c[a] for c in chunks]) for a in range(len(classifier.heads))]
+
+
+def labels_from_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Predicted labels ``(n, attributes)``: the most likely value of every attribute."""
+    return torch.stack([logit.argmax(dim=1) for logit in logits], dim=1)
+
+
+def predict(classifier: AttributeClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels ``(n, attributes)`` for images ``(n, 3, H, W)`` in [-1, 1]."""
+    return labels_from_logits(attribute_logits(classifier, images, batch_size))
 
 
 class Classifier(AttributeClassifier):

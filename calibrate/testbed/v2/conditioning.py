@@ -22,7 +22,6 @@ import math
 
 import torch
 
-from ..conditioning import embedding_tables
 from .data import PROMPT_ATTRIBUTES, PROMPT_COLUMNS, VALUES, check_labels
 
 #: Width of a text token (the transformers' ``joint_attention_dim``).
@@ -34,6 +33,18 @@ TEXT_TOKENS = len(PROMPT_ATTRIBUTES)
 #: Seed of the fixed tables: part of the testbed's definition (the weights were trained
 #: with these tables), never change it.
 TABLE_SEED = 20251130
+
+
+def embedding_tables(num_values, text_tokens: int, joint_dim: int, pooled_dim: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Fixed random embeddings, drawn in one order from ``seed``: per attribute a
+    ``(k, joint_dim)`` token table and a ``(k, pooled_dim)`` pooled table, then the null
+    (unconditional) tokens and pooled vector."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(k, joint_dim, generator=generator) for k in num_values]
+    pooled = [torch.randn(k, pooled_dim, generator=generator) for k in num_values]
+    null_tokens = torch.randn(text_tokens, joint_dim, generator=generator)
+    null_pooled = torch.randn(pooled_dim, generator=generator)
+    return tokens, pooled, null_tokens, null_pooled
 
 
 _TOKENS, _POOLED, _NULL_TOKENS, _NULL_POOLED = embedding_tables([len(VALUES[a]) for a in PROMPT_ATTRIBUTES], TEXT_TOKENS, JOINT_DIM, POOLED_DIM, TABLE_SEED)

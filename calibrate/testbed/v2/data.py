@@ -38,8 +38,41 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# v1's drawing of the coloured shapes: the same geometry and palette maths at any size.
-from ..data import _hsv_to_rgb, _shape_masks, check_label_table
+
+# The drawing of the coloured shapes (first written for the retired 32 px testbed v1): the
+# same geometry and palette maths at any size.
+def check_label_table(labels, attributes, num_values) -> torch.Tensor:
+    """``labels`` as an ``(n, len(attributes))`` int64 tensor whose column ``a`` lies in
+    ``[0, num_values[a])``, or a one-line ``ValueError`` (a single row may be given 1-d)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.ndim == 1:
+        labels = labels[None]
+    if labels.ndim != 2 or labels.shape[1] != len(attributes):
+        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (n, {len(attributes)}) columns {attributes}")
+    for column, (name, k) in enumerate(zip(attributes, num_values)):
+        bad = (labels[:, column] < 0) | (labels[:, column] >= k)
+        if bad.any():
+            raise ValueError(f"label column {name!r} must be in [0, {k}); got {labels[bad, column].tolist()[:5]}")
+    return labels
+
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Vectorised HSV -> RGB, all in [0, 1]; returns (..., 3)."""
+    k = torch.stack([(5.0 + h * 6.0) % 6.0, (3.0 + h * 6.0) % 6.0, (1.0 + h * 6.0) % 6.0], dim=-1)
+    return v[..., None] - v[..., None] * s[..., None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _shape_masks(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Boolean masks (n, S, S) for offsets dx, dy (n, S, S) from the centre and radius r (n, 1, 1)."""
+    circle = dx * dx + dy * dy <= r * r
+    square = torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r
+    half_height = 1.05 * r  # equilateral triangle pointing up, its bounding box centred
+    triangle = (dy <= half_height) & (dx.abs() * math.sqrt(3.0) <= dy + half_height)
+    arm, length = 0.36 * r, 1.05 * r
+    cross = ((dx.abs() <= arm) & (dy.abs() <= length)) | ((dy.abs() <= arm) & (dx.abs() <= length))
+    choice = shape[:, None, None]
+    return torch.where(choice == 0, circle, torch.where(choice == 1, square, torch.where(choice == 2, triangle, cross)))
 
 #: Attribute names, in label column order.
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "texture", "orientation", "period", "marks")

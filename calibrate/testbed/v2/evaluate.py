@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..evaluate import generate_batched  # one batched loop and one noise rule (image i from (seed, i)) for both testbeds
 from . import data, metrics
 from . import model as tb
 from .classifier import load_classifier, predict
@@ -46,6 +46,61 @@ MIN_ACCURACY = 0.8
 #: budget's, which criterion 2 requires to be visibly worse.
 FEW_STEPS = {"flux": (6, 11), "sd3": (5, 9)}
 
+
+def image_generators(n: int, seed: int = 0) -> list[torch.Generator]:
+    """One generator per image: image i's noise depends only on ``(seed, i)``, not on the
+    batch it is generated in."""
+    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate_batched(pipe, labels: torch.Tensor, seed: int, batch_size: int, inputs, **call_kwargs) -> torch.Tensor:
+    """The batched loop the testbed samples with: ``pipe(**inputs(chunk, device, dtype),
+    generator=[one per image], output_type="pt", **call_kwargs)`` over chunks of
+    ``batch_size`` labels (``call_kwargs`` override the inputs, e.g. a guidance scale), images
+    returned in [-1, 1] on the CPU.  Image i's noise comes from :func:`image_generators`
+    ``(seed, i)``, so it does not depend on the batching."""
+    generators = image_generators(labels.shape[0], seed)
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        chunk = labels[start : start + batch_size]
+        call = {**inputs(chunk, device, dtype), **call_kwargs}
+        images = pipe(**call, generator=generators[start : start + chunk.shape[0]], output_type="pt").images
+        out.append(images.float().cpu() * 2.0 - 1.0)
+    return torch.cat(out)
+
+
+def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``(n, d)`` (e.g.
+    the classifier's features of two image sets).
+
+    ``|mu_a - mu_b|^2 + tr(A) + tr(B) - 2 tr((A^1/2 B A^1/2)^1/2)``, computed with symmetric
+    eigendecompositions (stable when covariances are singular, e.g. dead ReLU features).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0.0))) @ vectors.T
+    middle = root_a @ cov_b @ root_a
+    cross = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2.0).clip(min=0.0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross)
+
+
+def image_grid(images: torch.Tensor, columns: int = 16, scale: int = 3):
+    """PIL image of a grid of images in [-1, 1] (nearest-upscaled ``scale`` x)."""
+    from PIL import Image
+
+    images = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    canvas = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
+    canvas[:n] = images
+    canvas = canvas.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    picture = Image.fromarray(canvas.numpy())
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 def generate(pipe, arch: str, labels: torch.Tensor, seed: int = 0, steps: int | None = None, batch_size: int = 32, **call_kwargs) -> torch.Tensor:
     """Images ``(n, 3, 64, 64)`` in [-1, 1] from ``pipe`` (a base or RALU pipeline of

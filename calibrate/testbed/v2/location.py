@@ -1,18 +1,38 @@
-"""Where testbed v2's trained weights are: ``testbed-weights/v2/`` beside v1's folders.
+"""Where testbed v2's trained weights are: ``testbed-weights/v2/``.
 
-The same lookup as v1 (:mod:`ralu.calibrate.testbed.location`): an explicit folder first,
-then ``$RALU_TESTBED_WEIGHTS`` (a folder laid out like ``testbed-weights/``, holding ``v2/``),
-then the checkout's ``testbed-weights/``.  Weights are repository data, never package data.
-Inside ``v2/`` each network has its folder (:data:`PARTS`), each with a ``training.json``
-naming the command that made it.
+The weights (about 26 MB of safetensors with their training records) are repository data,
+not package data: they live in the repository's ``testbed-weights/`` folder, beside
+``calibrate/``, so that installing the package (whose users want the runtime) does not carry
+them.  The offline tools that need them (evaluation, ``ralu-bench quality``, the tests) look,
+in this order:
+
+1. at a folder given explicitly (``path=`` in the API, ``--weights-dir`` in the command
+   lines): the part's folder itself;
+2. at ``$RALU_TESTBED_WEIGHTS``: a folder laid out like ``testbed-weights/`` (holding ``v2/``);
+3. at ``testbed-weights/`` of the checkout this file belongs to (an editable install, or
+   Python run from the checkout).
+
+An installed wheel has no checkout beside it, so without 1 or 2 the tools stop with one line
+saying where the weights live and how to point at them.  Inside ``v2/`` each network has its
+folder (:data:`PARTS`), each with a ``training.json`` naming the command that made it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..location import REPOSITORY_FOLDER, WeightsNotFound, weights_dir
-from ..location import describe as describe_folder
+#: The folder's name at the repository root.
+REPOSITORY_FOLDER = "testbed-weights"
+#: Environment variable naming a folder laid out like ``testbed-weights/``.
+ENV_VAR = "RALU_TESTBED_WEIGHTS"
+#: Where the folder is when this file is part of a checkout (calibrate/testbed/v2/ -> the root).
+CHECKOUT_FOLDER = Path(__file__).resolve().parents[3] / REPOSITORY_FOLDER
+
+
+class WeightsNotFound(FileNotFoundError):
+    """No testbed weights where they were looked for (the message names the fix)."""
+
 
 #: The v2 subfolder of the weights folder.
 VERSION_FOLDER = "v2"
@@ -21,7 +41,27 @@ VERSION_FOLDER = "v2"
 AUTOENCODER, CLASSIFIER, FLUX, SD3 = "autoencoder", "classifier", "flux", "sd3"
 PARTS: tuple[str, ...] = (AUTOENCODER, CLASSIFIER, FLUX, SD3)
 
-__all__ = ["AUTOENCODER", "CLASSIFIER", "FLUX", "PARTS", "SD3", "WeightsNotFound", "default_out", "describe", "part_dir"]
+__all__ = ["AUTOENCODER", "CLASSIFIER", "ENV_VAR", "FLUX", "PARTS", "REPOSITORY_FOLDER", "SD3", "WeightsNotFound", "default_out", "describe", "part_dir", "weights_dir"]
+
+
+def weights_dir() -> Path:
+    """The folder holding ``v2/`` (steps 2 and 3 above)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        folder = Path(env).expanduser()
+        if not folder.is_dir():
+            raise WeightsNotFound(
+                f"{ENV_VAR}={env} is not a folder. Fix: point it at a copy of the repository's {REPOSITORY_FOLDER}/ "
+                f"folder (with {VERSION_FOLDER}/), or unset it inside a checkout"
+            )
+        return folder
+    if CHECKOUT_FOLDER.is_dir():
+        return CHECKOUT_FOLDER
+    raise WeightsNotFound(
+        f"no testbed weights: they are not part of the installed package but live in the {REPOSITORY_FOLDER}/ folder "
+        f"of the ralu repository. Fix: use a checkout (pip install -e .), set {ENV_VAR} to that folder, "
+        "or pass the weights folder (--weights-dir)"
+    )
 
 
 def part_dir(part: str, path: str | Path | None = None) -> Path:
@@ -38,8 +78,12 @@ def default_out(part: str) -> Path:
 
 
 def describe(part: str, path: str | Path | None = None) -> str:
-    """How a report names where ``part``'s folder comes from (v1's rule,
-    :func:`ralu.calibrate.testbed.location.describe`, for ``v2/<part>``): the repository's
-    folder by its path in the repository, ``$RALU_TESTBED_WEIGHTS``'s as such, a given folder
-    as given."""
-    return describe_folder(f"{VERSION_FOLDER}/{part}", path)
+    """How a report names where ``part``'s folder comes from: the repository's folder by its
+    path in the repository (reports are committed: this machine's absolute path would mean
+    nothing elsewhere), ``$RALU_TESTBED_WEIGHTS``'s as such, a given folder as given."""
+    if path is not None:
+        return str(path)
+    folder = weights_dir()
+    if folder.resolve() == CHECKOUT_FOLDER:
+        return f"{REPOSITORY_FOLDER}/{VERSION_FOLDER}/{part} (repository)"
+    return f"{folder / VERSION_FOLDER / part} (${ENV_VAR})"

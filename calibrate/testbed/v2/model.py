@@ -285,6 +285,8 @@ def testbed_schedule(schedule, arch: str | None = None):
     from ralu.runtime.schedule import load_schedule, schedule_from_dict
 
     schedule = load_schedule(schedule)
+    if arch is None and schedule.family not in ARCHITECTURES:
+        raise ValueError(f"a schedule for {schedule.model!r} cannot drive a testbed generator (FLUX.1 and SD3 only). Fix: pass a FLUX.1-dev or SD3 schedule")
     arch = schedule.family if arch is None else check_arch(arch)
     if schedule.family != arch:
         raise ValueError(f"a schedule for {schedule.model!r} cannot drive the {arch} testbed generator. Fix: pass a {arch} schedule")

@@ -1,4 +1,4 @@
-"""``ralu-bench quality --testbed v2``: RALU against its peers on testbed v2
+"""``ralu-bench quality``: RALU against its peers on testbed v2
 (:mod:`ralu.calibrate.testbed.v2`: 64 px scenes in a factor-2 latent space, a FLUX and an SD3
 generator in their real diffusers pipelines, a classifier that reads fine attributes).
 
@@ -8,6 +8,6 @@ linear FLOPs of cached runs), :mod:`.sampler` (images of every row, kept in a wo
 a run resumes), :mod:`.stats` (metrics pooled over seeds with bootstrap intervals, paired
 verdicts, the regime check), :mod:`.schema` (the typed JSON), :mod:`.report` (its Markdown),
 :mod:`.figures`, :mod:`.run` (the benchmark).  The shared machinery (the peers' definitions,
-the schedules, the staged Euler sampler, the sample grid, Markdown tables) is v1's
-(:mod:`ralu.calibrate.bench.quality`), parameterised by architecture.
+the schedules, the staged Euler sampler) is in :mod:`ralu.calibrate.bench.quality`,
+parameterised by architecture.
 """

@@ -65,7 +65,7 @@ class SD3Cost(TestbedCost):
 
 
 def transformer_cost(arch: str, transformer_config) -> TestbedCost:
-    """v1's per-forward counter for FLUX, its SD3 form for SD3 (both at the testbed's text tokens)."""
+    """The FLUX per-forward counter (:class:`~ralu.calibrate.bench.quality.cost.TestbedCost`) or its SD3 form (both at the testbed's text tokens)."""
     cls = TestbedCost if tb.check_arch(arch) == "flux" else SD3Cost
     return cls(transformer_config, TEXT_TOKENS)
 

@@ -1,21 +1,52 @@
-"""v2's plots: quality against the measured speed-up with interval bars, and the noise sweeps.
-(The sample grids are v1's :func:`ralu.calibrate.bench.quality.figures.write_grid`.)"""
+"""v2's figures: the sample grids, quality against the measured speed-up with interval bars,
+and the noise sweeps."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # figures are files, never windows
 
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES  # noqa: E402
 from ralu.calibrate.bench.quality.v2.schema import V2Report  # noqa: E402
+from ralu.calibrate.testbed.v2.evaluate import image_grid  # noqa: E402
 
 #: The plotted metrics: key and title.
 PANELS = (("fd", "FD (lower better)"), ("fine_accuracy", "fine accuracy (higher better)"), ("spectral_distance", "spectral distance (lower better)"))
+
+
+@dataclass
+class SampleGrid:
+    """The first images of the first seed: the real images, then every method's, one row each."""
+
+    order: list[tuple[str, float, str]]  # (method key, budget, label) per row
+    images: list[Any]  # a (n, 3, H, W) tensor in [-1, 1] per row
+
+
+def write_grid(samples: SampleGrid, path: Path) -> None:
+    """PNG: one row per method (seed 0's first images), labelled on the left."""
+    order, images = samples.order, samples.images
+    columns = images[0].shape[0]
+    scale = 3
+    picture = image_grid(torch.cat(images), columns=columns, scale=scale)
+    cell = picture.height // len(order)
+    margin = 270
+    canvas = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    canvas.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, (key, budget, label) in enumerate(order):
+        text = label if key in ("baseline", "real") else f"{budget}x  {label}"
+        draw.text((6, row * cell + cell // 2 - 6), text[:52], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
 
 
 def _bars(estimates) -> list[list[float]]:

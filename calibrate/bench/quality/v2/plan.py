@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ralu.calibrate.bench.quality.config import DEFAULT_Z_VALUES, METHOD_LABELS, QUICK_Z_VALUES, schedule_row_name, shared_overrides
-from ralu.calibrate.bench.quality.config import Config as V1Config
 from ralu.calibrate.bench.quality.cost import TestbedCost
 from ralu.calibrate.bench.quality.methods import Method, bottleneck_method, closest, naive_method, ralu_forwards, ralu_method
 from ralu.calibrate.bench.quality.schedules import ours_schedule, paper_schedule, searched_schedule
@@ -23,8 +22,7 @@ from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.sd3 import POSITION_MODES
 
-#: The report's name (``quality.md``, ``quality.json``, figures under ``quality/``): v2 is the
-#: testbed the reports judge by; v1's report is ``quality-v1``.
+#: The report's name (``quality.md``, ``quality.json``, figures under ``quality/``).
 REPORT_NAME = "quality"
 #: Default work folder under ``--out-dir``: generated batches, kept so a run resumes.
 WORK_DIR_NAME = ".quality-v2-work"
@@ -62,8 +60,8 @@ class V2Config:
     arches: tuple[str, ...] = tb.ARCHITECTURES
     seeds: tuple[int, ...] = (0, 1)
     images: int = 256
-    #: FLUX: v1's budgets (4x, 7x); SD3: every published preset (2x, 3x)
-    budgets: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"flux": V1Config.budgets, "sd3": tuple(sorted(arch_presets("sd3")))})
+    #: FLUX: the published 4x and 7x presets; SD3: every published preset (2x, 3x)
+    budgets: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"flux": (4, 7), "sd3": tuple(sorted(arch_presets("sd3")))})
     schedules: tuple[str, ...] = ()
     z_values: tuple[float, ...] = DEFAULT_Z_VALUES
     sweep_seeds: tuple[int, ...] = (0,)
@@ -87,8 +85,6 @@ def make_config(args) -> V2Config:
                           threads=None, resamples=60, set_resamples=12)
     else:
         config = V2Config()
-    if args.weights is not None or args.classifier is not None:
-        raise ValueError("--weights / --classifier are testbed v1 options. Fix: pass --weights-dir DIR (holding autoencoder/ classifier/ flux/ sd3/) with --testbed v2")
     arches = tuple(dict.fromkeys(args.arch)) if args.arch else config.arches
     budgets = {a: config.budgets[a] for a in arches}
     if args.budgets:
@@ -122,7 +118,7 @@ def schedule_arch(path: str) -> str:
 
 @dataclass
 class ArchMethod(Method):
-    """A row of the v2 table: v1's method plus its architecture, SD3's low-res positions and a step cache."""
+    """A row of the v2 table: a :class:`~ralu.calibrate.bench.quality.methods.Method` plus its architecture, SD3's low-res positions and a step cache."""
 
     arch: str = "flux"
     positions: str | None = None

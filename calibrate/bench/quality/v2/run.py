@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from ralu.calibrate.bench.common import fail, write_report
-from ralu.calibrate.bench.quality.figures import SampleGrid, write_grid
 from ralu.calibrate.bench.quality.methods import ralu_method
 from ralu.calibrate.bench.quality.schedules import ours_schedule
 from ralu.calibrate.bench.quality.v2.cost import transformer_cost
-from ralu.calibrate.bench.quality.v2.figures import write_plots
+from ralu.calibrate.bench.quality.v2.figures import SampleGrid, write_grid, write_plots
 from ralu.calibrate.bench.quality.v2.plan import ARCH_NAMES, REAL_SEED, ArchMethod, V2Config, arch_presets, is_ralu, make_config, plan_arch
 from ralu.calibrate.bench.quality.v2.report import REPORT_NAME, figure_paths, render_markdown
 from ralu.calibrate.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes

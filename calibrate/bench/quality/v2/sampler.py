@@ -3,9 +3,9 @@ kept in a work folder so that an interrupted run continues and a new row does no
 regenerate the others.
 
 Pipelines (baseline, fewer steps, RALU through ``from_pipe``) run through
-:func:`ralu.calibrate.testbed.v2.evaluate.generate`; FLUX's staged peers through v1's staged
-Euler sampler (:class:`ralu.calibrate.bench.quality.sampler.TestbedSampler`) on the v2 latents,
-conditioning and decoder.  A batch is stored under a key of everything that determines it:
+:func:`ralu.calibrate.testbed.v2.evaluate.generate`; FLUX's staged peers through the staged
+Euler sampler (:class:`ralu.calibrate.bench.quality.sampler.StagedSampler`) on the testbed's
+latents, conditioning and decoder.  A batch is stored under a key of everything that determines it:
 the row's definition (schedule content, steps, stages, positions, cache settings), the
 labels' seed and count, the guidance, and the hashes of the weight files.
 """
@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-from ralu.calibrate.bench.quality.sampler import TestbedSampler
+from ralu.calibrate.bench.quality.sampler import StagedSampler
 from ralu.calibrate.bench.quality.v2.cost import CostLog, DecoderCost, RunCost
 from ralu.calibrate.bench.quality.v2.plan import MAG_SEED_OFFSET, ArchMethod
 from ralu.calibrate.fewer_steps import plain_schedule
 from ralu.calibrate.magcache import measure_mag_ratios
-from ralu.calibrate.testbed.evaluate import image_generators
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
 from ralu.calibrate.testbed.v2.conditioning import encode_labels, null_embeds
-from ralu.calibrate.testbed.v2.evaluate import generate
+from ralu.calibrate.testbed.v2.evaluate import generate, image_generators
 from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
 from ralu.runtime.noise import clear_global_noise
@@ -103,7 +102,7 @@ class WorkStore:
                 os.unlink(tmp)
 
 
-class V2Sampler(TestbedSampler):
+class V2Sampler(StagedSampler):
     """One architecture's images and costs (:meth:`run`), reusing the work folder's batches."""
 
     def __init__(self, arch: str, pipe, batch_size: int, store: WorkStore, weights: dict[str, str], transformer_cost):
@@ -116,7 +115,7 @@ class V2Sampler(TestbedSampler):
         self.decoder_cost = DecoderCost(pipe.vae.config)
         self._mag_ratios: dict[str, list] = {}
 
-    # v1's staged sampler on v2's noise, conditioning and decoder
+    # the staged sampler's noise, conditioning and decoder
     def _generators(self, n: int, seed: int):
         return image_generators(n, seed)
 

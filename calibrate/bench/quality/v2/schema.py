@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ralu.calibrate.bench.quality.schema import Record
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    """A part of the report: exactly these fields, in this order in the JSON."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Estimate(Record):

@@ -20,9 +20,9 @@ import torch
 
 from ralu.calibrate.plugins import QualityTarget
 from ralu.calibrate.quality_search import SearchResult, layout_speedup, search, weights_id
-from ralu.calibrate.testbed.evaluate import frechet_distance, image_generators
 from ralu.calibrate.testbed.v2 import data
 from ralu.calibrate.testbed.v2 import model as tb
+from ralu.calibrate.testbed.v2.evaluate import frechet_distance, image_generators
 
 #: The metric name the quality search's ``metric=`` takes on the testbed (besides callables).
 METRIC = "testbed-v2-fd"
