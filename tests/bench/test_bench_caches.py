@@ -58,10 +58,13 @@ def test_single_stage_ratios_equal_diffusers_calibration(ralu, flux_embeds, make
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
-def test_cli_writes_a_schedule_with_the_ratios(tmp_path):
+@pytest.mark.parametrize("name", ["flux-dev-4x", "sd3-medium-2x"])
+def test_cli_writes_a_schedule_with_the_ratios(tmp_path, name):
+    """On testbed v2's generator of the schedule's family, the schedule moved to its 64 px."""
     out = tmp_path / "mc.json"
-    assert bench_main(["magcache", "--schedule", "flux-dev-4x", "--out", str(out), "--images", "1", "--threshold", "0.1"]) == 0
+    assert bench_main(["magcache", "--schedule", name, "--out", str(out), "--images", "1", "--threshold", "0.1"]) == 0
     schedule = load_schedule(out)
+    assert schedule.model == load_schedule(name).model and (schedule.height, schedule.width) == (64, 64)
     assert schedule.cache.kind == "magcache" and schedule.cache.threshold == 0.1
     assert [len(stage) for stage in schedule.cache.mag_ratios] == [stage.steps for stage in schedule.stages]
     assert json.loads(out.read_text())["cache"]["mag_ratios"][0][0] == 1.0
@@ -69,9 +72,9 @@ def test_cli_writes_a_schedule_with_the_ratios(tmp_path):
 
 def test_cli_errors(tmp_path, capsys):
     assert bench_main(["magcache", "--schedule", "flux-dev-4x", "--out", str(tmp_path / "x.json"), "--images", "0"]) == 2
-    assert bench_main(["magcache", "--schedule", "sd3-medium-3x", "--out", str(tmp_path / "x.json")]) == 2
+    assert bench_main(["magcache", "--schedule", "chroma-4x", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "--images 0" in err[0] and "testbed is a FLUX transformer" in err[1]
+    assert len(err) == 2 and "--images 0" in err[0] and "FLUX.1 and SD3 only" in err[1] and "Fix:" in err[1]
     assert not (tmp_path / "x.json").exists()
 
 
@@ -94,9 +97,20 @@ def test_cache_rows_count_the_work_that_ran(ralu, flux_embeds, make_schedule):
 
 
 def test_cache_report_cli(tmp_path):
-    assert bench_main(["cache", "--schedules", "flux-dev-4x", "--images", "1", "--out-dir", str(tmp_path)]) == 0
+    assert bench_main(["cache", "--schedules", "flux-dev-4x", "sd3-medium-2x", "--images", "1", "--out-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cache.json").read_text())
-    rows = report["schedules"][0]["rows"]
-    assert rows[0]["cache"] == "none" and len(rows) == 6
-    assert all(0.0 < row["flops_fraction"] <= 1.0 for row in rows)
-    assert "| magcache 0.06 (per-stage ratios) |" in (tmp_path / "cache.md").read_text()
+    assert report["testbed"] == "v2" and set(report["weights"]) == {"autoencoder", "flux", "sd3"}
+    flux, sd3 = report["schedules"]
+    assert (flux["arch"], sd3["arch"]) == ("flux", "sd3")
+    assert flux["rows"][0]["cache"] == "none" and len(flux["rows"]) == 6
+    # FirstBlockCache does not run on SD3 (ralu.runtime.cache): no first_block rows there
+    assert [row["cache"] for row in sd3["rows"]] == ["none"] + [row["cache"] for row in flux["rows"] if not row["cache"].startswith("first_block")][1:]
+    assert all(0.0 < row["flops_fraction"] <= 1.0 for block in (flux, sd3) for row in block["rows"])
+    md = (tmp_path / "cache.md").read_text()
+    assert md.startswith("# Step caches in RALU runs (testbed v2)") and "| magcache 0.06 (per-stage ratios) |" in md and "## sd3-medium-2x (sd3," in md
+
+
+def test_cache_refuses_other_families_in_one_line(tmp_path, capsys):
+    assert bench_main(["cache", "--schedules", "qwen-image-4x", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "FLUX.1 and SD3 only" in err and not (tmp_path / "cache.json").exists()

@@ -6,16 +6,17 @@ import argparse
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from ralu.calibrate.bench import cache as package
 from ralu.calibrate.magcache import measure_mag_ratios
-from ralu.calibrate.testbed.conditioning import encode_labels
-from ralu.calibrate.testbed.data import sample_labels
-from ralu.calibrate.testbed.model import load_pipeline, testbed_schedule
-from ralu.runtime import RALUFluxPipeline
+from ralu.calibrate.testbed.v2 import data
+from ralu.calibrate.testbed.v2 import model as tb
+from ralu.calibrate.testbed.v2.location import AUTOENCODER, FLUX, SD3, describe
+from ralu.runtime import RALUFluxPipeline, RALUStableDiffusion3Pipeline
 from ralu.runtime.cache import disable_cache, enable_cache, mag_cache_config
 from ralu.runtime.schedule import write_text_atomic
 
@@ -65,11 +66,41 @@ def measure(pipe, schedule, configs: dict, call: dict) -> list[dict]:
     return rows
 
 
-def testbed_configs(schedule, ratios: list[list[float]]) -> dict:
-    """The caches the report compares (diffusers' defaults where they fit a stage of a few steps)."""
-    return {
+def testbed_pipeline(arch: str, weights_dir: Path | None = None):
+    """Testbed v2's generator of ``arch`` and its autoencoder in the RALU pipeline of ``arch``
+    (``weights_dir``: a folder holding ``autoencoder/``, ``flux/``, ``sd3/``; default the
+    repository's).  FileNotFoundError: one line with the fix."""
+    folder = None if weights_dir is None else Path(weights_dir)
+    part = FLUX if arch == "flux" else SD3
+    pipe = tb.load_pipeline(arch, path=None if folder is None else folder / part, autoencoder=None if folder is None else folder / AUTOENCODER)
+    ralu = (RALUFluxPipeline if arch == "flux" else RALUStableDiffusion3Pipeline).from_pipe(pipe)
+    ralu.set_progress_bar_config(disable=True)
+    return ralu
+
+
+def testbed_call(arch: str, images: int, seed: int) -> dict:
+    """A testbed v2 call of ``images`` random prompts (labels drawn from ``seed``) with its
+    guidance (:func:`ralu.calibrate.testbed.v2.model.call_inputs`) and one noise generator per
+    image (``seed + i``)."""
+    labels = data.sample_labels(images, torch.Generator().manual_seed(seed))
+    return {**tb.call_inputs(arch, labels), "generator": [torch.Generator().manual_seed(seed + i) for i in range(images)]}
+
+
+def weights_used(arch: str, weights_dir: Path | None) -> dict[str, str]:
+    """How the report names the weight folders of ``arch``'s runs."""
+    folder = None if weights_dir is None else Path(weights_dir)
+    return {part: describe(part, None if folder is None else folder / part) for part in (AUTOENCODER, FLUX if arch == "flux" else SD3)}
+
+
+def testbed_configs(arch: str, ratios: list[list[float]]) -> dict:
+    """The caches the report compares (diffusers' defaults where they fit a stage of a few
+    steps); FirstBlockCache on FLUX only (it does not run on SD3: :mod:`ralu.runtime.cache`)."""
+    first_block = {
         "first_block 0.05": FirstBlockCacheConfig(threshold=0.05),
         "first_block 0.2": FirstBlockCacheConfig(threshold=0.2),
+    }
+    return {
+        **(first_block if arch == "flux" else {}),
         "taylorseer interval 2": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
         "magcache 0.06 (per-stage ratios)": mag_cache_config(ratios, threshold=0.06, retention_ratio=0.2),
         "magcache 0.2 (per-stage ratios)": mag_cache_config(ratios, threshold=0.2, retention_ratio=0.2),
@@ -78,7 +109,7 @@ def testbed_configs(schedule, ratios: list[list[float]]) -> dict:
 
 def render_markdown(report: dict) -> str:
     lines = [
-        "# Step caches in RALU runs (testbed)",
+        "# Step caches in RALU runs (testbed v2)",
         "",
         (DESCRIPTION or "").split("\n\n")[1].replace("\n", " "),
         "",
@@ -87,9 +118,16 @@ def render_markdown(report: dict) -> str:
             "MagCache ratios measured per stage on other prompts and noise (seed + 1000)."
         ),
         "",
+        (
+            "On testbed v2 (docs/testbed-v2.md): each schedule moved to 64 px and run by the RALU pipeline of its family on "
+            "the testbed's generator, with its guidance (FLUX: true classifier-free guidance, two forwards per step; SD3: "
+            "classifier-free guidance over a doubled batch).  Weights: "
+            + "; ".join(f"{part} {where}" for part, where in report["weights"].items()) + "."
+        ),
+        "",
     ]
     for block in report["schedules"]:
-        lines += [f"## {block['schedule']} (steps per stage {block['steps']})", "", "| cache | linear FLOPs executed | latent RMS change |", "|---|---|---|"]
+        lines += [f"## {block['schedule']} ({block['arch']}, steps per stage {block['steps']})", "", "| cache | linear FLOPs executed | latent RMS change |", "|---|---|---|"]
         for row in block["rows"]:
             lines.append(f"| {row['cache']} | {100 * row['flops_fraction']:.1f} % | {row['latent_rms_change']:.4f} |")
         lines.append("")
@@ -101,24 +139,24 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"ralu-bench cache: --images {args.images}: need at least 1. Fix: pass --images 8", file=sys.stderr)
         return 2
     try:
-        schedules = [testbed_schedule(name) for name in args.schedules]
-        pipe = load_pipeline(path=args.weights, pipeline_class=RALUFluxPipeline)
+        schedules = [tb.testbed_schedule(name) for name in args.schedules]
+        arches = list(dict.fromkeys(schedule.family for schedule in schedules))
+        pipes = {arch: testbed_pipeline(arch, args.weights_dir) for arch in arches}
+        weights = {part: where for arch in arches for part, where in weights_used(arch, args.weights_dir).items()}
     except (ValueError, FileNotFoundError) as error:
         print(f"ralu-bench cache: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
 
-    def call(seed):
-        labels = sample_labels(args.images, torch.Generator().manual_seed(seed))
-        return {**encode_labels(labels), "generator": [torch.Generator().manual_seed(seed + i) for i in range(args.images)]}
-
     blocks = []
     for name, schedule in zip(args.schedules, schedules):
-        ratios = measure_mag_ratios(pipe, schedule, [call(args.seed + 1000)])
-        rows = measure(pipe, schedule, testbed_configs(schedule, ratios), call(args.seed))
-        blocks.append({"schedule": name, "steps": [stage.steps for stage in schedule.stages], "mag_ratios": ratios, "rows": rows})
+        arch, pipe = schedule.family, pipes[schedule.family]
+        ratios = measure_mag_ratios(pipe, schedule, [testbed_call(arch, args.images, args.seed + 1000)])
+        rows = measure(pipe, schedule, testbed_configs(arch, ratios), testbed_call(arch, args.images, args.seed))
+        blocks.append({"schedule": name, "arch": arch, "steps": [stage.steps for stage in schedule.stages], "mag_ratios": ratios, "rows": rows})
         for row in rows:
             print(f"{name:<14} {row['cache']:<34} FLOPs {100 * row['flops_fraction']:5.1f} %  latent change {row['latent_rms_change']:.4f}")
-    report = {"command": getattr(args, "command_line", "ralu-bench cache"), "images": args.images, "seed": args.seed, "schedules": blocks}
+    report = {"command": getattr(args, "command_line", "ralu-bench cache"), "testbed": "v2", "weights": weights,
+              "images": args.images, "seed": args.seed, "schedules": blocks}
     json_path = write_text_atomic(args.out_dir / f"{REPORT_NAME}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     md_path = write_text_atomic(args.out_dir / f"{REPORT_NAME}.md", render_markdown(report))
     print(f"wrote {md_path} and {json_path}")

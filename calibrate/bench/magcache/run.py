@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from ralu.calibrate.bench.cache.run import testbed_call, testbed_pipeline
 from ralu.calibrate.magcache import measure_mag_ratios
-from ralu.calibrate.testbed.conditioning import encode_labels
-from ralu.calibrate.testbed.data import sample_labels
-from ralu.calibrate.testbed.model import load_pipeline, testbed_schedule
-from ralu.runtime import RALUFluxPipeline
+from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.cache import CacheSettings
 from ralu.runtime.schedule import ScheduleError, save_schedule, schedule_from_dict
 
@@ -24,12 +20,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"ralu-bench magcache: --threshold {args.threshold}: must lie in [0, 1]. Fix: pass e.g. --threshold 0.06", file=sys.stderr)
         return 2
     try:
-        schedule = testbed_schedule(args.schedule)
-        pipe = load_pipeline(path=args.weights, pipeline_class=RALUFluxPipeline)
-        generator = torch.Generator().manual_seed(args.seed)
-        labels = sample_labels(args.images, generator)
-        call = {**encode_labels(labels), "generator": [torch.Generator().manual_seed(args.seed + i) for i in range(args.images)]}
-        ratios = measure_mag_ratios(pipe, schedule, [call])
+        schedule = tb.testbed_schedule(args.schedule)
+        pipe = testbed_pipeline(schedule.family, args.weights_dir)
+        ratios = measure_mag_ratios(pipe, schedule, [testbed_call(schedule.family, args.images, args.seed)])
         settings = CacheSettings(kind="magcache", threshold=args.threshold, mag_ratios=[[round(r, 6) for r in stage] for stage in ratios])
         out = schedule_from_dict({**schedule.model_dump(), "cache": settings.model_dump(exclude_none=True)}, str(args.out))
         save_schedule(out, args.out)
