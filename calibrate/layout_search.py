@@ -203,7 +203,9 @@ def search_layout(
     if on_trial:
         callbacks.append(lambda _study, trial: on_trial(trial))
     if trials > done:
-        for layout in start_layouts:
+        # No more start layouts than trials left to run: an enqueued layout that never runs
+        # would stay in the study and be counted as a trial.
+        for layout in start_layouts[: trials - done]:
             params = layout_params(layout, max_steps)
             if params is not None:
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -211,12 +213,10 @@ def search_layout(
             study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
     shared.wait_for_running(study, log)
 
-    # Start layouts enqueued but never run (a run shorter than their number) are not trials.
-    finished = [t for t in study.trials if t.state.is_finished()]
-    feasible = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not feasible:
         keeping = f" keeping signal >= {min_signal:g} at every transition" if min_signal > 0 else ""
-        raise ValueError(f"no layout among {len(finished)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
+        raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
     best = min(feasible, key=lambda t: (t.value, t.number))
     steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
     first = round(best.params["end_1"], 2)
@@ -228,4 +228,4 @@ def search_layout(
         for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE
     ]
-    return LayoutSearchResult(layout, ratio, inner, speedup_of(spec, height, width, steps, ratio, base_steps), len(finished), len(feasible), history)
+    return LayoutSearchResult(layout, ratio, inner, speedup_of(spec, height, width, steps, ratio, base_steps), len(study.trials), len(feasible), history)
