@@ -4,7 +4,7 @@ adds to it through Python entry points, read with :func:`importlib.metadata.entr
 ``ralu`` itself imports no such code; a package registers it in its ``pyproject.toml``::
 
     [project.entry-points."ralu.quality_targets"]
-    testbed = "ralu.calibrate.bench.quality.v2.search_target:testbed_target"
+    testbed = "ralu_lab.bench.quality.v2.search_target:testbed_target"
 
 Two groups (docs/plugins.md):
 

@@ -216,14 +216,14 @@ def saved_flux_pipeline(tmp_path_factory, flux_models):
 
 
 def build_v2_weights(folder: Path) -> Path:
-    """Random-init testbed v2 weights laid out like ``testbed-weights/v2/`` (autoencoder/
+    """Random-init testbed v2 weights laid out like ``lab/testbed-weights/v2/`` (autoencoder/
     classifier/ flux/ sd3/) under ``folder``: speed and code paths do not depend on training.
     The autoencoder's scaling and shift factors are measured as training measures them."""
     import torch
     from safetensors.torch import save_file
 
-    from ralu.calibrate.testbed.v2 import model as tb
-    from ralu.calibrate.testbed.v2.classifier import WEIGHTS_FILE, Classifier
+    from ralu_lab.testbed.v2 import model as tb
+    from ralu_lab.testbed.v2.classifier import WEIGHTS_FILE, Classifier
 
     vae = tb.build_autoencoder(0).eval()
     vae.register_to_config(**tb.latent_statistics(vae, n=64, batch=64))

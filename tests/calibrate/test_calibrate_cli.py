@@ -147,9 +147,9 @@ def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     ralu-ours row only when its calibration matches, and unjudged files said to be so."""
     import json
 
-    from ralu.calibrate.bench.quality.methods import ralu_method
-    from ralu.calibrate.bench.quality.v2.judgement import testbed_judgement
-    from ralu.calibrate.testbed.v2 import model as tb
+    from ralu_lab.bench.quality.methods import ralu_method
+    from ralu_lab.bench.quality.v2.judgement import testbed_judgement
+    from ralu_lab.testbed.v2 import model as tb
 
     estimate = {"value": 1.0, "low": 0.5, "high": 1.5, "seed_std": 0.1, "per_seed": [1.0, 1.0]}
     metrics = {k: estimate for k in ("fd", "fine_accuracy", "accuracy", "spectral_distance")}

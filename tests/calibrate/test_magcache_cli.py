@@ -6,9 +6,9 @@ import torch
 from ralu.calibrate import cli
 from ralu.calibrate.magcache import measure_mag_ratios
 from ralu.calibrate.quality_search import to_ralu
-from ralu.calibrate.testbed.v2 import data
-from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.schedule import load_schedule
+from ralu_lab.testbed.v2 import data
+from ralu_lab.testbed.v2 import model as tb
 
 
 def run_cli(argv, capsys):

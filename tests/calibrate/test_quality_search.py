@@ -15,9 +15,9 @@ from ralu.calibrate.quality_search import (
     pixel_distance,
     search,
 )
-from ralu.calibrate.testbed.v2 import data
-from ralu.calibrate.testbed.v2 import model as tb
 from ralu.runtime.schedule import load_schedule
+from ralu_lab.testbed.v2 import data
+from ralu_lab.testbed.v2 import model as tb
 
 SPEEDUP = 4.5
 SIZE = data.IMAGE_SIZE
@@ -35,13 +35,13 @@ def prompts_for_testbed(n: int, seed: int) -> tuple[list[str], list[int]]:
 def target_options(pipe) -> dict:
     """What the lab's ``testbed`` quality target gives the search for testbed v2's FLUX
     generator: encoder, size, base shift and steps, guidance, FLOPs and reference key."""
-    from ralu.calibrate.bench.quality.v2.search_target import testbed_target
+    from ralu_lab.bench.quality.v2.search_target import testbed_target
 
     return dict(testbed_target("flux-dev", metric="pixel", pipe=pipe).options)
 
 
 def speedup_on_testbed(pipe):
-    from ralu.calibrate.bench.quality.v2.search_target import speedup_on_testbed_v2
+    from ralu_lab.bench.quality.v2.search_target import speedup_on_testbed_v2
 
     return speedup_on_testbed_v2(pipe, "flux")
 
@@ -177,7 +177,7 @@ def test_cli_quality_needs_its_inputs_in_one_line(tmp_path, capsys):
 
 def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
     """``--pipeline testbed``: the lab's testbed v2 through the entry point ralu.quality_targets."""
-    from ralu.calibrate.testbed.v2 import data
+    from ralu_lab.testbed.v2 import data
 
     labels = data.balanced_labels(2, 11)
     prompts, seeds = data.describe(labels), [11, 12]
@@ -194,12 +194,12 @@ def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
 def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, tmp_path):
-    from ralu.calibrate.bench.quality.v2.search_target import search_testbed_v2
     from ralu.calibrate.fewer_steps import plain_schedule
     from ralu.calibrate.quality_search import to_ralu
-    from ralu.calibrate.testbed.v2 import data
-    from ralu.calibrate.testbed.v2 import model as tb
-    from ralu.calibrate.testbed.v2.evaluate import generate
+    from ralu_lab.bench.quality.v2.search_target import search_testbed_v2
+    from ralu_lab.testbed.v2 import data
+    from ralu_lab.testbed.v2 import model as tb
+    from ralu_lab.testbed.v2.evaluate import generate
 
     pipe = tb.load_pipeline(arch, path=v2_weights / arch, autoencoder=v2_weights / "autoencoder")
     speedup = 4.5 if arch == "flux" else 2.0
@@ -221,7 +221,7 @@ def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, t
 
 
 def test_quality_testbed_command_refuses_what_a_testbed_lacks(tmp_path, capsys):
-    from ralu.calibrate.bench import quality_testbed
+    from ralu_lab.bench import quality_testbed
 
     for argv, message in ((["--testbed", "v1"], "invalid choice: 'v1'"), (["--testbed", "v2", "--arch", "sd3", "--budgets", "7"], "[2, 3]")):
         with pytest.raises(SystemExit) as stop:

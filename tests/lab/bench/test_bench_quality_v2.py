@@ -1,0 +1,255 @@
+"""``ralu-bench quality --testbed v2`` end to end on random-init v2 weights (the code paths,
+not the numbers): rows per architecture and budget, verdicts, the regime entry, caches,
+sweeps, figures, the Markdown re-rendered from the JSON, resuming from the work folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ralu_lab.bench.quality.v2 import report as v2_report
+from ralu_lab.bench.quality.v2.schema import V2Report
+from ralu_lab.bench.quality.v2.stats import METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
+
+
+@pytest.fixture(scope="module")
+def quick_v2(v2_weights, tmp_path_factory):
+    from ralu_lab.bench.cli import main
+
+    out = tmp_path_factory.mktemp("quality-v2")
+    assert main(["quality", "--quick", "--weights-dir", str(v2_weights), "--out-dir", str(out), "--schedule", "flux-dev-7x-searched"]) == 0
+    return out, json.loads((out / "quality.json").read_text())
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_rows_per_arch_and_budget(quick_v2):
+    _, report = quick_v2
+    rows = report["rows"]
+    by = lambda arch, budget: {r["method"] for r in rows if r["arch"] == arch and r["budget"] == budget}  # noqa: E731
+    assert by("flux", 1) == {"baseline"} and by("sd3", 1) == {"baseline"}
+    for budget in (4, 7):
+        assert {"base-steps", "bottleneck", "naive-upsample", "ralu-paper", "ralu-ours", "ralu-searched",
+                "ralu-ours+first_block", "ralu-ours+taylorseer", "ralu-ours+magcache", "base-steps+first_block", "base-steps+taylorseer",
+                "base-steps+magcache"} <= by("flux", budget)
+    for budget in (2, 3):
+        expected = {"base-steps"} | {f"{k}-{p}" for k in ("ralu-paper", "ralu-ours", "ralu-searched") for p in ("crop", "stretch")}
+        assert expected | {"ralu-ours-crop+taylorseer", "ralu-ours-crop+magcache"} <= by("sd3", budget)
+    # paper_compat is FLUX's published-script mode; SD3's published rows run with exact noise
+    assert all(("paper_compat" in r["label"]) == (r["arch"] == "flux" and r["method"].startswith("ralu-paper")) for r in rows)
+    for row in rows:
+        assert _finite(row["flops_speedup_linear"]) and row["flops_speedup_linear"] > 0
+        if row["cache"] is None:
+            assert _finite(row["flops_speedup_total"])
+        for key, _, _, _ in METRICS:
+            e = row["metrics"][key]
+            assert all(_finite(e[k]) for k in ("value", "low", "high")) and len(e["per_seed"]) == 2 and _finite(e["seed_std"]), (row["method"], key)
+
+
+def test_costs_price_guidance_and_decodes(quick_v2):
+    _, report = quick_v2
+    tb = report["testbed"]
+    assert tb["flux"]["guidance_branches"] == 2 and tb["sd3"]["guidance_branches"] == 2  # both guide (FLUX: true CFG)
+    base = {r["arch"]: r for r in report["rows"] if r["method"] == "baseline"}
+    assert base["flux"]["flops_speedup_total"] == pytest.approx(1.0) and base["flux"]["decodes"] == {"64 px": 1.0}
+    # the baseline's total: its forwards at 256 tokens (SD3: two rows per step) plus one 64 px decode
+    for arch, steps, rows in (("flux", 50, 2), ("sd3", 28, 2)):
+        expected = steps * rows * tb[arch]["forward_gflops"]["256"]["total"] + tb[arch]["decode_gflops"]["64 px"]["total"]
+        assert tb[arch]["baseline_gflops_total"] == pytest.approx(expected, rel=1e-9)
+    ralu = next(r for r in report["rows"] if r["method"] == "ralu-ours" and r["budget"] == 4)
+    assert ralu["decodes"] == {"32 px": 1.0, "64 px": 1.0}  # the edge decode is priced
+    assert 3.0 < ralu["flops_speedup_total"] < 6.0
+
+
+def test_verdicts_regime_caches_and_sweeps(quick_v2):
+    _, report = quick_v2
+    verdicts = report["verdicts"]
+    for arch, budgets in (("flux", (4, 7)), ("sd3", (2, 3))):
+        for budget in budgets:
+            found = [v for v in verdicts if v["arch"] == arch and v["budget"] == budget and v["question"] != SCHEDULE_QUESTION]
+            assert {v["metric"] for v in found} == {k for k, _, _, _ in METRICS} and len(found) == 2 * len(METRICS)
+            for v in found:
+                assert v["low"] <= v["high"] and v["verdict"] in (f"{v['a']} better", f"{v['b']} better", "not separable")
+    # the --schedule row meets every other uncached row of its budget on each SCHEDULE_METRICS
+    mine = [v for v in verdicts if v["question"] == SCHEDULE_QUESTION]
+    others = {r["method"] for r in report["rows"] if r["arch"] == "flux" and r["budget"] == 7 and r["cache"] is None} - {"schedule:flux-dev-7x-searched"}
+    assert {v["a"] for v in mine} == {"schedule:flux-dev-7x-searched"} and {v["b"] for v in mine} == others
+    assert len(mine) == len(others) * len(SCHEDULE_METRICS) and {v["metric"] for v in mine} == set(SCHEDULE_METRICS)
+    for arch, budget in (("flux", 7), ("sd3", 3)):
+        regime = report["regime"][arch]
+        assert regime["budget"] == budget and [m["metric"] for m in regime["metrics"]] == list(REGIME_METRICS)
+        assert regime["passed"] == any(m["worse"] for m in regime["metrics"])
+        assert all(m["worse"] == (m["verdict"] == "baseline better" and m["beyond_spread"]) for m in regime["metrics"])
+    caches = report["caches"]
+    assert {(c["arch"], c["cache"]) for c in caches} >= {("flux", "first_block"), ("flux", "taylorseer"), ("flux", "magcache"), ("sd3", "taylorseer"), ("sd3", "magcache")}
+    for c in caches:
+        assert c["gain"] == pytest.approx(c["speedup_cached"] / c["speedup_uncached"]) and len(c["verdicts"]) == len(METRICS)
+        # a cached RALU row also meets the uncached plain pipeline with fewer steps; a cached plain row does not
+        if c["method"] == "base-steps":
+            assert c["against_plain"] == []
+        else:
+            assert [v["metric"] for v in c["against_plain"]] == list(SCHEDULE_METRICS)
+            assert {(v["a"], v["b"]) for v in c["against_plain"]} == {(f"{c['method']}+{c['cache']}", "base-steps")}
+            fewer = next(r for r in report["rows"] if r["arch"] == c["arch"] and r["budget"] == c["budget"] and r["method"] == "base-steps" and r["cache"] is None)
+            assert c["plain_speedup"] == fewer["flops_speedup_linear"]
+    assert {(s["arch"], s["budget"]) for s in report["sweeps"]} == {("flux", 4), ("sd3", 2)}
+    assert all(len(s["points"]) == 2 for s in report["sweeps"])
+
+
+def test_markdown_and_figures_from_the_json(quick_v2):
+    out, _ = quick_v2
+    text = (out / "quality.json").read_text()
+    md = (out / "quality.md").read_text()
+    assert v2_report.render_json(text) == md
+    assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
+    assert "`schedule:flux-dev-7x-searched` against every other row (paired bootstrap)" in md
+    assert "against the plain pipeline with fewer steps, uncached" in md and "cached RALU - fewer steps" in md
+    # metric by metric, the rows that beat it: exactly the verdicts of the JSON
+    line = next(x for x in md.splitlines() if x.startswith("Beaten, metric by metric:"))
+    mine = [v for v in json.loads(text)["verdicts"] if v["question"] == SCHEDULE_QUESTION]
+    report = V2Report.model_validate_json(text)
+    rows = [r for r in report.rows if r.arch == "flux" and r.budget == 7]
+    for key, label, _, _ in METRICS:
+        if key in SCHEDULE_METRICS:
+            winners = sorted(v["b"] for v in mine if v["metric"] == key and v["verdict"] == f"{v['b']} better")
+            # a winner that costs more than the schedule is marked with how much more
+            marked = [w + (f" (costs {100 * more:.0f} % more)" if (more := v2_report.extra_cost(rows, "schedule:flux-dev-7x-searched", w)) > v2_report.COSTLIER else "")
+                      for w in winners]
+            assert f"{label}: {', '.join(marked) or 'none'}" in line
+    figures = v2_report.figure_paths(report)
+    for path in (*figures.grids.values(), figures.tradeoff, figures.sweep):
+        assert (out / path).stat().st_size > 1000
+
+
+def test_rows_that_beat_a_schedule_at_more_cost_are_marked():
+    from types import SimpleNamespace
+
+    def row(method, gflops):
+        return SimpleNamespace(method=method, gflops_total=gflops, gflops_linear=2 * gflops)
+
+    rows = [row("schedule:mine", 10.0), row("cheaper", 9.0), row("same", 10.05), row("dearer", 11.0)]
+    assert v2_report.extra_cost(rows, "schedule:mine", "dearer") == pytest.approx(0.1)
+    assert v2_report.beaters(["dearer", "same", "cheaper"], rows, "schedule:mine") == "cheaper, dearer (costs 10 % more), same"
+    assert v2_report.beaters([], rows, "schedule:mine") == "none"
+    # a cache row has no total: it is compared in linear GFLOPs, as is the schedule then (2 * 10 against 21)
+    rows.append(SimpleNamespace(method="cached", gflops_total=None, gflops_linear=21.0))
+    assert v2_report.extra_cost(rows, "schedule:mine", "cached") == pytest.approx(0.05)
+    assert v2_report.beaters(["cached"], rows, "schedule:mine") == "cached (costs 5 % more)"
+
+
+def test_a_second_run_reuses_the_work_folder(quick_v2, v2_weights):
+    from ralu_lab.bench.cli import main
+
+    out, first = quick_v2
+    second = out / "again"
+    argv = ["quality", "--quick", "--arch", "flux", "--budgets", "4", "--z-values", "--weights-dir", str(v2_weights),
+            "--out-dir", str(second), "--work-dir", str(out / ".quality-v2-work")]
+    assert main(argv) == 0
+    rows = json.loads((second / "quality.json").read_text())["rows"]
+    assert len(rows) == 13 and all(r["reused"] for r in rows)  # baseline, base-steps, 2 peers, 3 RALU, 6 cache rows
+    before = {(r["method"], r["budget"]): r for r in first["rows"] if r["arch"] == "flux"}
+    for row in rows:
+        assert row["metrics"]["psnr"]["value"] == before[(row["method"], row["budget"])]["metrics"]["psnr"]["value"]
+
+
+def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
+    from ralu_lab.bench.cli import main
+
+    assert main(["quality", "--quick", "--weights-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no testbed v2" in err and "Fix: train it with" in err and "docs/testbed-v2.md" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["quality", "--quick", "--budgets", "5", "--arch", "sd3"]) == 2
+    assert "published presets" in capsys.readouterr().err
+
+
+def test_no_caches_leaves_out_exactly_the_cache_rows():
+    import argparse
+
+    from ralu_lab.bench.quality.args import add_arguments
+    from ralu_lab.bench.quality.v2.cost import transformer_cost
+    from ralu_lab.bench.quality.v2.plan import make_config, plan_arch
+    from ralu_lab.testbed.v2 import model as tb
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cost = transformer_cost("sd3", tb.build_transformer("sd3").config)
+    keys = {}
+    for extra in ([], ["--no-caches"]):
+        config = make_config(parser.parse_args(["--quick", "--arch", "sd3", "--budgets", "3", *extra]))
+        keys[bool(extra)] = [m.key for m in plan_arch(config, "sd3", cost, log=lambda *_: None)[0]]
+    assert [k for k in keys[False] if "+" not in k] == keys[True] and len(keys[False]) > len(keys[True])
+
+
+def test_the_reference_fd_equals_the_testbed_fd():
+    """The bootstraps' fast FD (reference statistics kept) is the testbed's FD."""
+    import torch
+
+    from ralu_lab.bench.quality.v2.stats import Reference
+    from ralu_lab.testbed.v2 import metrics
+
+    class Features(torch.nn.Module):  # a "classifier" whose features are a fixed projection of the image
+        def __init__(self):
+            super().__init__()
+            self.projection = torch.randn(3 * 64 * 64, 256, generator=torch.Generator().manual_seed(0)) / 64
+
+        def features(self, images):
+            return images.flatten(1) @ self.projection + (images.flatten(1) @ self.projection) ** 2
+
+    g = torch.Generator().manual_seed(1)
+    reference = Reference(Features(), torch.rand(400, 3, 64, 64, generator=g) * 2 - 1)
+    for n in (300, 40):  # 40 < 256 dimensions: a singular covariance
+        feats = torch.randn(n, 256, generator=g).double() * 0.3 + 0.1
+        assert reference.fd_of(feats) == pytest.approx(metrics.feature_frechet_distance(feats, reference.features), rel=1e-6, abs=1e-8)
+
+
+def test_staged_sampler_with_one_full_stage_is_the_guided_flux_pipeline(v2_weights, tmp_path):
+    """The peers' Euler loop reproduces FluxPipeline with true CFG (the testbed's FLUX call)."""
+    import torch
+
+    from ralu_lab.bench.quality import methods
+    from ralu_lab.bench.quality.v2.sampler import V2Sampler, WorkStore
+    from ralu_lab.testbed.v2 import data
+    from ralu_lab.testbed.v2 import model as tb
+    from ralu_lab.testbed.v2.evaluate import generate
+
+    pipe = tb.load_pipeline("flux", path=v2_weights / "flux", autoencoder=v2_weights / "autoencoder")
+    sampler = V2Sampler("flux", pipe, 3, WorkStore(tmp_path), {}, None)
+    labels, steps = data.balanced_labels(3, 0), 4
+    method = methods.Method("plain", 1, "plain", "staged", stages=[("full", methods.shifted_sigmas(steps, 1.0, 0.0, tb.base_shift("flux")))],
+                            forwards=[tb.FULL_TOKENS] * steps)
+    ours = sampler.staged(method, labels, seed=0)
+    reference = generate(pipe, "flux", labels, seed=0, steps=steps, batch_size=3)
+    assert tb.TRUE_CFG_SCALE["flux"] > 1 and torch.allclose(ours, reference, atol=1e-4)
+    unguided = generate(pipe, "flux", labels, seed=0, steps=steps, batch_size=3, true_cfg_scale=1.0)
+    assert not torch.allclose(ours, unguided, atol=1e-4)  # the guidance is really applied
+
+
+# The committed report
+# ----------------------------------------------------------------------------------------
+
+
+def test_committed_report_is_a_full_run_on_the_committed_weights_and_passes_the_regime_check():
+    """reports/quality.json comes from a full (not --quick) run of both generators at their
+    default budgets, made with the testbed v2 weights in the repository now (retraining
+    without rerunning fails here), and FLUX's 7x regime check passed there."""
+    from pathlib import Path
+
+    from ralu_lab.bench.quality.v2.plan import V2Config
+    from ralu_lab.bench.quality.v2.sampler import file_hashes
+    from ralu_lab.testbed.v2.location import PARTS, part_dir
+
+    report = V2Report.model_validate_json((Path(__file__).resolve().parents[3] / "reports" / "quality.json").read_text())
+    assert report.command.startswith("ralu-bench quality") and "--quick" not in report.command and not report.config["quick"]
+    assert len(report.config["seeds"]) >= 2 and report.config["images"] >= 256
+    assert set(report.weights["folders"]) == set(PARTS) and all(name.endswith("(repository)") for name in report.weights["folders"].values())
+    assert file_hashes({part: part_dir(part) for part in PARTS}) == report.weights["sha256"]
+    for arch in ("flux", "sd3"):
+        rows = [r for r in report.rows if r.arch == arch]
+        assert {r.budget for r in rows if r.method != "baseline"} == set(V2Config().budgets[arch])  # FLUX 4x, 7x; SD3 2x, 3x
+    assert report.regime["flux"].budget == 7 and report.regime["flux"].passed
+    assert any(p.z <= 2.5 for s in report.sweeps for p in s.points) and any(p.z >= 90 for s in report.sweeps for p in s.points)
