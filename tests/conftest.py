@@ -14,6 +14,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: The lab's tests (ralu_lab): marked ``lab`` by path (docs/architecture.md: the test tiers).
+LAB_TESTS = Path(__file__).resolve().parent / "lab"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if LAB_TESTS in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.lab)
+
+
 def pytest_configure(config):
     # Tiny models: one thread is fastest, and multi-threaded ops slow down by orders of
     # magnitude when the cores are shared with other jobs.  RALU_TEST_THREADS overrides.

@@ -60,3 +60,13 @@ def test_a_violating_module_breaks_its_contract(tmp_path, where, line, broken):
     run = lint_imports(tmp_path, pythonpath=str(copy))
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
     assert broken in run.stdout and "_violation" in run.stdout
+
+
+def test_the_lab_tests_are_marked_by_path(tmp_path):
+    """``-m "not slow and not lab"`` (the product tier) leaves out every test under tests/lab/."""
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "lab",
+               "tests/lab/testbed/test_testbed_weights.py", "tests/test_layers.py"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    selected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert run.returncode == 0 and selected, run.stdout[-2000:] + run.stderr[-2000:]
+    assert all(line.startswith("tests/lab/") for line in selected), selected

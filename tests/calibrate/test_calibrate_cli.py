@@ -141,6 +141,7 @@ def test_every_shipped_schedule_loads_with_its_plot():
         assert (plot.Path(__file__).resolve().parents[2] / "reports" / "schedules" / f"{name}.png").is_file()
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     """reports/schedules.md's testbed section: a --schedule row with its verdicts against the
     published preset and the plain pipeline, a preset-layout file found as the harness's

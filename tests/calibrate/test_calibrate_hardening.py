@@ -282,6 +282,7 @@ def summary_lines(stdout: str) -> list[str]:
 
 
 @pytest.mark.parametrize("backend", ["journal", "sqlite"])
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_repeating_a_layout(tmp_path, backend):
     storage = str(tmp_path / "study.log") if backend == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     common = SEARCH + ["--trials", 20, "--storage", storage, "--study-name", "joint"]
@@ -306,6 +307,7 @@ def test_two_workers_share_one_study_without_repeating_a_layout(tmp_path, backen
     assert a.model_dump(exclude={"calibration": {"created"}}) == b.model_dump(exclude={"calibration": {"created"}})
 
 
+@pytest.mark.slow
 def test_ctrl_c_reports_what_storage_kept_and_a_rerun_resumes(tmp_path):
     storage = tmp_path / "study.log"
     command = calibrate_command(*SEARCH, "--optimizer", "global", "--trials", 200, "--storage", storage, "--study-name", "s", "--out", tmp_path / "s.json")
@@ -362,6 +364,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_killed_worker_loses_no_finished_trial_and_the_other_finishes_the_study(tmp_path):
     storage = tmp_path / "study.log"
     common = [*SEARCH, "--trials", 24, "--storage", storage, "--study-name", "joint"]
@@ -392,6 +395,7 @@ def test_a_killed_worker_loses_no_finished_trial_and_the_other_finishes_the_stud
     assert [p for p in files_in(tmp_path) if p.endswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_a_killed_worker_running_alongside_is_failed_by_the_other(tmp_path):
     """Both at once: the survivor marks the dead worker's trial FAIL while it works."""
     storage = tmp_path / "study.log"
@@ -460,6 +464,7 @@ def calibrate_argv(draw):
 
 @settings(max_examples=120, deadline=timedelta(seconds=30), derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(argv=calibrate_argv())
+@pytest.mark.slow
 def test_fuzz_calibrate_arguments(argv, tmp_path_factory, capsys, monkeypatch):
     folder = tmp_path_factory.mktemp("fuzz")
     monkeypatch.chdir(folder)
@@ -482,6 +487,7 @@ def test_fuzz_calibrate_arguments(argv, tmp_path_factory, capsys, monkeypatch):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzz_calibrate_outputs_and_numbers(tmp_path, capsys, monkeypatch):
     """500 seeded command lines.  Four in five fuzz the three output files (--out, --plot,
     --plain-out: FIFOs, links, dangling links, folders, files used as folders, names too long,
@@ -553,6 +559,7 @@ OPTIONS_RANDOM = {
 
 
 @pytest.mark.parametrize("after_module", ["numpy", "scipy.optimize", "optuna"])
+@pytest.mark.slow
 def test_ctrl_c_while_importing_is_one_line(tmp_path, after_module):
     """SIGINT as soon as ``after_module`` has been imported (``-X importtime`` reports each
     import as it ends): the console script's module imports only the standard library, and

@@ -17,6 +17,7 @@ def run_cli(argv, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_writes_the_schedule_with_the_ratios_measured_per_stage(tmp_path, capsys):
     torch.set_num_threads(1)
     labels = data.balanced_labels(3, 5)

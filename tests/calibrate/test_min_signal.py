@@ -73,6 +73,7 @@ MAIN_JOBS = [("flux", 7), ("flux", 4), ("sd3", 2), ("sd3", 3)]
 
 
 @pytest.mark.parametrize("model, speedup", MAIN_JOBS, ids=[f"{m}-{s}x" for m, s in MAIN_JOBS])
+@pytest.mark.slow
 def test_the_main_job_never_discards_a_stages_work(model, speedup, tmp_path, capsys):
     out = tmp_path / "s.json"
     code, stdout, _ = run(["--model", model, "--speedup", speedup, "--out", out, "--quiet"], capsys)
@@ -84,6 +85,7 @@ def test_the_main_job_never_discards_a_stages_work(model, speedup, tmp_path, cap
     assert schedule.flops_speedup.linear >= speedup
 
 
+@pytest.mark.slow
 def test_min_signal_zero_is_the_unbounded_search_of_before(tmp_path, capsys, monkeypatch):
     # Recorded from the code before --min-signal existed (same command, no option), which
     # also did not yet start the layout search from the published layouts, and whose

@@ -50,6 +50,7 @@ def test_no_product_module_imports_the_lab(folder):
     assert offenders == {}
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_the_testbed_target_is_registered_and_resolves():
     from ralu_lab.bench.quality.v2.search_target import testbed_target
 
@@ -70,6 +71,7 @@ def test_an_unknown_target_is_one_line_naming_the_registered_ones(tmp_path, caps
         assert code == 2 and len(err.splitlines()) == 1 and "registered: testbed" in err and not (tmp_path / "q.json").exists()
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_the_testbed_target_reads_its_prompts_and_refuses_others(v2_weights):
     import torch
 

@@ -64,6 +64,7 @@ def run_cli(argv, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_references_are_the_plain_pipeline_and_are_cached(pipe, tmp_path):
     prompts, seeds = prompts_for_testbed(2, 7)
     calls = []
@@ -83,6 +84,7 @@ def test_references_are_the_plain_pipeline_and_are_cached(pipe, tmp_path):
     assert any("affords" in line for line in calls)
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_search_scores_honestly_and_resumes_from_storage(pipe, tmp_path):
     storage = str(tmp_path / "study.log")
     options = dict(images=2, image_seed=3, pipe=pipe, batch_size=1, cache_dir=tmp_path / "refs", metric="pixel", storage=storage, study_name="s")
@@ -103,6 +105,7 @@ def test_search_scores_honestly_and_resumes_from_storage(pipe, tmp_path):
     assert ("plain fewer-steps sampler scores best" in result.describe()) == result.plain_wins
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_trials_worse_than_the_median_are_pruned_after_their_first_batch(pipe):
     calls = []
 
@@ -135,6 +138,7 @@ def test_steps_split_by_weight_fill_the_budget():
     assert budget_steps(speedup_of, 60.0, (1.0, 1.0), 0.0, 200) is None  # not even one step each
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_the_search_draws_only_layouts_that_spend_the_budget(pipe):
     from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion
 
@@ -175,6 +179,7 @@ def test_cli_quality_needs_its_inputs_in_one_line(tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1 and "--pipeline" in stderr and "--prompts" in stderr
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
     """``--pipeline testbed``: the lab's testbed v2 through the entry point ralu.quality_targets."""
     from ralu_lab.testbed.v2 import data
@@ -193,6 +198,7 @@ def test_cli_quality_on_the_testbed_writes_the_best_schedule(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, tmp_path):
     from ralu.calibrate.fewer_steps import plain_schedule
     from ralu.calibrate.quality_search import to_ralu
@@ -220,6 +226,7 @@ def test_the_search_runs_on_testbed_v2_with_its_guided_calls(arch, v2_weights, t
         assert all(any(torch.allclose(s, b.clamp(0, 1), atol=1e-4) for s in stored) for b in images)
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_quality_testbed_command_refuses_what_a_testbed_lacks(tmp_path, capsys):
     from ralu_lab.bench import quality_testbed
 
@@ -241,6 +248,7 @@ def test_a_known_schedule_is_a_point_of_the_search_space():
         assert again.c == pytest.approx(known.c) and again.up_ratio == known.up_ratio
 
 
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_given_schedules_are_tried_first_and_named_in_the_answer(pipe, tmp_path, capsys):
     from ralu.calibrate.quality_search import SOURCE_ATTR, candidate_of
 

@@ -264,6 +264,7 @@ def _torchrun(target: list[str], argv: list[str], processes: int = 2) -> subproc
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_crash(saved_flux_pipeline, schedule_file, prompts_file, tmp_path):
     one = tmp_path / "one"
     assert main(_args(saved_flux_pipeline, schedule_file, prompts_file, one)) == 0

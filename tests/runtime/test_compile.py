@@ -56,6 +56,7 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("case", [flux_case, sd3_case], ids=["flux", "sd3"])
+@pytest.mark.slow
 def test_compiled_transformer_compiles_each_stage_once(case, fresh_dynamo):
     pipe, schedule, inputs = case()
     pipe.set_progress_bar_config(disable=True)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ralu.runtime.schedule import save_schedule
 
 WORKER = r"""
@@ -81,6 +83,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_one_image_split_over_two_ranks(tmp_path, saved_flux_pipeline, make_schedule):
     # 64x64: 16 tokens at full resolution, 4 at low resolution, 4 + 3 * 1 = 7 in the mixed stage.
     schedule = save_schedule(make_schedule([(2, 0.3, 3.0), (2, 0.45, 2.5), (2, 1.0, 2.2)], up_ratio=0.3), tmp_path / "tiny.json")
