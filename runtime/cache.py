@@ -13,6 +13,8 @@ Which of diffusers 0.42's caches fit (checked on the tiny models by ``tests/runt
 * ``FirstBlockCacheConfig``: FLUX.  Not SD3: the last SD3 block (``context_pre_only``) returns
   no text stream, and the cache's tail hook subtracts one (a ``TypeError`` in diffusers 0.42.1).
   Not FLUX.2 either (the hook fails on its blocks with a ``TypeError``; refused up front).
+  FirstBlockCache and MagCache read diffusers' metadata of every block: a transformer whose
+  blocks diffusers has not registered (Chroma's in 0.42.1) gets TaylorSeer only (refused up front).
 * ``TaylorSeerCacheConfig``, ``MagCacheConfig``: FLUX and SD3 (and FLUX.2: ``tests/runtime/test_flux2.py``).  SD3's transformer has no
   ``enable_cache``; :func:`enable_cache` applies the same hook functions
   (``diffusers.hooks.apply_taylorseer_cache``, ``apply_mag_cache``) to it.
@@ -161,6 +163,28 @@ def cache_config(transformer):
     return getattr(transformer, "_cache_config", None)
 
 
+#: Caches whose hooks read diffusers' metadata of each transformer block (where its hidden
+#: states and text stream are among the arguments and outputs).
+BLOCK_METADATA_CACHES = ("FirstBlockCacheConfig", "MagCacheConfig")
+#: The attributes holding a transformer's blocks, as diffusers' cache hooks find them.
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def _unregistered_blocks(transformer) -> list[str]:
+    """Class names of ``transformer``'s blocks that diffusers' block registry does not know
+    (Chroma's in 0.42.1): FirstBlockCache and MagCache would fail on them mid-run."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    missing = set()
+    for attribute in _BLOCK_LISTS:
+        for block in getattr(transformer, attribute, None) or ():
+            try:
+                TransformerBlockRegistry.get(type(block))
+            except ValueError:
+                missing.add(type(block).__name__)
+    return sorted(missing)
+
+
 def _check_fits(transformer, name: str) -> None:
     """Refuse a diffusers cache config (by class name) that does not fit a RALU call on
     ``transformer`` (see the module docstring for why)."""
@@ -168,6 +192,12 @@ def _check_fits(transformer, name: str) -> None:
         raise ValueError(f"{name} does not fit RALU's stages (see ralu.runtime.cache). Fix: use one of {list(SUPPORTED_CONFIGS)}")
     if name == "FirstBlockCacheConfig" and not hasattr(transformer, "enable_cache"):
         raise ValueError(f"FirstBlockCache does not run on {type(transformer).__name__}: its last block returns no text stream, which the cache's tail hook needs. Fix: use TaylorSeerCacheConfig or MagCacheConfig")
+    unregistered = _unregistered_blocks(transformer) if name in BLOCK_METADATA_CACHES else []
+    if unregistered:
+        raise ValueError(
+            f"{name} does not run on {type(transformer).__name__}: its hooks need diffusers' metadata of every transformer block, "
+            f"and diffusers has none for {', '.join(unregistered)}. Fix: use TaylorSeerCacheConfig"
+        )
     if name == "FirstBlockCacheConfig" and type(transformer).__name__ == "Flux2Transformer2DModel":
         # FLUX.2's blocks take and return other tensors than the hooks expect: diffusers 0.42.1's
         # FirstBlockCache fails in the forward with a TypeError.

@@ -194,6 +194,20 @@ def test_unfit_caches_are_refused(flux, sd3):
         pipe.transformer.disable_cache()
 
 
+@pytest.mark.parametrize("config", [FirstBlockCacheConfig(), mag_cache_config([[1.0] * 6])], ids=["first_block", "mag"])
+def test_caches_needing_block_metadata_are_refused_where_diffusers_has_none(config):
+    """Chroma's blocks are not in diffusers 0.42.1's block registry: FirstBlockCache and
+    MagCache would fail with diffusers' 'Model class ... not registered' mid-call; the refusal
+    comes before any compute, and TaylorSeer, which needs no block metadata, still enables."""
+    from chroma_models import tiny_transformer
+
+    transformer = tiny_transformer()
+    with pytest.raises(ValueError, match=rf"^{type(config).__name__} does not run on ChromaTransformer2DModel: .*diffusers has none for ChromaSingleTransformerBlock, ChromaTransformerBlock\. Fix: use TaylorSeerCacheConfig$"):
+        enable_cache(transformer, config)
+    enable_cache(transformer, TaylorSeerCacheConfig(disable_cache_before_step=1))
+    disable_cache(transformer)
+
+
 # ----------------------------------------------------------------------------------------
 # The schedule file's cache section.
 # ----------------------------------------------------------------------------------------
