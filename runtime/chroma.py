@@ -246,14 +246,8 @@ class _ChromaStageModel(RALUStageModel):
         if img_ids.ndim == 2:
             with self.transformer.cache_context(context):
                 return self.transformer(img_ids=img_ids, **kwargs)[0]
-        # Non-default attention processors: one forward per image, each in its own cache
-        # context (a step cache never hands one image's residual to another).
-        outputs = []
-        for b in range(hidden.shape[0]):
-            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key != "txt_ids" else value) for key, value in kwargs.items()}
-            with self.transformer.cache_context(f"{context}:{b}"):
-                outputs.append(self.transformer(img_ids=img_ids[b], **one)[0])
-        return torch.cat(outputs, dim=0)
+        # Non-default attention processors: one forward per image (with its own row of the mask).
+        return self.forward_each_image(kwargs, context, own=lambda b: {"img_ids": img_ids[b]}, shared=("txt_ids",))
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):

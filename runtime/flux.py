@@ -241,7 +241,6 @@ class _FluxStageModel(RALUStageModel):
         return image_ids(layout)
 
     def _forward(self, hidden, timestep, embeds, pooled, text_ids, img_ids, context: str) -> torch.Tensor:
-        batch = hidden.shape[0]
         kwargs = {
             "hidden_states": hidden,
             "timestep": timestep,
@@ -255,15 +254,8 @@ class _FluxStageModel(RALUStageModel):
         if img_ids.ndim == 2:
             with self.transformer.cache_context(context):
                 return self.transformer(img_ids=img_ids, **kwargs)[0]
-        # Fallback for non-default attention processors: one forward per image, each in its
-        # own cache context, so a cache (FirstBlockCache, ...) never hands one image's
-        # residual to another.
-        outputs = []
-        for b in range(batch):
-            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key != "txt_ids" else value) for key, value in kwargs.items()}
-            with self.transformer.cache_context(f"{context}:{b}"):
-                outputs.append(self.transformer(img_ids=img_ids[b], **one)[0])
-        return torch.cat(outputs, dim=0)
+        # Fallback for non-default attention processors: one forward per image.
+        return self.forward_each_image(kwargs, context, own=lambda b: {"img_ids": img_ids[b]}, shared=("txt_ids",))
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):

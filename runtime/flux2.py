@@ -369,14 +369,8 @@ class _Flux2StageModel(RALUStageModel):
         if img_ids.ndim == 2:
             with self.transformer.cache_context(context):
                 return self.transformer(img_ids=img_ids, **kwargs)[0]
-        # The images carry different tokens: the transformer takes one id set per forward, so
-        # one forward per image, each in its own cache context.
-        outputs = []
-        for b in range(hidden.shape[0]):
-            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) else value) for key, value in kwargs.items()}
-            with self.transformer.cache_context(f"{context}:{b}"):
-                outputs.append(self.transformer(img_ids=img_ids[b], **one)[0])
-        return torch.cat(outputs, dim=0)
+        # The images carry different tokens: the transformer takes one id set per forward.
+        return self.forward_each_image(kwargs, context, own=lambda b: {"img_ids": img_ids[b]})
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):

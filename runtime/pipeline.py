@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
@@ -100,6 +101,28 @@ class RALUStageModel:
         settings (:func:`ralu.runtime.cache.stage_cache`)."""
         first_step = sum(earlier.steps for earlier in self.plan.stages[: stage.index])
         return stage_cache(self.transformer, first_step, stage.steps)
+
+    def forward_each_image(
+        self,
+        kwargs: dict,
+        context: str,
+        own: Callable[[int], dict] = lambda b: {},
+        around: Callable[[int], AbstractContextManager] = lambda b: nullcontext(),
+        shared: tuple[str, ...] = (),
+    ) -> torch.Tensor:
+        """The transformer's forward once per image of a batch whose images carry different
+        token positions, in their own cache contexts (``context:b``), so that a step cache never
+        hands one image's residual to another; the outputs stacked again.
+
+        Tensors in ``kwargs`` are cut to image ``b`` (but those named in ``shared``, the same
+        for every image); ``own(b)`` adds image ``b``'s own arguments (its position ids) and
+        ``around(b)`` is entered around its forward (its rotary table)."""
+        outputs = []
+        for b in range(kwargs["hidden_states"].shape[0]):
+            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) and key not in shared else value) for key, value in kwargs.items()}
+            with around(b), self.transformer.cache_context(f"{context}:{b}"):
+                outputs.append(self.transformer(**one, **own(b))[0])
+        return torch.cat(outputs, dim=0)
 
 
 def check_returned_latents(returned: torch.Tensor, given: torch.Tensor, info: StepInfo) -> None:

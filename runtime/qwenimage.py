@@ -272,15 +272,8 @@ class _QwenImageStageModel(RALUStageModel):
         if per_image_tables is None:
             with self.transformer.cache_context(context):
                 return self.transformer(hidden_states=hidden, **kwargs)[0]
-        # Fallback for non-default attention processors: one forward per image, each with its
-        # own table and in its own cache context (a cache never hands one image's residual to
-        # another).
-        outputs = []
-        for b in range(hidden.shape[0]):
-            one = {key: (value[b : b + 1] if isinstance(value, torch.Tensor) else value) for key, value in kwargs.items()}
-            with stage_positions(self.transformer, per_image_tables[b]), self.transformer.cache_context(f"{context}:{b}"):
-                outputs.append(self.transformer(hidden_states=hidden[b : b + 1], **one)[0])
-        return torch.cat(outputs, dim=0)
+        # Fallback for non-default attention processors: one forward per image, with its own table.
+        return self.forward_each_image(dict(kwargs, hidden_states=hidden), context, around=lambda b: stage_positions(self.transformer, per_image_tables[b]))
 
     @contextmanager
     def stage(self, layout: TokenLayout, stage: StagePlan):
