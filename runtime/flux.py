@@ -35,6 +35,19 @@ def image_ids(layout: TokenLayout) -> torch.Tensor:
     return torch.cat([torch.zeros_like(positions[..., :1]), positions], dim=-1)
 
 
+def check_true_cfg(pipe, true_cfg_scale, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds) -> bool:
+    """Whether a FLUX.1 call (text-to-image or Kontext) runs true CFG, as FluxPipeline decides it
+    (``true_cfg_scale > 1`` and a negative prompt); a negative prompt without it is ignored with
+    a warning, and the two embeddings of true CFG must have the same shape."""
+    has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+    do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+    negative_given = any(value is not None for value in (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
+    pipe.warn_ignored_negative(negative_given, true_cfg_scale > 1, "true CFG (true_cfg_scale > 1)", "pass true_cfg_scale > 1 (e.g. 4.0)", helpers=1)
+    if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
+    return do_true_cfg
+
+
 class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
     r"""FLUX.1 text-to-image with Region-Adaptive Latent Upsampling (RALU).
 
@@ -172,12 +185,9 @@ class RALUFluxPipeline(RALUPipelineMixin, FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        negative_given = any(value is not None for value in (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
-        self.warn_ignored_negative(negative_given, true_cfg_scale > 1, "true CFG (true_cfg_scale > 1)", "pass true_cfg_scale > 1 (e.g. 4.0)")
-        if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
+        do_true_cfg = check_true_cfg(
+            self, true_cfg_scale, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+        )
         _, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
         self.check_latents(latents, plan, images, generator)
 

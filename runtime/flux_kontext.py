@@ -23,7 +23,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from .compat import PaperCompat
-from .flux import RALUFluxPipeline, _FluxStageModel
+from .flux import RALUFluxPipeline, _FluxStageModel, check_true_cfg
 from .pipeline import RALUPipelineMixin
 from .plan import count_images
 from .schedule import Schedule
@@ -187,12 +187,9 @@ class RALUFluxKontextPipeline(RALUPipelineMixin, FluxKontextPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        has_neg_prompt = negative_prompt is not None or (negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        negative_given = any(value is not None for value in (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
-        self.warn_ignored_negative(negative_given, true_cfg_scale > 1, "true CFG (true_cfg_scale > 1)", "pass true_cfg_scale > 1 (e.g. 4.0)")
-        if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the same shape")
+        do_true_cfg = check_true_cfg(
+            self, true_cfg_scale, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+        )
         _, num_images_per_prompt, images = count_images(prompt, prompt_embeds, num_images_per_prompt, generator)
         self.check_latents(latents, plan, images, generator)
         image = self.preprocess_reference(image, _auto_resize)

@@ -295,15 +295,16 @@ class RALUPipelineMixin:
                 stacklevel=CALLER_STACKLEVEL,
             )
 
-    def warn_ignored_negative(self, negative_given: bool, guidance_on: bool, guidance: str, fix: str) -> None:
+    def warn_ignored_negative(self, negative_given: bool, guidance_on: bool, guidance: str, fix: str, helpers: int = 0) -> None:
         """Warn (as the diffusers pipelines do: never refuse) when a negative prompt is given
-        but the ``guidance`` that would use it is off; ``fix`` says how to turn it on."""
+        but the ``guidance`` that would use it is off; ``fix`` says how to turn it on.
+        ``helpers``: functions between ``__call__`` and this one (the warning names the caller's line)."""
         if negative_given and not guidance_on:
             warnings.warn(
                 f"the negative prompt is ignored: {type(self).__name__} uses it only with {guidance}. "
                 f"Fix: {fix}, or drop the negative prompt",
                 UserWarning,
-                stacklevel=CALLER_STACKLEVEL,
+                stacklevel=CALLER_STACKLEVEL + helpers,
             )
 
     def begin_call(self, plan: Plan, guidance_scale: float, joint_attention_kwargs: dict | None) -> None:
