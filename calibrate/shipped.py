@@ -61,6 +61,17 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
         "| schedule | steps | ends | starts (re-noised) | shifts | Z (c) | r | JS distance | paper optimiser, same h0 | "
         "speed-up linear | speed-up total |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
+    def main_job(model: str, target: float) -> Schedule:
+        """What ``ralu-calibrate --model MODEL --speedup TARGET`` writes (same trials and seed)."""
+        return calibrate(model, speedup=target, trials=trials, seed=seed, objective=default_objective(True, "global"))
+
+    def ship(name: str, schedule: Schedule, paper_js: float | None) -> str:
+        """Write the schedule file and its plot; return its table row."""
+        save_schedule(schedule, schedules_dir / f"{name}.json")
+        plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
+        print(f"{name}: JS {schedule.divergence.js_distance:.6f}, {schedule.flops_speedup.linear:.2f}x linear")
+        return _row(name, schedule, paper_js)
+
     rows, notes = [], []
     for preset in PRESETS:
         spec = get_model(preset.model)
@@ -69,25 +80,14 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
         # what `ralu-calibrate --steps ... --ends ...` and `ralu-calibrate --speedup X` write (their objectives by default)
         given = calibrate(preset.model, steps=list(preset.steps), ends=list(preset.ends), up_ratio=preset.up_ratio, seed=seed,
                           objective=default_objective(False, "global"))
-        searched = calibrate(preset.model, speedup=preset.target, trials=trials, seed=seed, objective=default_objective(True, "global"))
-        for name, schedule, paper_js in ((preset.name, given, paper_here), (f"{preset.name}-searched", searched, None)):
-            save_schedule(schedule, schedules_dir / f"{name}.json")
-            plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
-            rows.append(_row(name, schedule, paper_js))
-            print(f"{name}: JS {schedule.divergence.js_distance:.6f}, {schedule.flops_speedup.linear:.2f}x linear")
+        rows.append(ship(preset.name, given, paper_here))
+        rows.append(ship(f"{preset.name}-searched", main_job(preset.model, preset.target), None))
         published = f"{preset.speedup}x" if preset.speedup else "not stated"
         notes.append(
             f"- `{preset.name}`: published shifts {', '.join(f'{h:g}' for h in preset.shifts)}, c = {preset.c:.4f} "
             f"(h0 = {PAPER_H0:g}); our linear-convention speed-up {given.flops_speedup.linear:.2f}x vs published {published}."
         )
-    family_rows = []
-    for model, target in MAIN_JOB_BUDGETS:
-        name = f"{model}-{target:g}x"
-        schedule = calibrate(model, speedup=target, trials=trials, seed=seed, objective=default_objective(True, "global"))
-        save_schedule(schedule, schedules_dir / f"{name}.json")
-        plot_schedule(schedule, reports_dir / "schedules" / f"{name}.png")
-        family_rows.append(_row(name, schedule, None))
-        print(f"{name}: JS {schedule.divergence.js_distance:.6f}, {schedule.flops_speedup.linear:.2f}x linear")
+    family_rows = [ship(f"{model}-{target:g}x", main_job(model, target), None) for model, target in MAIN_JOB_BUDGETS]
     plots = "\n".join(f"![{p.stem}](schedules/{p.name})" for p in sorted((reports_dir / "schedules").glob("*.png")))
     judged = judgement(reports_dir, [p.name for p in PRESETS])
     main_job = (": what the main job, `ralu-calibrate --model M --speedup X`, writes (same call, trials and seed)" if trials == MAIN_JOB_TRIALS

@@ -175,7 +175,7 @@ def read_reference_image(path: str) -> tuple[Any, dict]:
     return image, {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def check_negative_prompt(setup: Setup, args: argparse.Namespace, negative_prompt: str | None, where: str = "") -> None:
+def check_negative_prompt(setup: Setup, negative_prompt: str | None, where: str = "") -> None:
     """A negative prompt needs the family's classifier-free guidance on (its CFG argument > 1)."""
     from ralu.runtime.models import get_family
 
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         return run_prompts(args)
     num_images = 1 if args.num_images is None else args.num_images
     setup = prepare(args)
-    check_negative_prompt(setup, args, args.negative_prompt)
+    check_negative_prompt(setup, args.negative_prompt)
     check_text_components(Path(args.model), setup.family)
     out = make_out_folder(args)  # after every check, before the pipeline is loaded
     device, dtype_name = choose_device(args)
@@ -359,7 +359,7 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
     except ValueError as error:
         raise CLIError(str(error)) from None
     for job in jobs:
-        check_negative_prompt(setup, args, job.negative_prompt, f" (prompt {job.index})")
+        check_negative_prompt(setup, job.negative_prompt, f" (prompt {job.index})")
     out = make_out_folder(args)
 
     device, _ = choose_device(args)
