@@ -156,8 +156,8 @@ def verdicts(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> l
         group = [r for r in rows if r.budget == budget and r.cache is None]
         ralu = [r for r in group if staged(r)]
         peers = [r for r in group if not staged(r)]
-        steps = next(r for r in peers if r.method == "base-steps")
-        for key, _, higher, _ in METRICS:
+        steps = next((r for r in peers if r.method == "base-steps"), None)
+        for key, _, higher, _ in METRICS if ralu and steps is not None else ():
             a = best(ralu, key, higher)
             out.append(verdict(stats, arch, budget, key, "best RALU row vs best non-RALU row", a, best(peers, key, higher), measured))
             out.append(verdict(stats, arch, budget, key, "best RALU row vs base model with fewer steps", a, steps, measured))
@@ -227,14 +227,15 @@ def estimate_minutes(runs: list[ArchRun], config: V2Config, probe_images: int = 
         labels = data.balanced_labels(probe_images, 0)
         flops = planned_flops(run)
         rate = {}
-        probe = next(m for m in run.methods if m.kind == "ralu")
-        for kind, method in (("pipeline", ArchMethod("probe", 1, "probe", "pipeline", steps=2, forwards=[tb.FULL_TOKENS] * 2, arch=run.arch)), ("ralu", probe)):
+        probe = next((m for m in run.methods if m.kind == "ralu"), None)
+        plain = ArchMethod("probe", 1, "probe", "pipeline", steps=2, forwards=[tb.FULL_TOKENS] * 2, arch=run.arch)
+        for kind, method in (("pipeline", plain), ("ralu", probe)) if probe else (("pipeline", plain),):
             t0 = time.time()
             run.sampler._generate(method, labels, 0)
             rate[kind] = (time.time() - t0) / (probe_images * flops(method))
-        per_image = sum(rate["ralu" if m.kind == "ralu" else "pipeline"] * flops(m) for m in run.methods) * len(config.seeds)
+        per_image = sum(rate.get("ralu" if m.kind == "ralu" else "pipeline", rate["pipeline"]) * flops(m) for m in run.methods) * len(config.seeds)
         sweep_rows = [m for m in run.methods if m.key.startswith("ralu-ours") and m.cache is None and m.budget == config.budgets[run.arch][0]][:1]
-        per_image += len(config.z_values) * len(config.sweep_seeds) * sum(rate["ralu"] * flops(m) for m in sweep_rows)
+        per_image += len(config.z_values) * len(config.sweep_seeds) * sum(rate.get("ralu", rate["pipeline"]) * flops(m) for m in sweep_rows)
         total += per_image * config.images / 60.0
     return total
 
