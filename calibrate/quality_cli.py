@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reference-seed-offset", type=int, default=0, metavar="K",
                        help="draw the base model's samples from seed + K (default 0: the same seeds; with a set metric such as testbed-v2-fd, "
                        "K != 0 compares distributions instead of rewarding a retrace of the base model's path)")
+    group.add_argument("--spectral-weight", type=float, default=None, metavar="W",
+                       help="score = distance x (1 + W x spectral distance), the spectral distance between the mean radial power spectra of the "
+                       "candidate's images and the base model's samples (default 4: the reason is in ralu.calibrate.quality_search.SPECTRAL_WEIGHT; "
+                       "0: the distance alone)")
     group.add_argument("--cache-dir", type=Path, help="where the base model's reference samples are kept between runs (default .ralu-references)")
     group.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per pruning report (default 8)")
     group.add_argument("--guidance-scale", type=float, default=None, help="default: the quality target's own, else 3.5")
@@ -43,6 +47,10 @@ def check(args: argparse.Namespace) -> None:
         from .search import check_min_signal
 
         check_min_signal(args.min_signal)
+    if args.spectral_weight is not None:
+        from .quality_search import check_spectral_weight
+
+        check_spectral_weight(args.spectral_weight, "--spectral-weight ")
     check_pipeline_options(args)
 
 
@@ -122,7 +130,8 @@ def run_quality(args: argparse.Namespace, out: Path) -> int:
         pipe, [job.prompt for job in jobs], args.speedup, seeds=[job.seed for job in jobs],
         batch_size=args.batch_size, trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
         extra_candidates=known, cache_dir=args.cache_dir or Path(".ralu-references"), reference_seed_offset=args.reference_seed_offset, show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
-        **({} if args.min_signal is None else {"min_signal": args.min_signal}), **options,
+        **({} if args.min_signal is None else {"min_signal": args.min_signal}),
+        **({} if args.spectral_weight is None else {"spectral_weight": args.spectral_weight}), **options,
     )
     save_schedule(result.best, out)
     print(result.describe())

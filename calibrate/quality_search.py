@@ -12,6 +12,12 @@ answer "fewer steps" when that is what the images say.
   holding a feature model saved with ``torch.export.save`` as ``features.pt2`` (features'
   mean squared difference).  A set-level callable (``set_level = True``, e.g. a Frechet
   distance) scores the whole set.
+* Spectral term: the score is ``distance * (1 + spectral_weight * spectral)``, ``spectral``
+  the distance between the mean radial power spectra (luma, Hann window) of the candidate's
+  images and of the references (:func:`spectral_distance`, the quality testbed's definition
+  in the product's own code), so that a candidate that smooths away the model's fine detail
+  pays for it even where the distance does not see it.  The factor is relative, so one
+  weight serves every metric; :data:`SPECTRAL_WEIGHT` says why 4.  0 is the distance alone.
 * Target: the pipeline, prompts, reference key, metric and cost ``speedup_of`` are
   arguments; nothing here knows a particular model.  A named target (``--pipeline NAME``,
   e.g. the lab's quality testbed) plugs in through :mod:`ralu.calibrate.plugins`.
@@ -91,6 +97,75 @@ def feature_distance(features: Callable[[torch.Tensor], torch.Tensor]) -> Metric
         return (a - b).pow(2).flatten(1).mean(dim=1)
 
     return metric
+
+
+# Spectra: mean radial power spectra of two image sets, compared on a log scale.
+#: Weight of the spectral term (score = distance * (1 + weight * spectral)).  Held out, the
+#: FLUX 7x budget-filling pick made 12-15 % less power than the 50-step samples at middle
+#: and fine radii (spectral distance 0.059 to them, against 0.028-0.030 for the schedules
+#: that keep the model's spectrum; reports/experiments/quality-search-v2/budget-filling/
+#: fidelity-7x.md), which FD alone did not penalise.  At 4 that excess costs 11 % of the
+#: score, (1 + 4 * 0.059) / (1 + 4 * 0.029) = 1.11: the FD margin by which the pick won its
+#: search (144.3 against the published preset's 160.3).  So a smoothing that large has to be
+#: bought with at least that much FD.
+SPECTRAL_WEIGHT = 4.0
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """``(n, H, W)`` luma (ITU-R BT.601 weights) of images in [0, 1] ``(n, 3, H, W)``, float64."""
+    x = images.double().clamp(0.0, 1.0)
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def radial_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """``(n, min(H, W) // 2)``: every image's luma power (mean removed, Hann window along
+    each side) averaged over the frequency rings of radius 1, 2, ... cycles per the shorter
+    side.  Images in [0, 1] ``(n, 3, H, W)``; on square images, the quality testbed's spectrum
+    (``ralu_lab.testbed.v2.metrics.radial_power_spectrum``, which reads [-1, 1])."""
+    y = luma(images)
+    n, h, w = y.shape
+    side = min(h, w)
+    y = y - y.mean(dim=(1, 2), keepdim=True)
+    window_h = torch.hann_window(h, periodic=False, dtype=torch.float64)
+    window_w = torch.hann_window(w, periodic=False, dtype=torch.float64)
+    power = torch.fft.fft2(y * window_h[:, None] * window_w[None, :]).abs().pow(2)
+    # Frequencies in cycles per the shorter side, so that rings are round on any aspect.
+    fy = torch.fft.fftfreq(h, d=1.0 / side, dtype=torch.float64)
+    fx = torch.fft.fftfreq(w, d=1.0 / side, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).round().long()
+    rings = side // 2
+    keep = (radius >= 1) & (radius <= rings)
+    index = (radius[keep] - 1).expand(n, -1)
+    total = torch.zeros(n, rings, dtype=torch.float64).scatter_add_(1, index, power[:, keep])
+    count = torch.zeros(rings, dtype=torch.float64).scatter_add_(0, radius[keep] - 1, torch.ones_like(power[0, keep]))
+    return total / count
+
+
+def spectral_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over radii of ``|log10 Pa(r) - log10 Pb(r)|``, ``P`` a set's mean radial power
+    spectrum (:func:`radial_power_spectrum`): 0 for identical sets, 0.05 for a power factor
+    of 1.12 (or 1 / 1.12) at every radius, 1 for tenfold.  ``a`` and ``b`` are images in [0, 1] or
+    their spectra ``(n, rings)``."""
+    pa = a if a.ndim == 2 else radial_power_spectrum(a)
+    pb = b if b.ndim == 2 else radial_power_spectrum(b)
+    return float((torch.log10(pa.mean(0) + eps) - torch.log10(pb.mean(0) + eps)).abs().mean())
+
+
+def check_spectral_weight(weight, name: str = "spectral_weight=") -> float:
+    """``weight`` as a float when it is a finite number >= 0; a one-line ValueError naming it
+    as ``name`` (the keyword, or a command-line option) otherwise."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(weight, bool) or not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name}{weight!r} must be a finite number >= 0 (0: the distance alone). Fix: e.g. {name}{SPECTRAL_WEIGHT:g}")
+    return value
+
+
+def spectral_score(distance: float, spectral: float, weight: float) -> float:
+    """The search's score: ``distance * (1 + weight * spectral)``."""
+    return distance * (1.0 + weight * spectral)
 
 
 #: A feature model in a metric folder: an exported program (``torch.export.save``) mapping
@@ -313,26 +388,31 @@ class SearchResult:
     history: list[dict]
     #: speed-up of best / plain / ralu in the search's own cost model
     speedups: dict = field(default_factory=dict)
+    #: the parts of the score of best / plain / ralu: ``{"distance": ..., "spectral": ...}``
+    parts: dict = field(default_factory=dict)
+    #: score = distance * (1 + spectral_weight * spectral)
+    spectral_weight: float = 0.0
 
     @property
     def plain_wins(self) -> bool:
         return len(self.best.stages) == 1
 
     def describe(self) -> str:
-        lines = [f"quality search: {self.trials} trials ({self.pruned} pruned); distance to the base model's samples, lower is better"]
+        lines = [f"quality search: {self.trials} trials ({self.pruned} pruned); score = distance to the base model's samples x "
+                 f"(1 + {self.spectral_weight:g} x spectral distance to them), lower is better"]
         for key, label, schedule, value in (("plain", "best plain (fewer steps)", self.plain, self.plain_value), ("ralu", "best RALU (2-3 stages)", self.ralu, self.ralu_value)):
             if schedule is None:
                 lines.append(f"  {label}: none finished")
                 continue
             stages = ", ".join(f"{s.steps}@[{s.start:.3f},{s.end:.2f}] h={s.shift:.2f}" for s in schedule.stages)
             extra = f", Z = {schedule.z:.2f}, r = {schedule.up_ratio:g}" if len(schedule.stages) > 1 else ""
-            lines.append(f"  {label}: {value:.5f}  ({stages}{extra}; speed-up {self.speedups.get(key, float('nan')):.2f}x)")
+            lines.append(f"  {label}: {value:.5f}{self._parts(self.parts.get(key, {}))}  ({stages}{extra}; speed-up {self.speedups.get(key, float('nan')):.2f}x)")
         for trial in self.history:
             source = trial.get(SOURCE_ATTR)
             if source in (None, *OWN_SEED_SOURCES):
                 continue
             if trial["state"] == "COMPLETE" and trial.get("feasible"):
-                outcome = f"{trial['value']:.5f}"
+                outcome = f"{trial['value']:.5f}{self._parts(trial)}"
             elif trial["state"] == "COMPLETE":
                 outcome = "outside the budget or the signal floor"
             else:
@@ -343,6 +423,24 @@ class SearchResult:
         else:
             lines.append("  RALU scores best on these images")
         return "\n".join(lines)
+
+    @staticmethod
+    def _parts(record: dict) -> str:
+        if not all(name in record for name in SCORE_PARTS):
+            return ""
+        return f" (distance {record['distance']:.5f}, spectral {record['spectral']:.4f})"
+
+    def summary(self) -> dict:
+        """The answer as JSON-ready data: the score's definition, and the best, best plain and
+        best RALU schedules each with its score, the score's parts and its speed-up."""
+        out = {"score": "distance * (1 + spectral_weight * spectral)", "spectral_weight": self.spectral_weight,
+               "trials": self.trials, "pruned": self.pruned, "plain_wins": self.plain_wins}
+        for key, schedule, value in (("best", self.best, self.best_value), ("plain", self.plain, self.plain_value), ("ralu", self.ralu, self.ralu_value)):
+            out[key] = None if schedule is None else {
+                "score": value, **self.parts.get(key, {}), "speedup": self.speedups.get(key),
+                "schedule": schedule.model_dump(mode="json", exclude={"cache"} if schedule.cache is None else None),
+            }
+        return out
 
 
 def default_speedup_of(model: str, height: int, width: int, base_steps: int, convention: str = "linear") -> SpeedupOf:
@@ -444,6 +542,7 @@ def search(
     extra_candidates: Sequence[Candidate | Schedule | tuple[str, Candidate | Schedule]] = (),
     reference_seed_offset: int = 0,
     min_signal: float = MIN_SIGNAL,
+    spectral_weight: float = SPECTRAL_WEIGHT,
     show_progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
     **call_kwargs,
@@ -460,7 +559,10 @@ def search(
     compares distributions without rewarding a candidate for retracing the base model's
     path image by image.  ``min_signal``: every candidate's transitions keep at least this
     signal (Z is drawn below the cap of docs/method.md §4; a given candidate above it is
-    infeasible; 0: no cap).  Extra keyword arguments go to every pipeline call.
+    infeasible; 0: no cap).  ``spectral_weight``: the score is ``distance * (1 +
+    spectral_weight * spectral)`` (:data:`SPECTRAL_WEIGHT`; 0: the distance alone), both
+    parts recorded on every trial; a stored study keeps the weight it was started with.
+    Extra keyword arguments go to every pipeline call.
     """
     ralu = to_ralu(pipe)
     family = "flux" if type(ralu).__name__.startswith("RALUFlux") else "sd3"
@@ -475,6 +577,7 @@ def search(
     if int(trials) < 1:
         raise ValueError(f"trials={trials!r} must be at least 1")
     min_signal = check_min_signal(min_signal)
+    spectral_weight = check_spectral_weight(spectral_weight)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     images = ImageSet(list(prompts), seeds, encode, guidance_scale, int(batch_size), dict(call_kwargs))
     speedup_of = speedup_of or default_speedup_of(spec.name, height, width, base_steps)
@@ -496,6 +599,7 @@ def search(
     batches = images.batches()
     log(f"quality search for {speedup}x: {len(images.prompts)} images in {len(batches)} batches, {trials} trials, seed {seed}; the plain sampler affords {plain_steps} steps")
     references = [sampler.references(list(b)) for b in batches]
+    reference_spectra = [radial_power_spectrum(r) for r in references]
 
     def objective(trial: optuna.Trial) -> float:
         candidate = _suggest(trial, h0, fill, min_signal)
@@ -517,16 +621,24 @@ def search(
         if twin is not None:
             trial.set_user_attr(shared.SAME_AS_ATTR, twin.user_attrs.get(shared.SAME_AS_ATTR, twin.number))
             trial.set_user_attr("feasible", twin.user_attrs.get("feasible", False))
+            for name in SCORE_PARTS:
+                if name in twin.user_attrs:
+                    trial.set_user_attr(name, twin.user_attrs[name])
             return twin.value
         schedule = candidate_schedule(spec.name, height, width, base_steps, h0, candidate, min_signal=min_signal)
-        made, distances = [], []
+        made, distances, spectra = [], [], []
         for step, (indices, refs) in enumerate(zip(batches, references)):
             made.append(sampler.sample(schedule, list(indices)))
+            spectra.append(radial_power_spectrum(made[-1]))
             if set_level:
-                value = float(measure(torch.cat(made), torch.cat(references[: step + 1])))
+                distance = float(measure(torch.cat(made), torch.cat(references[: step + 1])))
             else:
                 distances.append(measure(made[-1], refs).double().reshape(-1))
-                value = float(torch.cat(distances).mean())
+                distance = float(torch.cat(distances).mean())
+            spectral = spectral_distance(torch.cat(spectra), torch.cat(reference_spectra[: step + 1]))
+            value = spectral_score(distance, spectral, spectral_weight)
+            trial.set_user_attr("distance", distance)
+            trial.set_user_attr("spectral", spectral)
             trial.set_user_attr("images_scored", sum(len(b) for b in batches[: step + 1]))
             trial.report(value, step)
             if trial.should_prune():
@@ -538,6 +650,7 @@ def search(
     # A set-level distance of the first batch alone is too noisy to prune on.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP, n_warmup_steps=1 if set_level else 0)
     study = shared.open_study(storage, study_name, seed, pruner=pruner)
+    keep_spectral_weight(study, spectral_weight, storage)
     for params, attrs in first_trials(seed_candidates(h0, plain_steps, speedup_of, speedup, limit), extra_candidates):
         study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)  # workers starting together enqueue each once
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -549,7 +662,26 @@ def search(
             study.optimize(objective, n_trials=trials - done, show_progress_bar=show_progress,
                            callbacks=[MaxTrialsCallback(trials, states=finished)])
     shared.wait_for_running(study, log)
-    return _result(study, spec.name, height, width, base_steps, h0, min_signal)
+    return _result(study, spec.name, height, width, base_steps, h0, min_signal, spectral_weight)
+
+
+#: Trial attributes holding the two parts of a sampled trial's score (after its last batch).
+SCORE_PARTS = ("distance", "spectral")
+#: Study attribute holding the spectral weight its scores were made with.
+SPECTRAL_WEIGHT_ATTR = "spectral_weight"
+
+
+def keep_spectral_weight(study: optuna.Study, weight: float, storage: str | None) -> None:
+    """Record ``weight`` on a new study; refuse, in one line, to resume one scored with
+    another (a study from before the spectral term has weight 0), since scores made with two
+    weights do not compare."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    stored = study.user_attrs.get(SPECTRAL_WEIGHT_ATTR, 0.0 if finished else None)
+    if stored is None:
+        study.set_user_attr(SPECTRAL_WEIGHT_ATTR, weight)
+    elif float(stored) != weight:
+        raise ValueError(f"study {study.study_name!r} in {storage} was scored with spectral weight {float(stored):g}, not {weight:g}. "
+                         f"Fix: pass spectral weight {float(stored):g} to resume it, or a new study name")
 
 
 #: Trial attribute naming where an enqueued candidate came from ("plain sampler", "published 7x preset", ...).
@@ -587,18 +719,20 @@ def _candidate(trial: optuna.trial.FrozenTrial) -> Candidate:
     return Candidate(tuple(trial.user_attrs["steps"]), tuple(trial.user_attrs["ends"]), shifts, trial.user_attrs["z"], trial.user_attrs["up_ratio"])
 
 
-def _result(study: optuna.Study, model: str, height: int, width: int, base_steps: int, h0: float, min_signal: float = 0.0) -> SearchResult:
+def _result(study: optuna.Study, model: str, height: int, width: int, base_steps: int, h0: float, min_signal: float = 0.0,
+            spectral_weight: float = 0.0) -> SearchResult:
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not complete:
         raise ValueError(f"no candidate among {len(study.trials)} trials met the budget and finished. Fix: raise the number of trials or lower the speed-up")
 
-    speedups = {}
+    speedups, parts = {}, {}
 
     def best_of(key, trials):
         if not trials:
             return None, None
         best = min(trials, key=lambda t: (t.value, t.number))
         speedups[key] = best.user_attrs["speedup"]
+        parts[key] = {name: best.user_attrs[name] for name in SCORE_PARTS if name in best.user_attrs}
         return candidate_schedule(model, height, width, base_steps, h0, _candidate(best), min_signal=min_signal), float(best.value)
 
     best, best_value = best_of("best", complete)
@@ -606,7 +740,7 @@ def _result(study: optuna.Study, model: str, height: int, width: int, base_steps
     ralu, ralu_value = best_of("ralu", [t for t in complete if t.params["stages"] > 1])
     history = [{"number": t.number, "state": t.state.name, "value": t.value, **t.params, **t.user_attrs} for t in study.trials]
     pruned = sum(t.state == TrialState.PRUNED for t in study.trials)
-    return SearchResult(best, best_value, plain, plain_value, ralu, ralu_value, len(study.trials), pruned, history, speedups)
+    return SearchResult(best, best_value, plain, plain_value, ralu, ralu_value, len(study.trials), pruned, history, speedups, parts, spectral_weight)
 
 
 # ----------------------------------------------------------------------------------------

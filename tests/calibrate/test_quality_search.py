@@ -263,3 +263,54 @@ def test_given_schedules_are_tried_first_and_named_in_the_answer(pipe, tmp_path,
     code, _, stderr = run_cli(["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", tmp_path / "prompts.txt", "--speedup", 4,
                                "--candidate", tmp_path / "missing.json", "--out", tmp_path / "q.json", "--quiet"], capsys)
     assert code == 2 and stderr.count("\n") == 1 and "--candidate" in stderr and not (tmp_path / "q.json").exists()
+
+
+@pytest.mark.lab  # the product's spectrum checked against the lab's definition
+def test_the_spectral_term_equals_the_testbeds_spectral_distance():
+    from ralu.calibrate import quality_search
+    from ralu_lab.testbed.v2 import metrics
+
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.rand(5, 3, 64, 64, generator=generator), torch.rand(7, 3, 64, 64, generator=generator) ** 2
+    # the lab reads images in [-1, 1], the product in [0, 1]
+    assert torch.allclose(quality_search.radial_power_spectrum(a), metrics.radial_power_spectrum(a * 2.0 - 1.0), rtol=1e-5, atol=0.0)
+    expected = metrics.spectral_distance(a * 2.0 - 1.0, b * 2.0 - 1.0)
+    assert expected > 0.02 and quality_search.spectral_distance(a, b) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cli_refuses_a_bad_spectral_weight_in_one_line(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    for bad in ("-1", "nan", "inf"):
+        code, _, stderr = run_cli(["--model", "flux", "--objective", "quality", "--pipeline", "testbed", "--prompts", tmp_path / "prompts.txt", "--speedup", 4,
+                                   "--spectral-weight", bad, "--out", tmp_path / "q.json", "--quiet"], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and "--spectral-weight" in stderr and "finite number >= 0" in stderr
+
+
+@pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
+def test_quality_testbed_runs_sd3_at_both_budgets_with_both_parts_of_the_score(tmp_path, monkeypatch):
+    """``python -m ralu_lab.bench.quality_testbed --arch sd3 --budgets 2 3``, tiny: SD3's
+    budgets, costs and known schedules, crop positions on every call, and the result files."""
+    from ralu.runtime.sd3 import RALUStableDiffusion3Pipeline
+    from ralu_lab.bench import quality_testbed
+
+    positions = []
+    call = RALUStableDiffusion3Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        positions.append(kwargs.get("low_res_positions"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(RALUStableDiffusion3Pipeline, "__call__", spy)
+    assert quality_testbed.main(["--arch", "sd3", "--budgets", "2", "3", "--images", "2", "--trials", "2", "--batch-size", "2", "--metric", "pixel",
+                                 "--spectral-weight", "3", "--out-dir", str(tmp_path)]) == 0
+    assert positions and set(positions) == {"crop"}
+    for budget, preset in ((2, [5, 6, 9]), (3, [3, 3, 6])):
+        result = json.loads((tmp_path / f"quality-v2-sd3-{budget}x-result.json").read_text())
+        assert result["settings"]["low_res_positions"] == "crop" and result["spectral_weight"] == 3.0
+        best = result["best"]
+        assert best["score"] == pytest.approx(best["distance"] * (1 + 3.0 * best["spectral"]))
+        assert best["speedup"] >= result["settings"]["target_speedup"] > budget  # the testbed's budget: the preset's own speed-up there
+        assert load_schedule(tmp_path / f"quality-v2-sd3-{budget}x.json").model == "sd3-medium"
+        trials = json.loads((tmp_path / f"quality-v2-sd3-{budget}x-trials.json").read_text())
+        assert [t["given_steps"] for t in trials if t.get("source") == f"published {budget}x preset"] == [preset]  # queued, not sampled in 2 trials
+        assert all("distance" in t and "spectral" in t for t in trials if t["state"] == "COMPLETE" and t.get("feasible"))

@@ -6,9 +6,14 @@
 For each budget (the published preset's transformer-FLOPs speed-up on the generator, as the
 harness matches its rows) it runs
 :func:`ralu_lab.bench.quality.v2.search_target.search_testbed_v2` (FD in the testbed
-classifier's features) on prompts and seeds of ``--image-seed`` (disjoint from the harness's
-seeds) and writes ``DIR/quality-v2-{arch}-{budget}x.json`` (the best schedule: the plain one
-when it wins) and ``DIR/quality-v2-{arch}-{budget}x-trials.json``.  Judge them on held-out
+classifier's features, times ``1 + --spectral-weight x`` the spectral distance to the
+references) on prompts and seeds of ``--image-seed`` (disjoint from the harness's seeds) and
+writes ``DIR/quality-v2-{arch}-{budget}x.json`` (the best schedule: the plain one when it
+wins), ``DIR/quality-v2-{arch}-{budget}x-result.json`` (the best, best plain and best RALU
+schedules with their scores and both parts of each, and the settings) and
+``DIR/quality-v2-{arch}-{budget}x-trials.json`` (every trial, with both parts).  SD3 runs
+with ``--low-res-positions`` (default ``crop``, the runtime's own; a schedule file does not
+carry it).  Judge them on held-out
 seeds with ``ralu-bench quality --schedule ...``.  (Testbed v1's search is retired;
 ``--testbed v2`` is still accepted.)
 """
@@ -74,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--metric", default=None, help="default testbed-v2-fd")
     parser.add_argument("--reference-seed-offset", type=int, default=500_000)
+    parser.add_argument("--spectral-weight", type=float, default=None,
+                        help="score = FD x (1 + W x spectral distance) (default: the search's, ralu.calibrate.quality_search.SPECTRAL_WEIGHT; 0: FD alone)")
+    parser.add_argument("--low-res-positions", choices=("crop", "stretch"), default=None,
+                        help="SD3: positions of the low-resolution stages (default crop, the runtime's default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-known", action="store_true", help="v2: do not start from the published preset, our calibration and the shipped -searched file")
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -82,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     budgets = args.budgets or ([4, 7] if args.arch == "flux" else [2, 3])
     if any(b not in published for b in budgets):
         parser.error(f"--budgets {budgets}: the {args.arch} budgets are the published presets' speed-ups {published}. Fix: pick from those")
+    if args.low_res_positions is not None and args.arch != "sd3":
+        parser.error("--low-res-positions is an SD3 option (FLUX's rotary positions have no crop or stretch). Fix: drop it, or --arch sd3")
+    if args.spectral_weight is not None:
+        from ralu.calibrate.quality_search import check_spectral_weight
+
+        try:
+            check_spectral_weight(args.spectral_weight, "--spectral-weight ")
+        except ValueError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     from ralu_lab.testbed.v2 import model as tb
@@ -97,11 +115,19 @@ def main(argv: list[str] | None = None) -> int:
                       storage=str(args.out_dir / f"study-{stem}-{budget}x.log"), study_name=f"{stem}-{budget}x", log=print)
         if args.metric is not None:
             common["metric"] = args.metric
+        if args.spectral_weight is not None:
+            common["spectral_weight"] = args.spectral_weight
+        if args.arch == "sd3":
+            common["low_res_positions"] = args.low_res_positions or "crop"
         if not args.no_known:
             common["extra_candidates"] = known_candidates_v2(args.arch, budget)
         result = search_testbed_v2(args.arch, target, **common)
         print(f"{budget}x (speed-up >= {target}x on the testbed):\n{result.describe()}\n  {time.time() - started:.0f} s", flush=True)
         save_schedule(result.best, args.out_dir / f"{stem}-{budget}x.json")
+        settings = {"arch": args.arch, "budget": budget, "target_speedup": target, "images": args.images, "image_seed": args.image_seed,
+                    "trials": args.trials, "batch_size": args.batch_size, "metric": args.metric or "testbed-v2-fd",
+                    "reference_seed_offset": args.reference_seed_offset, "low_res_positions": common.get("low_res_positions")}
+        (args.out_dir / f"{stem}-{budget}x-result.json").write_text(json.dumps({"settings": settings, **result.summary()}, indent=1) + "\n")
         (args.out_dir / f"{stem}-{budget}x-trials.json").write_text(json.dumps(result.history, indent=1, default=str) + "\n")
     return 0
 
