@@ -354,3 +354,253 @@ def paired_set_bootstrap(
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("the bootstrap interval is not finite (too few distinct images for this metric). Fix: use more images")
     return Comparison(difference, low, high, confidence, _verdict(low, high, higher_is_better, names))
+
+
+# ----------------------------------------------------------------------------------------
+# Intervals and paired comparisons that resample clusters (seeds).
+# ----------------------------------------------------------------------------------------
+
+
+class SummedSetMetric:
+    """A set metric that is a function of sums over its items: :meth:`summary` of a group of
+    items is a flat ``(K,)`` tensor, summaries of disjoint groups add, and :meth:`of_summaries`
+    turns ``(R, K)`` added summaries into ``(R,)`` metric values.  A cluster bootstrap then
+    adds a resample's cluster summaries (one matrix product for all resamples) instead of
+    gathering and re-reading its images; calling it on items gives the plain metric."""
+
+    def summary(self, items: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def of_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, items: torch.Tensor) -> float:
+        return float(self.of_summaries(self.summary(items)[None])[0])
+
+
+class ReferenceFrechetDistance(SummedSetMetric):
+    """FD of feature sets ``(n, d)`` to fixed reference features: ``|mu - mu_r|^2 + tr(S) +
+    tr(S_r) - 2 tr((S_r^1/2 S S_r^1/2)^1/2)``, the value of :func:`feature_frechet_distance`.
+
+    A group's summary is its count, its sum and sum of squared norms of ``x - mu_r`` and
+    ``S_r^1/2 (sum (x - mu_r)(x - mu_r)^T) S_r^1/2``: the rotated covariance of any union of
+    groups follows without a d x d product per resample, leaving one symmetric eigenvalue
+    problem (a third of the time of forming the covariance and rotating it).  Features are
+    taken relative to the reference mean so that no large mean cancels in ``M - n mu mu^T``."""
+
+    def __init__(self, reference_features: torch.Tensor):
+        features = reference_features.double()
+        self.mean = features.mean(0)
+        cov = torch.cov(features.T)
+        values, vectors = torch.linalg.eigh(cov)
+        self.root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+        self.trace = cov.trace()
+        self.dim = features.shape[1]
+
+    def summary(self, items: torch.Tensor) -> torch.Tensor:
+        x = items.double() - self.mean
+        rotated = x @ self.root
+        return torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum().reshape(1), (rotated.T @ rotated).flatten()])
+
+    def of_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        n = summaries[:, 0]
+        shift = summaries[:, 1:d + 1] / n[:, None]  # mu - mu_r
+        squares = summaries[:, d + 1]
+        rotated_shift = shift @ self.root
+        rotated_cov = (summaries[:, d + 2:].reshape(-1, d, d) - n[:, None, None] * rotated_shift[:, :, None] * rotated_shift[:, None, :]) / (n - 1)[:, None, None]
+        trace = (squares - n * shift.pow(2).sum(1)) / (n - 1)
+        inner = torch.linalg.eigvalsh(rotated_cov).clamp_min(0).sqrt().sum(-1)
+        return shift.pow(2).sum(1) + trace + self.trace - 2.0 * inner
+
+
+class ReferenceSpectralDistance(SummedSetMetric):
+    """:func:`spectral_distance` of radial spectra ``(n, R)`` to fixed reference spectra; a
+    group's summary is its count and the sum of its spectra."""
+
+    def __init__(self, reference_spectra: torch.Tensor, eps: float = 1e-12):
+        self.log_reference = torch.log10(reference_spectra.double().mean(0) + eps)
+        self.eps = eps
+
+    def summary(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.cat([items.new_tensor([items.shape[0]], dtype=torch.float64), items.double().sum(0)])
+
+    def of_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        mean = summaries[:, 1:] / summaries[:, :1]
+        return (torch.log10(mean + self.eps) - self.log_reference).abs().mean(1)
+
+
+def cluster_groups(clusters, n: int) -> list[np.ndarray]:
+    """The item indices of every cluster (``clusters``: one cluster id per item, e.g. its seed),
+    clusters in increasing id."""
+    ids = np.asarray(clusters.cpu() if isinstance(clusters, torch.Tensor) else clusters)
+    if ids.shape != (n,):
+        raise ValueError(f"clusters must give one id per item: {n} items, {ids.shape} ids")
+    return [np.flatnonzero(ids == c) for c in np.unique(ids)]
+
+
+def cluster_draws(n_clusters: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n_clusters)`` cluster numbers drawn with replacement: row r is resample r."""
+    return np.random.default_rng(seed).integers(0, n_clusters, size=(n_resamples, n_clusters))
+
+
+def few_clusters_scale(n_clusters: int, confidence: float) -> float:
+    """How much a bootstrap interval over ``G`` clusters is widened around its centre:
+    ``sqrt(G / (G - 1)) * t_{G-1} / z`` (quantiles at ``(1 + confidence) / 2``).
+
+    The spread of resampled cluster means is the spread of G draws taken with divisor G, and
+    a mean of G cluster means is a t statistic with G - 1 degrees of freedom, not a normal
+    one: the usual finite-cluster correction of the variance (G / (G - 1), Cameron & Miller
+    2015 §VI) and t critical values.  For a mean of normal cluster means the widened interval
+    is the exact t interval; at 16 clusters the factor is 1.12, at 8 1.29, at 2 9.2."""
+    from scipy.stats import norm, t
+
+    if n_clusters < 2:
+        raise ValueError(f"a cluster bootstrap needs at least 2 clusters, got {n_clusters}")
+    q = (1.0 + confidence) / 2.0
+    return math.sqrt(n_clusters / (n_clusters - 1)) * float(t.ppf(q, n_clusters - 1)) / float(norm.ppf(q))
+
+
+def _cluster_limits(value: float, resampled: np.ndarray, centre: float, confidence: float, n_clusters: int) -> tuple[float, float]:
+    """``value`` plus the resampled values' percentile limits taken from ``centre`` (the value
+    itself for a mean; the resamples' mean for a set metric, which moves the interval by the
+    bootstrap's bias), widened by :func:`few_clusters_scale`."""
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(resampled, [alpha, 1.0 - alpha])
+    scale = few_clusters_scale(n_clusters, confidence)
+    return value + scale * (float(low) - centre), value + scale * (float(high) - centre)
+
+
+def _cluster_means(x: np.ndarray, groups: list[np.ndarray], draws: np.ndarray) -> np.ndarray:
+    """``(R,)`` means of the items of every resample's clusters (all resamples at once)."""
+    sums = np.array([x[g].sum() for g in groups])
+    counts = np.array([g.size for g in groups], dtype=np.float64)
+    return sums[draws].sum(1) / counts[draws].sum(1)
+
+
+def cluster_mean_interval(values, clusters, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """Mean of per-item values with a pairs cluster bootstrap interval: clusters (seeds) are
+    drawn with replacement, each with all its items (:func:`_cluster_limits`).  With a single
+    cluster, :func:`mean_interval` over items."""
+    x = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=np.float64)
+    groups = cluster_groups(clusters, x.size)
+    if len(groups) < 2:
+        return mean_interval(x, confidence, n_resamples, seed)
+    mean = float(x.mean())
+    if np.ptp(x) == 0:
+        return Interval(mean, mean, mean, confidence)
+    low, high = _cluster_limits(mean, _cluster_means(x, groups, cluster_draws(len(groups), n_resamples, seed)), mean, confidence, len(groups))
+    return Interval(mean, low, high, confidence)
+
+
+def paired_cluster_bootstrap(
+    a_values, b_values, clusters, higher_is_better: bool, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0, names: tuple[str, str] = ("A", "B")
+) -> Comparison:
+    """:func:`paired_bootstrap` resampling clusters: the mean of ``a - b`` over the items of
+    clusters drawn with replacement (both methods get the same clusters, so an offset a
+    cluster gives both cancels).  With a single cluster, :func:`paired_bootstrap`."""
+    a = np.asarray(torch.as_tensor(a_values, dtype=torch.float64).cpu())
+    b = np.asarray(torch.as_tensor(b_values, dtype=torch.float64).cpu())
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"paired values must be two 1-D arrays of the same length >= 2, got {a.shape} and {b.shape}")
+    groups = cluster_groups(clusters, a.size)
+    if len(groups) < 2:
+        return paired_bootstrap(a, b, higher_is_better, confidence, n_resamples, seed, names)
+    d = a - b
+    mean = float(d.mean())
+    if np.ptp(d) == 0:
+        low = high = mean
+    else:
+        low, high = _cluster_limits(mean, _cluster_means(d, groups, cluster_draws(len(groups), n_resamples, seed)), mean, confidence, len(groups))
+    return Comparison(mean, low, high, confidence, _verdict(low, high, higher_is_better, names))
+
+
+#: Resamples whose summed summaries are formed at once (a set metric's summary can be d^2 long).
+SUMMARY_CHUNK = 25
+
+
+def _resampled_set_values(items: torch.Tensor, groups: list[np.ndarray], draws: np.ndarray, set_metric) -> np.ndarray:
+    """``(R,)`` values of ``set_metric`` on every resample's clusters: by adding cluster
+    summaries for a :class:`SummedSetMetric`, else by gathering the items (a cluster drawn
+    twice comes twice)."""
+    if isinstance(set_metric, SummedSetMetric):
+        summaries = torch.stack([set_metric.summary(items[torch.as_tensor(g)]) for g in groups])
+        counts = torch.zeros(draws.shape[0], len(groups), dtype=torch.float64)
+        counts.scatter_add_(1, torch.as_tensor(draws), torch.ones(draws.shape, dtype=torch.float64))
+        return torch.cat([set_metric.of_summaries(chunk @ summaries) for chunk in counts.split(SUMMARY_CHUNK)]).numpy()
+    return np.array([set_metric(items[torch.as_tensor(np.concatenate([groups[k] for k in draw]))]) for draw in draws])
+
+
+def _without_duplication_trend(resampled: np.ndarray, groups: list[np.ndarray], draws: np.ndarray) -> np.ndarray:
+    """Resampled set-metric values less their linear trend on the resample's share of repeated
+    items, ``1 / effective size = sum w^2 / (sum w)^2`` (``w``: how often each item was drawn).
+
+    A resample that repeats items raises FD-like metrics (the covariance of fewer distinct
+    items); with images drawn one by one that share hardly varies and moving the interval by
+    the mean rise suffices (:func:`set_interval`), but a cluster drawn two or three times
+    repeats 32 images at once and the share varies a lot between resamples.  Left in, it
+    spreads the resampled FD far beyond the metric's spread over new images (synthetic
+    256-d features, 16 clusters of 32 iid images: 6.4 against 1.35 for the image bootstrap;
+    1.3 with the trend removed).  The trend comes from the draws alone, not from differences
+    between clusters, which stay in the spread."""
+    sizes = np.array([g.size for g in groups], dtype=np.float64)
+    counts = np.stack([np.bincount(draw, minlength=len(groups)) for draw in draws]).astype(np.float64)
+    share = (counts**2 * sizes).sum(1) / (counts * sizes).sum(1) ** 2
+    spread = share.var()
+    if spread == 0.0:
+        return resampled
+    slope = float(np.mean((share - share.mean()) * (resampled - resampled.mean()))) / spread
+    return resampled - slope * (share - share.mean())
+
+
+def _check_finite(low: float, high: float) -> None:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("the bootstrap interval is not finite (too few distinct images for this metric). Fix: use more images")
+
+
+def cluster_set_interval(items: torch.Tensor, clusters, set_metric: Callable[[torch.Tensor], float], confidence: float = 0.95, n_resamples: int = 200,
+                         seed: int = 0) -> Interval:
+    """:func:`set_interval` resampling clusters: the metric on every resample's clusters less
+    its duplication trend (:func:`_without_duplication_trend`), the percentile interval moved by
+    the bootstrap's bias and widened for few clusters (:func:`_cluster_limits`).  With a single cluster, :func:`set_interval` over items."""
+    n = items.shape[0]
+    groups = cluster_groups(clusters, n)
+    if len(groups) < 2:
+        return set_interval(items, set_metric, confidence, n_resamples, seed)
+    value = float(set_metric(items))
+    draws = cluster_draws(len(groups), n_resamples, seed)
+    resampled = _without_duplication_trend(_resampled_set_values(items, groups, draws, set_metric), groups, draws)
+    low, high = _cluster_limits(value, resampled, float(np.mean(resampled)), confidence, len(groups))
+    _check_finite(low, high)
+    return Interval(value, low, high, confidence)
+
+
+def paired_cluster_set_bootstrap(
+    a_items: torch.Tensor,
+    b_items: torch.Tensor,
+    clusters,
+    set_metric: Callable[[torch.Tensor], float],
+    higher_is_better: bool,
+    confidence: float = 0.95,
+    n_resamples: int = 200,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+) -> Comparison:
+    """:func:`paired_set_bootstrap` resampling clusters: the same clusters drawn for both
+    methods, the interval of ``metric(A) - metric(B)`` as in :func:`cluster_set_interval`.
+    With a single cluster, :func:`paired_set_bootstrap` over items."""
+    if a_items.shape[0] != b_items.shape[0] or a_items.shape[0] < 2:
+        raise ValueError(f"paired sets must hold the same number (>= 2) of items, got {a_items.shape[0]} and {b_items.shape[0]}")
+    groups = cluster_groups(clusters, a_items.shape[0])
+    if len(groups) < 2:
+        return paired_set_bootstrap(a_items, b_items, set_metric, higher_is_better, confidence, n_resamples, seed, names)
+    difference = float(set_metric(a_items)) - float(set_metric(b_items))
+    if torch.equal(a_items, b_items):
+        low = high = difference
+    else:
+        draws = cluster_draws(len(groups), n_resamples, seed)
+        resampled = _resampled_set_values(a_items, groups, draws, set_metric) - _resampled_set_values(b_items, groups, draws, set_metric)
+        resampled = _without_duplication_trend(resampled, groups, draws)
+        low, high = _cluster_limits(difference, resampled, float(np.mean(resampled)), confidence, len(groups))
+    _check_finite(low, high)
+    return Comparison(difference, low, high, confidence, _verdict(low, high, higher_is_better, names))
