@@ -116,8 +116,9 @@ def testbed_target(model: str = "flux-dev", metric=None, device: str = "cpu", pi
 def search_testbed_v2(arch: str, speedup: float, *, images: int = 32, image_seed: int = 100, pipe=None, **options) -> SearchResult:
     """:func:`ralu.calibrate.quality_search.search` on testbed v2's ``arch`` generator ("flux"
     or "sd3") in its real pipeline: balanced prompts of seed ``image_seed`` (disjoint from the
-    harness's 0, 1), the testbed's guided calls (:func:`ralu_lab.testbed.v2.model.call_inputs`),
-    FD in its classifier's features and its transformer's FLOPs (both guidance branches alike)."""
+    harness's seeds), the testbed's guided calls (:func:`ralu_lab.testbed.v2.model.call_inputs`),
+    FD in its classifier's features (times the search's spectral term, ``spectral_weight``)
+    and its transformer's FLOPs (both guidance branches alike)."""
     pipe = tb.load_pipeline(arch) if pipe is None else pipe
     pipe.set_progress_bar_config(disable=True)
     labels = data.balanced_labels(images, image_seed)
