@@ -54,6 +54,7 @@ from ralu.runtime.models import get_model, stage_image_tokens
 from ralu.runtime.schedule import Schedule, schedule_from_dict, stage_starts, transition
 
 from . import study as shared
+from .budget import STAGE_WEIGHT, SpeedupOf, budget_steps
 from .fewer_steps import ONE_STAGE_C, plain_schedule
 from .flops import pricing
 from .search import CONTINUOUS_GRID, MIN_SIGNAL, SHIFT_BOUNDS, Z_BOUNDS, NTDMObjective, StageLayout, check_min_signal, z_ceiling
@@ -66,16 +67,12 @@ FIRST_END = (0.1, 0.5)
 SECOND_GAP = (0.05, 0.3)
 #: A candidate that misses the budget scores this plus its shortfall (never sampled).
 INFEASIBLE = 1e6
-#: Weight of each earlier stage relative to the last (log-uniform): a layout's steps are
-#: split in these proportions, as many as the budget affords (:func:`budget_steps`).
-STAGE_WEIGHT = (0.05, 4.0)
 #: Trial attribute holding the steps of an enqueued candidate (a known schedule keeps its own).
 GIVEN_STEPS_ATTR = "given_steps"
 #: Trials the median pruner lets finish before it prunes anything.
 PRUNER_STARTUP = 4
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SpeedupOf = Callable[[Sequence[int], float], float]
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,36 +443,6 @@ class SearchResult:
 def default_speedup_of(model: str, height: int, width: int, base_steps: int, convention: str = "linear") -> SpeedupOf:
     name = get_model(model).name
     return lambda steps, ratio: getattr(pricing.flops_speedup(name, height, width, list(steps), ratio, base_steps), convention)
-
-
-def apportion(total: int, weights: Sequence[float]) -> tuple[int, ...]:
-    """``total`` steps over ``len(weights)`` stages: one each, the rest in proportion to
-    ``weights`` (largest remainders, ties to the earlier stage)."""
-    spare = total - len(weights)
-    if spare < 0:
-        raise ValueError(f"{total} steps cannot give {len(weights)} stages one step each")
-    raw = [spare * w / sum(weights) for w in weights]
-    steps = [math.floor(r) for r in raw]
-    by_remainder = sorted(range(len(weights)), key=lambda k: steps[k] - raw[k])
-    for k in by_remainder[: spare - sum(steps)]:
-        steps[k] += 1
-    return tuple(1 + n for n in steps)
-
-
-def budget_steps(speedup_of: SpeedupOf, target: float, weights: Sequence[float], up_ratio: float, limit: int) -> tuple[int, ...] | None:
-    """The layout with the most steps (at most ``limit``), split by ``weights``, that still
-    meets ``target``; None when not even one step per stage does.  Every drawn layout so
-    spends its budget: TPE's draws are all feasible, and none wastes a trial on a layout
-    cheaper than it needs to be."""
-    best = None
-    for total in range(len(weights), limit + 1):
-        steps = apportion(total, weights)
-        speed = speedup_of(steps, up_ratio)
-        if speed >= target:
-            best = steps
-        elif speed < target / 2:  # the cost only grows from here
-            break
-    return best
 
 
 def _suggest(trial: optuna.Trial, h0: float, fill: Callable[[tuple[float, ...], float], tuple[int, ...] | None], min_signal: float = 0.0) -> Candidate | None:

@@ -152,7 +152,7 @@ def test_files_record_the_bound_and_are_checked_against_it(tmp_path):
 
 
 def test_quality_search_draws_z_below_the_cap():
-    from ralu.calibrate.quality_search import apportion
+    from ralu.calibrate.budget import apportion
 
     def fill(weights, up_ratio):
         return apportion(8, weights)

@@ -120,7 +120,7 @@ def test_trials_worse_than_the_median_are_pruned_after_their_first_batch(pipe):
 
 
 def test_steps_split_by_weight_fill_the_budget():
-    from ralu.calibrate.quality_search import apportion, budget_steps
+    from ralu.calibrate.budget import apportion, budget_steps
 
     assert apportion(3, (1.0, 1.0, 1.0)) == (1, 1, 1)
     assert apportion(10, (1.0, 1.0)) == (5, 5) and apportion(11, (3.0, 1.0)) == (8, 3)  # one each, then 9 split 6.75 : 2.25
@@ -140,7 +140,8 @@ def test_steps_split_by_weight_fill_the_budget():
 
 @pytest.mark.lab  # the product driven through the lab's testbed (docs/architecture.md)
 def test_the_search_draws_only_layouts_that_spend_the_budget(pipe):
-    from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR, apportion
+    from ralu.calibrate.budget import apportion
+    from ralu.calibrate.quality_search import GIVEN_STEPS_ATTR
 
     result = search_testbed(SPEEDUP, images=1, image_seed=4, pipe=pipe, batch_size=1, metric="pixel", trials=14)
     speedup_of = speedup_on_testbed(pipe)
