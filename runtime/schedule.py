@@ -169,6 +169,8 @@ C_RANGE = (1.0 / Z_RANGE[1] ** 2, 1.0 / Z_RANGE[0] ** 2)
 MAX_SPEEDUP = float(MAX_STEPS)
 #: Longest free-text field (names, versions, timestamps).
 MAX_TEXT = 200
+#: Longest command a schedule file records (paths of a shared study may be long).
+MAX_COMMAND = 2000
 
 #: Every model of the file: unknown fields are errors, NaN and infinity are refused.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -227,6 +229,19 @@ class Calibration(BaseModel):
     )
     tool_version: str = Field(max_length=MAX_TEXT, description="ralu version that wrote the file.")
     created: str = Field(max_length=MAX_TEXT, description="UTC creation time, ISO 8601.")
+    # Added later: absent (None) in files written before them, which still load.
+    command: str | None = Field(
+        default=None, max_length=MAX_COMMAND,
+        description="The ralu-calibrate command that writes this file (for a Python call, the equivalent command).",
+    )
+    objective: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="What the inner and outer searches minimised: 'continuous', 'discrete' (JS distances), 'progress' (docs/method.md §4b) or 'quality' (measured on images).",
+    )
+    progress_model: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="Version of the fitted progress model (calibrate/progress_model.json) in force: what J and the RALU-or-plain verdict used.",
+    )
 
     @field_validator("z_bounds")
     @classmethod

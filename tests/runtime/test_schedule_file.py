@@ -70,6 +70,18 @@ def test_rejections_name_field_and_fix(tmp_path, mutate, field, words):
     assert "Fix:" in message, message
 
 
+def test_provenance_fields_are_optional_and_round_trip(tmp_path):
+    data = schedule_dict()
+    assert not {"command", "objective", "progress_model"} & set(data["calibration"])  # a file from before the fields
+    old = load_schedule(write(tmp_path, data))
+    assert (old.calibration.command, old.calibration.objective, old.calibration.progress_model) == (None, None, None)
+    data["calibration"].update(command="ralu-calibrate --model flux-dev --speedup 7", objective="progress", progress_model="fit-0123456789ab")
+    written = load_schedule(save_schedule(schedule_from_dict(data), tmp_path / "new.json"))
+    assert written.calibration.command == "ralu-calibrate --model flux-dev --speedup 7" and written.calibration.progress_model == "fit-0123456789ab"
+    with pytest.raises(ScheduleError, match="calibration.objective"):
+        load_schedule(write(tmp_path, {**data, "calibration": {**data["calibration"], "objective": 3}}))
+
+
 def test_c_boundary_quarter_is_valid():
     schedule_from_dict(schedule_dict(c=0.25))
 
