@@ -22,6 +22,8 @@ from scipy.spatial.distance import jensenshannon
 
 from ralu.runtime.schedule import shift_sigma, unshift_sigma
 
+from .progress_model import load_progress_model
+
 #: The published script clips both distributions here before renormalising.
 DENSITY_FLOOR = 1e-10
 
@@ -146,11 +148,11 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 # densities: it counts steps, where they land, and what each re-noising keeps and erases.
 # ----------------------------------------------------------------------------------------
 
-#: RMS gap, relative to the data's RMS, between the clean image a low-resolution stage
-#: heads for (nearest-upsampled) and the full-resolution one from the same noise: missing
-#: detail plus what a native half-size generation composes differently.  Measured 0.47 on
-#: the testbed (24 images, 30 steps each way); 0.5 is the default for every model.
-RESOLUTION_GAP = 0.5
+#: g: RMS error of a low-resolution stage's estimate relative to the data's, as far as the
+#: scores J is fitted to see it (docs/method.md §4b, "fitted terms"); the fit's file holds it.
+RESOLUTION_GAP = load_progress_model().resolution_gap
+#: rho: a step's error is uniform in ``u = F_{rho h0}(t)``; the fit's file holds it.
+SHIFT_RATIO = load_progress_model().shift_ratio
 
 
 def stage_grid(steps: int, start, end, shift) -> np.ndarray:
@@ -163,18 +165,18 @@ def stage_grid(steps: int, start, end, shift) -> np.ndarray:
     return 1.0 - shift_sigma(u_start + (u_end - u_start) * fraction, shift)
 
 
-def discretisation_error(steps, starts, ends, shifts, h0: float) -> np.ndarray:
-    """Per stage, the sum over its Euler steps of ``(Delta u)^2`` with ``u = F_{h0}(t)``:
-    ``(..., K)``.
+def discretisation_error(steps, starts, ends, shifts, h0: float, shift_ratio: float = SHIFT_RATIO) -> np.ndarray:
+    """Per stage, the sum over its Euler steps of ``(Delta u)^2`` with ``u = F_{rho h0}(t)``,
+    ``rho = shift_ratio``: ``(..., K)``.
 
-    ``u`` is the coordinate in which the base model's own grid is uniform, so ``Delta u``
-    measures a step against the base model's choice of where to spend steps; an Euler
-    step's local error grows with the square of its length.  N equal steps over all of
-    [0, 1] give ``1/N`` (the 50-step baseline 0.02): more steps, less error.
+    ``u`` is the coordinate in which a step's error is taken to be the same everywhere: the
+    grid of shift ``rho h0`` is uniform in it (rho = 1: the base model's own grid), and an
+    Euler step's local error grows with the square of its length.  N equal steps over all
+    of [0, 1] give ``1/N`` (50 steps 0.02): more steps, less error.
     """
     errors = []
     for k, n in enumerate(np.asarray(steps, dtype=int)):
-        u = shifted_cdf(stage_grid(int(n), starts[..., k], ends[..., k], shifts[..., k]), h0)
+        u = shifted_cdf(stage_grid(int(n), starts[..., k], ends[..., k], shifts[..., k]), shift_ratio * h0)
         errors.append((np.diff(u, axis=-1) ** 2).sum(axis=-1))
     return np.stack(errors, axis=-1)
 
@@ -192,19 +194,19 @@ def resolution_change_fractions(n_stages: int, up_ratio: float) -> tuple[float, 
     raise ValueError(f"{n_stages} stages: the progress objective knows the runtime's 1, 2 and 3-stage layouts")
 
 
-def progress_error(steps, starts, ends, shifts, z, h0: float, up_ratio: float = 0.3, gap: float = RESOLUTION_GAP) -> np.ndarray:
+def progress_error(steps, starts, ends, shifts, z, h0: float, up_ratio: float = 0.3, gap: float = RESOLUTION_GAP, shift_ratio: float = SHIFT_RATIO) -> np.ndarray:
     """The progress-aware objective ``(...,)`` (docs/method.md §4b):
 
         J = sum_k Z^-(K - k) [ E_k + g sqrt(q_k) s_k / (1 - s_k) ]
 
-    ``E_k`` the stage's :func:`discretisation_error`; at the start ``s_k`` of a later stage
+    ``E_k`` the stage's :func:`discretisation_error` (in ``u = F_{rho h0}``); at the start ``s_k`` of a later stage
     the tokens arriving at full resolution (fraction ``q_k``) bring a low-resolution
     estimate whose error, relative to the noise there, is ``g s_k / (1 - s_k)``; and every
     re-noising divides the error-to-noise ratio of everything before it by ``Z = 1/sqrt(c)``.
     """
     z = np.asarray(z, dtype=float)
     n_stages = len(np.asarray(steps))
-    error = discretisation_error(steps, starts, ends, shifts, h0)
+    error = discretisation_error(steps, starts, ends, shifts, h0, shift_ratio)
     fractions = resolution_change_fractions(n_stages, up_ratio)
     total = 0.0
     for k in range(n_stages):

@@ -25,6 +25,7 @@ from ralu.runtime.schedule import largest_z, restart_time_z
 
 from .densities import (
     RESOLUTION_GAP,
+    SHIFT_RATIO,
     equal_mass_bin_masses,
     js_distance,
     progress_error,
@@ -132,14 +133,14 @@ class NTDMObjective:
 
     ``distance`` takes a population ``(P, K + 1)`` and returns ``(P,)``: vectorised so a
     population search costs one numpy pass per generation.  With ``objective="progress"``
-    it returns the progress-aware error of docs/method.md §4b instead (``up_ratio`` and
-    ``gap`` enter only there), and :meth:`distributions` the continuous densities.
+    it returns the progress-aware error of docs/method.md §4b instead (``up_ratio``, ``gap``
+    and ``shift_ratio`` enter only there), and :meth:`distributions` the continuous densities.
     ``min_signal`` > 0 caps Z at :func:`z_ceiling` (0, the default, leaves ``z_bounds`` as
     given): the searched box shrinks, the objective does not change.
     """
 
     def __init__(self, layout: StageLayout, h0: float, objective: Objective = "continuous", grid: int | None = None, z_bounds: tuple[float, float] = Z_BOUNDS,
-                 up_ratio: float = 0.3, gap: float = RESOLUTION_GAP, min_signal: float = 0.0):
+                 up_ratio: float = 0.3, gap: float = RESOLUTION_GAP, min_signal: float = 0.0, shift_ratio: float = SHIFT_RATIO):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: use one of {list(OBJECTIVES)}")
         if not Z_BOUNDS[0] <= z_bounds[0] <= z_bounds[1]:
@@ -161,6 +162,7 @@ class NTDMObjective:
         self.grid = int(grid) if grid else (sum(layout.steps) if objective == "discrete" else CONTINUOUS_GRID)
         self.up_ratio = float(up_ratio)
         self.gap = float(gap)
+        self.shift_ratio = float(shift_ratio)
         self._steps = np.asarray(layout.steps, dtype=float)
         self._ends = np.asarray(layout.ends, dtype=float)
         self._t = np.linspace(0.0, 1.0, self.grid)
@@ -194,7 +196,7 @@ class NTDMObjective:
             params = np.atleast_2d(np.asarray(params, dtype=float))
             starts = self.starts(params[:, -1])
             ends = np.broadcast_to(self._ends, starts.shape)
-            return progress_error(self.layout.steps, starts, ends, params[:, :-1], params[:, -1], self.h0, self.up_ratio, self.gap)
+            return progress_error(self.layout.steps, starts, ends, params[:, :-1], params[:, -1], self.h0, self.up_ratio, self.gap, self.shift_ratio)
         target, realised = self.distributions(params)
         return js_distance(target, realised)
 
