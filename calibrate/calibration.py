@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import numbers
+import shlex
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
@@ -28,10 +30,11 @@ from ralu.runtime.schedule import (
     transition,
 )
 
-from .densities import RESOLUTION_GAP
+from .densities import RESOLUTION_GAP, SHIFT_RATIO
 from .layout_search import Convention, choose_up_ratio, largest_speedup, search_layout, speedup_of
 from .presets import PRESETS
-from .search import DEFAULT_TRIALS, MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, optimise
+from .progress_model import load_progress_model
+from .search import DEFAULT_TRIALS, MIN_SIGNAL, OBJECTIVES, Z_BOUNDS, NTDMObjective, Objective, StageLayout, check_min_signal, default_objective, optimise
 
 #: The file format's bounds (declared once, in ralu.runtime.schedule): a calibration that
 #: could not be saved is refused before any work.
@@ -40,6 +43,8 @@ Z_LIMIT = Z_RANGE[1]
 MAX_SIDE = MAX_RESOLUTION
 #: The runtime runs 1 (full), 2 (low, full) or 3 (low, mixed, full resolution) stages.
 MAX_STAGES = max(STAGE_ROLES)
+#: --shift-ratio: rho h0 must stay a shift the densities can use (docs/method.md §4b).
+SHIFT_RATIO_RANGE = (0.05, 10.0)
 #: Seeds go to numpy's and Optuna's generators, which take 0 <= seed < 2**32.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -55,9 +60,9 @@ class SpeedupUnreachable(ValueError):
     """The requested speed-up exceeds what any layout can reach."""
 
 
-def published_layouts(model: str) -> tuple[StageLayout, ...]:
-    """The stage layouts of ``model``'s published presets: the layout search's first trials."""
-    return tuple(StageLayout(p.steps, p.ends) for p in PRESETS if p.model == model)
+def published_layouts(model: str) -> tuple[tuple[StageLayout, float], ...]:
+    """The stage layouts and up-ratios of ``model``'s published presets: the layout search's first trials."""
+    return tuple((StageLayout(p.steps, p.ends), p.up_ratio) for p in PRESETS if p.model == model)
 
 
 def calibrate(
@@ -77,6 +82,7 @@ def calibrate(
     z_bounds: tuple[float, float] = Z_BOUNDS,
     min_signal: float | None = None,
     gap: float = RESOLUTION_GAP,
+    shift_ratio: float = SHIFT_RATIO,
     flops_convention: Convention = "linear",
     trials: int = DEFAULT_TRIALS,
     seed: int = 0,
@@ -90,7 +96,8 @@ def calibrate(
     Give either ``speedup`` (the outer Optuna search picks steps and ends) or ``steps`` and
     ``ends`` (a fixed layout; ``speedup``, if also given, is checked).  ``h0`` defaults to
     the model's real base shift at this resolution.  ``objective="progress"`` minimises the
-    progress-aware error of docs/method.md §4b (``gap``: its resolution gap g) instead of a
+    progress-aware error of docs/method.md §4b (``gap``: its resolution gap g, ``shift_ratio``:
+    its rho; both default to the fitted model's) instead of a
     JS distance; the file then records the schedule's continuous JS distance and names the
     objective in ``calibration.optimizer``.
 
@@ -99,6 +106,7 @@ def calibrate(
     the global optimizer; 0 (no cap, the published method) with ``optimizer="paper"``.
     """
     spec = get_model(model)
+    asked = {"h0": h0, "base_steps": base_steps, "min_signal": min_signal}  # given, or left to their defaults
     height = _whole("height", height, 1, MAX_SIDE)
     width = _whole("width", width, 1, MAX_SIDE)
     check_resolution(height, width)
@@ -115,6 +123,9 @@ def calibrate(
     gap = _real("gap", gap)
     if gap < 0.0:
         raise ValueError(f"--resolution-gap {gap:g} must be at least 0 (an RMS difference relative to the data's). Fix: e.g. {RESOLUTION_GAP}")
+    shift_ratio = _real("shift_ratio", shift_ratio)
+    if not SHIFT_RATIO_RANGE[0] <= shift_ratio <= SHIFT_RATIO_RANGE[1]:
+        raise ValueError(f"--shift-ratio {shift_ratio:g} must lie in [{SHIFT_RATIO_RANGE[0]:g}, {SHIFT_RATIO_RANGE[1]:g}] (a fraction of the base shift h0). Fix: e.g. {SHIFT_RATIO}")
     if speedup is None and steps is None:
         raise ValueError("give a target (--speedup X) or a layout (--steps N1 N2 N3 --ends e1 e2 1.0)")
     if (steps is None) != (ends is None):
@@ -146,7 +157,7 @@ def calibrate(
     if steps is None:
         found = search_layout(
             spec, height, width, speedup, h0=h0, base_steps=base_steps, convention=flops_convention,
-            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, min_signal=min_signal, trials=trials, seed=seed,
+            objective=objective, grid=grid, z_bounds=z_bounds, optimizer=optimizer, up_ratio=up_ratio, resolution_gap=gap, shift_ratio=shift_ratio, min_signal=min_signal, trials=trials, seed=seed,
             start_layouts=published_layouts(spec.name), storage=storage, study_name=study_name, show_progress=show_progress, log=log,
         )
         layout, inner = found.layout, found.inner
@@ -160,7 +171,7 @@ def calibrate(
             best = getattr(speedup_of(spec, height, width, layout.steps, 0.1, base_steps), flops_convention)
             raise SpeedupUnreachable(f"layout steps {list(layout.steps)} reaches only {best:.2f}x ({flops_convention} FLOPs) even at up_ratio 0.1, below --speedup {speedup}. Fix: fewer steps, or a lower --speedup")
         layout_kind = "given"
-        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal), optimizer, seed=seed, effort="full")
+        inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal, shift_ratio=shift_ratio), optimizer, seed=seed, effort="full")
 
     speed = speedup_of(spec, height, width, layout.steps, ratio, base_steps)
     if speedup is not None and getattr(speed, flops_convention) < speedup:
@@ -170,9 +181,18 @@ def calibrate(
             "Fix: a smaller --up-ratio, fewer steps or a lower target"
         )
 
-    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal)
+    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=gap, min_signal=min_signal, shift_ratio=shift_ratio)
     _check_finite(problem, inner, h0)
     starts = stage_starts(list(layout.ends), inner.c)
+    if objective == "progress":
+        # A one-step stage's grid is its two ends whatever its shift, so J does not see that
+        # shift (the optimiser leaves it anywhere): record the shift J prefers, rho h0.
+        inner = replace(inner, shifts=tuple(shift_ratio * h0 if n == 1 else h for n, h in zip(layout.steps, inner.shifts)))
+    command = equivalent_command(
+        spec.name, speedup=speedup, steps=steps, ends=ends, up_ratio=up_ratio, height=height, width=width, h0=None if asked["h0"] is None else h0,
+        base_steps=None if asked["base_steps"] is None else base_steps, optimizer=optimizer, objective=objective, z_bounds=z_bounds, min_signal=None if asked["min_signal"] is None else min_signal,
+        gap=gap, shift_ratio=shift_ratio, flops_convention=flops_convention, trials=trials, seed=seed, storage=storage, study_name=study_name,
+    )
     # The file records JS numbers; a progress-calibrated schedule records its continuous JS
     # distance (what the densities say of it) and names the objective in the optimizer.
     recorded, recorded_objective, optimizer_record = inner.js_distance, objective, optimizer
@@ -203,9 +223,45 @@ def calibrate(
             min_signal=problem.min_signal,
             tool_version=tool_version(),
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            command=command,
+            objective=objective,
+            progress_model=load_progress_model().version,
         ).model_dump(),
     }
     return schedule_from_dict(schedule, f"calibrated for {spec.name}")
+
+
+def equivalent_command(model: str, *, speedup, steps, ends, up_ratio, height, width, h0, base_steps, optimizer, objective, z_bounds, min_signal, gap, shift_ratio,
+                       flops_convention, trials, seed, storage, study_name) -> str:
+    """The ``ralu-calibrate`` command that makes the same schedule: the model, the target or
+    layout, and every option that differs from its default (``h0``, ``base_steps`` and
+    ``min_signal``: None when left to their defaults)."""
+    words = ["ralu-calibrate", "--model", model]
+    if speedup is not None:
+        words += ["--speedup", _word(speedup)]
+    if steps is not None:
+        words += ["--steps", *(_word(n) for n in steps), "--ends", *(_word(e) for e in ends)]
+    options = [
+        ("--up-ratio", up_ratio, None), ("--height", height, 1024), ("--width", width, 1024), ("--h0", h0, None), ("--base-steps", base_steps, None),
+        ("--optimizer", optimizer, "global"), ("--objective", objective, default_objective(steps is None, optimizer)),
+        ("--resolution-gap", gap, RESOLUTION_GAP), ("--shift-ratio", shift_ratio, SHIFT_RATIO), ("--min-signal", min_signal, None),
+        ("--flops", flops_convention, "linear"), ("--trials", trials if steps is None else None, DEFAULT_TRIALS if steps is None else None),
+        ("--seed", seed, 0), ("--storage", storage, None), ("--study-name", study_name, None),
+    ]
+    for flag, value, default in options:
+        if value != default:
+            words += [flag, _word(value)]
+    if tuple(z_bounds) != Z_BOUNDS:
+        words += ["--z-bounds", *(_word(z) for z in z_bounds)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _word(value) -> str:
+    """A value as the command line takes it back exactly: ``7`` for 7.0, every digit otherwise."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------

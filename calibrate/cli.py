@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ralu.runtime.models import ALIASES, MODELS
 
     from .clitools import OneLineParser
-    from .densities import RESOLUTION_GAP
+    from .densities import RESOLUTION_GAP, SHIFT_RATIO
+    from .progress_model import load_progress_model
     from .search import DEFAULT_TRIALS, MIN_SIGNAL
 
     parser = OneLineParser(
@@ -46,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "distributions; progress: the progress-aware error "
                         "(counts steps and what each re-noising keeps, docs/method.md §4b); quality: an Optuna search scored on images of a "
                         "pipeline against its 50-step samples (needs --pipeline and --prompts)")
+    fitted = f"fitted to measured image scores, calibrate/progress_model.json {load_progress_model().version}"
     parser.add_argument("--resolution-gap", type=float, default=RESOLUTION_GAP, metavar="G",
-                        help=f"progress objective: RMS error of a low-resolution estimate relative to the data (default {RESOLUTION_GAP}, measured on the testbed)")
+                        help=f"progress objective: error of a low-resolution estimate relative to the data, g of docs/method.md §4b (default {RESOLUTION_GAP:g}, {fitted})")
+    parser.add_argument("--shift-ratio", type=float, default=SHIFT_RATIO, metavar="R",
+                        help=f"progress objective: a step's error is uniform in u = F_(R h0)(t), rho of docs/method.md §4b (default {SHIFT_RATIO:g}, {fitted})")
     parser.add_argument("--plain-out", type=Path, metavar="FILE",
                         help="also write the plain fewer-steps schedule at the same budget (one stage; runs exactly like the plain pipeline)")
     parser.add_argument("--z-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(2.0, 100.0),
@@ -90,6 +94,7 @@ def summary(schedule: Schedule, seconds: float) -> str:
     tokens = stage_image_tokens(tokens_full, schedule.up_ratio, len(schedule.stages))
     names = STAGE_ROLES.get(len(schedule.stages), ("?",) * len(schedule.stages))
     cal = schedule.calibration
+    ratio_rule = {"searched": " (searched with the layout)", "given": " (largest of 0.3..0.1 meeting the target)"}
     lines = [
         f"RALU schedule for {schedule.model} at {schedule.width}x{schedule.height} "
         f"(h0 = {cal.h0:.4f}, baseline {schedule.base_steps} steps, layout {cal.layout}, optimizer {cal.optimizer})",
@@ -100,7 +105,7 @@ def summary(schedule: Schedule, seconds: float) -> str:
     lines += [
         f"  noise strength c = {schedule.c:.5f} (Z = 1/sqrt(c) = {schedule.z:.3f}); re-noised starts "
         + ", ".join(f"s{t.after_stage + 1} = {t.start:.4f} (a = {t.signal_scale:.3f}, b = {t.noise_scale:.3f})" for t in schedule.transitions),
-        f"  up_ratio r = {schedule.up_ratio:g}" + (" (largest of 0.3..0.1 meeting the target)" if cal.target_speedup else ""),
+        f"  up_ratio r = {schedule.up_ratio:g}" + (ratio_rule[cal.layout] if cal.target_speedup else ""),
         f"  JS distance {schedule.divergence.js_distance:.6f} (divergence {schedule.divergence.js_divergence:.3e}), {schedule.divergence.objective} objective",
         f"  FLOPs speed-up vs {schedule.base_steps} steps: {schedule.flops_speedup.linear:.2f}x linear (paper's convention), {schedule.flops_speedup.total:.2f}x total",
         f"  took {seconds:.1f} s",
@@ -189,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
     schedule = calibrate(
         args.model, speedup=args.speedup, steps=args.steps, ends=args.ends, up_ratio=args.up_ratio,
         height=args.height, width=args.width, h0=args.h0, base_steps=args.base_steps,
-        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), min_signal=args.min_signal, gap=args.resolution_gap, flops_convention=args.flops,
+        optimizer=args.optimizer, objective=args.objective, z_bounds=tuple(args.z_bounds), min_signal=args.min_signal, gap=args.resolution_gap, shift_ratio=args.shift_ratio, flops_convention=args.flops,
         trials=args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
         show_progress=not args.quiet, log=lambda message: print(message, file=sys.stderr),
     )
@@ -223,7 +228,7 @@ def report_plain(schedule: Schedule, args: argparse.Namespace) -> Schedule | Non
     from ralu.runtime.schedule import SHIFT_RANGE
 
     from .calibration import tool_version
-    from .fewer_steps import compare
+    from .fewer_steps import PLAIN_BETTER, compare
 
     h0 = schedule.calibration.h0
     if not SHIFT_RANGE[0] <= h0 <= SHIFT_RANGE[1]:
@@ -231,9 +236,9 @@ def report_plain(schedule: Schedule, args: argparse.Namespace) -> Schedule | Non
         if args.plain_out:
             raise ValueError(f"--plain-out: a plain schedule needs shift h0 = {h0:g} within {list(SHIFT_RANGE)}. Fix: drop --plain-out, or a base shift --h0 in that range")
         return None
-    comparison = compare(schedule, args.flops, args.resolution_gap, tool_version())
+    comparison = compare(schedule, args.flops, args.resolution_gap, tool_version(), args.shift_ratio)
     print(comparison.describe())
-    if comparison.plain_wins and not args.plain_out:
+    if comparison.verdict == PLAIN_BETTER and not args.plain_out:
         print("  (a model's prediction, not a measurement: --objective quality measures it on your pipeline; --plain-out FILE writes the plain schedule)")
     return comparison.plain if args.plain_out else None
 

@@ -1,20 +1,28 @@
-"""The outer search: which stage layout (steps per stage, stage ends) meets a FLOPs
-speed-up target with the lowest NT-DM divergence.  Optuna (TPE, seeded) over a small
-discrete space; each trial runs a quick inner search, the winner a full one.
+"""The outer search: which three-stage layout meets a FLOPs speed-up target with the lowest
+objective.  Optuna (TPE, seeded) over a small space; each trial runs a quick inner search of
+shifts and Z, the winner a full one.
 
-The up-sampling ratio r does not enter the divergence, only the cost.  Rule: r is the
-largest of 0.30, 0.25, ..., 0.10 whose layout still meets the target (more tokens
-upsampled early is closer to full-resolution quality); without a target r = 0.30.
+**Budget-filling layouts** (:mod:`.budget`, as the quality search draws them): a trial draws
+the weight of each stage's share of the steps, the up-ratio r and the stage ends; its steps
+are as many as the budget affords in those proportions.  Every draw so meets the target and
+spends it.  (Before, each stage's steps were drawn on their own: most draws missed the target
+or left budget unspent, and a rule, speed-up at most 10 % above the target, had to keep the JS
+objectives, which do not see how many steps a layout takes, from answering 7x with a 12x
+layout.  On testbed v2 the quality search found its best schedules only once it drew layouts
+this way: reports/experiments/quality-search-v2/budget-filling/.)
 
-The divergence does not see how many steps a layout takes, only how they are spread: left
-alone, the search would answer "7x" with a 12x layout of six steps.  A layout that leaves
-budget unspent answers a different target, so the search also requires the speed-up to
-stay within ``BUDGET_SLACK`` (10 %) above the target: target <= speed-up <= 1.1 target.
+The up-ratio r is drawn among UP_RATIO_CHOICES (``--up-ratio`` fixes it): more tokens
+upsampled early costs steps elsewhere, a trade the progress objective weighs (docs/method.md
+§4b) and the JS objectives see only through the steps left.
 
-``start_layouts`` (``calibrate`` passes the model's published presets) are the study's first
-trials, so the search returns a layout at least as good, by its own objective, as any of
-them that meets the target; TPE only has to find something better.  Without them an 80-trial
-search sometimes settles on a layout worse than the published one at the same target.
+**Stage ends** are searched on a 0.05 grid within ``FIRST_END_RANGE`` and ``SECOND_END_RANGE``:
+the range of the measured schedules the progress model is fitted to (docs/method.md §4b,
+"fitted terms").  Beyond it the fitted J prefers ever later ends, where no measurement checks
+it (its residuals already grow with the second end inside the range).
+
+``start_layouts`` (``calibrate`` passes the model's published presets, with their own steps
+and up-ratio) are the study's first trials, so the search returns a layout at least as good,
+by its own objective, as any of them that meets the target.
 
 With ``min_signal`` every trial's inner search caps Z so that each transition keeps that
 signal (:func:`ralu.calibrate.search.z_ceiling`); a layout whose cap falls below the
@@ -34,18 +42,21 @@ from optuna.study import MaxTrialsCallback
 from ralu.runtime.models import ModelSpec
 
 from . import study as shared
-from .densities import RESOLUTION_GAP
+from .budget import STAGE_WEIGHT, budget_steps
+from .densities import RESOLUTION_GAP, SHIFT_RATIO
 from .flops import pricing as flops
 from .search import Z_BOUNDS, InnerResult, NTDMObjective, Objective, SignalUnreachable, StageLayout, optimise, z_ceiling
 
-#: Candidate up-sampling ratios, largest first (see the module docstring for the rule).
+#: Candidate up-sampling ratios, largest first (a given layout takes the largest meeting its target).
 UP_RATIO_CHOICES = (0.30, 0.25, 0.20, 0.15, 0.10)
-#: Ends are searched on this grid: e1 in [0.10, 0.50], e2 - e1 in [0.05, 0.30].
+#: Ends are searched on this grid: e1 in FIRST_END_RANGE, e2 - e1 in SECOND_GAP_RANGE, and e2
+#: at most SECOND_END_MAX (see the module docstring).
 END_STEP = 0.05
-FIRST_END_RANGE = (0.10, 0.50)
+FIRST_END_RANGE = (0.10, 0.35)
 SECOND_GAP_RANGE = (0.05, 0.30)
-#: A searched layout must spend its FLOPs budget: speed-up <= (1 + BUDGET_SLACK) * target.
-BUDGET_SLACK = 0.10
+SECOND_END_MAX = 0.60
+#: Trial attribute holding the steps of an enqueued start layout (it keeps its own).
+GIVEN_STEPS_ATTR = "given_steps"
 
 Convention = Literal["total", "linear"]
 
@@ -62,7 +73,7 @@ def speedup_of(spec: ModelSpec, height: int, width: int, steps, up_ratio: float,
 
 
 def choose_up_ratio(spec: ModelSpec, height: int, width: int, steps, base_steps: int, target: float | None, convention: Convention, fixed: float | None = None) -> float | None:
-    """The documented rule: the largest r in UP_RATIO_CHOICES meeting the target, or None.
+    """A given layout's up-ratio: the largest r in UP_RATIO_CHOICES meeting the target, or None.
 
     A ``fixed`` ratio (``--up-ratio``) is the only candidate when given."""
     candidates = UP_RATIO_CHOICES if fixed is None else (fixed,)
@@ -90,15 +101,22 @@ class LayoutSearchResult:
     history: list[dict] = field(default_factory=list)
 
 
-def layout_params(layout: StageLayout, max_steps: int) -> dict[str, float] | None:
-    """The trial parameters of ``layout``, or None when it lies outside the searched space."""
-    if len(layout.steps) != 3 or max(layout.steps) > max_steps:
+def on_end_grid(value: float) -> bool:
+    return abs(value / END_STEP - round(value / END_STEP)) < 1e-9
+
+
+def layout_params(layout: StageLayout, up_ratio: float) -> dict[str, float] | None:
+    """The trial parameters of a start layout (its steps travel as GIVEN_STEPS_ATTR; the
+    weights are its shares, clipped into the drawn range), or None when its ends or
+    up-ratio lie outside the searched space."""
+    if len(layout.steps) != 3 or up_ratio not in UP_RATIO_CHOICES:
         return None
     first, gap = layout.ends[0], round(layout.ends[1] - layout.ends[0], 2)
-    on_grid = all(abs(v / END_STEP - round(v / END_STEP)) < 1e-9 for v in (first, gap))
-    if not (on_grid and FIRST_END_RANGE[0] <= first <= FIRST_END_RANGE[1] and SECOND_GAP_RANGE[0] <= gap <= SECOND_GAP_RANGE[1]):
+    inside = FIRST_END_RANGE[0] <= first <= FIRST_END_RANGE[1] and SECOND_GAP_RANGE[0] <= gap <= SECOND_GAP_RANGE[1] and layout.ends[1] <= SECOND_END_MAX + 1e-9
+    if not (on_end_grid(first) and on_end_grid(gap) and inside):
         return None
-    return {**{f"steps_{k + 1}": int(n) for k, n in enumerate(layout.steps)}, "end_1": float(first), "gap_2": float(gap)}
+    weights = [min(max(n / layout.steps[-1], STAGE_WEIGHT[0]), STAGE_WEIGHT[1]) for n in layout.steps[:-1]]
+    return {"weight_1": weights[0], "weight_2": weights[1], "up_ratio": up_ratio, "end_1": float(first), "gap_2": float(gap)}
 
 
 def search_layout(
@@ -116,8 +134,9 @@ def search_layout(
     optimizer: Literal["global", "paper"] = "global",
     up_ratio: float | None = None,
     resolution_gap: float = RESOLUTION_GAP,
+    shift_ratio: float = SHIFT_RATIO,
     min_signal: float = 0.0,
-    start_layouts: tuple[StageLayout, ...] = (),
+    start_layouts: tuple[tuple[StageLayout, float], ...] = (),
     trials: int = 80,
     seed: int = 0,
     storage: str | None = None,
@@ -126,11 +145,11 @@ def search_layout(
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> LayoutSearchResult:
-    """Minimise the divergence over three-stage layouts subject to speed-up >= target.
+    """Minimise the objective over budget-filling three-stage layouts meeting ``target``.
 
-    ``trials`` is the number of finished trials the study ends with: with a shared
-    ``storage`` it counts those of earlier runs and of other workers (see
-    :mod:`ralu.calibrate.study`)."""
+    ``start_layouts``: (layout, up-ratio) pairs run first with their own steps.  ``trials``
+    is the number of finished trials the study ends with: with a shared ``storage`` it counts
+    those of earlier runs and of other workers (see :mod:`ralu.calibrate.study`)."""
     # The kept signal rises with the first end, so the latest first end is the best case.
     best_case = z_ceiling((FIRST_END_RANGE[1], 1.0), min_signal)
     if best_case < z_bounds[0]:
@@ -138,29 +157,36 @@ def search_layout(
             f"--min-signal {min_signal:g} needs Z <= {best_case:.4g} even with the latest first end searched ({FIRST_END_RANGE[1]:g}), "
             f"below the lowest Z searched, {z_bounds[0]:g}. Fix: a lower --min-signal (0 for no limit) or a lower --z-bounds LOW"
         )
-    # No stage can usefully take more steps than the whole budget allows at full cost.
-    max_steps = max(1, math.ceil(base_steps / target) + 1)
+    # No layout takes more steps than the whole budget spent on its cheapest (low-res) stage.
+    limit = 4 * max(1, math.ceil(base_steps / target)) + 3
     floor = infeasible_floor(objective)
-    inner_cache: dict[tuple, tuple[InnerResult, float, flops.Flops] | None] = {}
+    inner_cache: dict[tuple, InnerResult] = {}
 
-    def evaluate(steps: tuple[int, ...], ends: tuple[float, ...]):
-        key = (steps, ends)
+    def speed(steps: tuple[int, ...], ratio: float) -> float:
+        return getattr(speedup_of(spec, height, width, steps, ratio, base_steps), convention)
+
+    def inner_search(steps: tuple[int, ...], ends: tuple[float, ...], ratio: float) -> InnerResult:
+        key = (steps, ends, ratio)
         if key not in inner_cache:
-            ratio = choose_up_ratio(spec, height, width, steps, base_steps, target, convention, fixed=up_ratio)
-            if ratio is None:
-                inner_cache[key] = None
-            else:
-                problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal)
-                inner = optimise(problem, optimizer, seed=seed, effort="quick")
-                inner_cache[key] = (inner, ratio, speedup_of(spec, height, width, steps, ratio, base_steps))
+            problem = NTDMObjective(StageLayout(steps, ends), h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal, shift_ratio=shift_ratio)
+            inner_cache[key] = optimise(problem, optimizer, seed=seed, effort="quick")
         return inner_cache[key]
 
     def run_trial(trial: optuna.Trial) -> float:
-        steps = tuple(trial.suggest_int(f"steps_{k + 1}", 1, max_steps) for k in range(3))
+        weights = (trial.suggest_float("weight_1", *STAGE_WEIGHT, log=True), trial.suggest_float("weight_2", *STAGE_WEIGHT, log=True), 1.0)
+        ratio = up_ratio if up_ratio is not None else trial.suggest_categorical("up_ratio", list(UP_RATIO_CHOICES))
         first = round(trial.suggest_float("end_1", *FIRST_END_RANGE, step=END_STEP), 2)
         gap = round(trial.suggest_float("gap_2", *SECOND_GAP_RANGE, step=END_STEP), 2)
         ends = (first, round(first + gap, 2), 1.0)
-        twin = shared.find_twin(trial, f"steps {list(steps)} ends {list(ends)}")
+        given = trial.user_attrs.get(GIVEN_STEPS_ATTR)
+        steps = tuple(int(n) for n in given) if given is not None else budget_steps(lambda s, r: speed(tuple(s), r), target, weights, ratio, limit)
+        if steps is None:
+            # Not even one step per stage meets the target: rank by the shortfall, above every
+            # feasible value (see infeasible_floor).
+            trial.set_user_attr("feasible", False)
+            return floor + max(0.0, target - speed((1, 1, 1), ratio)) / target
+        trial.set_user_attr("steps", list(steps))
+        twin = shared.find_twin(trial, f"steps {list(steps)} ends {list(ends)} up_ratio {ratio:g}")
         if twin is not None:
             # Evaluated already (by this or another worker): reuse, do not recompute.
             for key, value in twin.user_attrs.items():
@@ -168,28 +194,22 @@ def search_layout(
                     trial.set_user_attr(key, value)
             trial.set_user_attr(shared.SAME_AS_ATTR, twin.user_attrs.get(shared.SAME_AS_ATTR, twin.number))
             return twin.value
+        reached = speed(steps, ratio)
+        if reached < target:  # a start layout's own steps
+            trial.set_user_attr("feasible", False)
+            return floor + (target - reached) / target
         ceiling = z_ceiling(ends, min_signal)
-        if ceiling < z_bounds[0]:
-            # No Z in range keeps the signal asked for: rank by how far the cap falls short.
+        if ceiling < z_bounds[0] or ends[1] > SECOND_END_MAX + 1e-9:
+            # No Z in range keeps the signal asked for, or the second end lies beyond the
+            # searched range: rank by how far.
             trial.set_user_attr("feasible", False)
-            return floor + (z_bounds[0] - ceiling) / z_bounds[0]
-        found = evaluate(steps, ends)
-        if found is None:
-            # Infeasible: rank by how far the cheapest ratio falls short, always above any
-            # feasible value (see infeasible_floor).
-            short = getattr(speedup_of(spec, height, width, steps, up_ratio or min(UP_RATIO_CHOICES), base_steps), convention)
-            trial.set_user_attr("feasible", False)
-            return floor + max(0.0, target - short) / target
-        inner, ratio, speed = found
-        overshoot = getattr(speed, convention) / (target * (1.0 + BUDGET_SLACK)) - 1.0
-        if overshoot > 0:
-            # Too fast: the layout leaves budget unspent (see the module docstring).
-            trial.set_user_attr("feasible", False)
-            return floor + overshoot
+            return floor + max(0.0, (z_bounds[0] - ceiling) / z_bounds[0]) + max(0.0, ends[1] - SECOND_END_MAX)
+        inner = inner_search(steps, ends, ratio)
+        full = speedup_of(spec, height, width, steps, ratio, base_steps)
         trial.set_user_attr("feasible", True)
         trial.set_user_attr("up_ratio", ratio)
-        trial.set_user_attr("speedup_total", speed.total)
-        trial.set_user_attr("speedup_linear", speed.linear)
+        trial.set_user_attr("speedup_total", full.total)
+        trial.set_user_attr("speedup_linear", full.linear)
         return inner.js_distance
 
     # Errors only: a trial interrupted by Ctrl-C would otherwise log its traceback.
@@ -205,10 +225,12 @@ def search_layout(
     if trials > done:
         # No more start layouts than trials left to run: an enqueued layout that never runs
         # would stay in the study and be counted as a trial.
-        for layout in start_layouts[: trials - done]:
-            params = layout_params(layout, max_steps)
+        for layout, ratio in start_layouts[: trials - done]:
+            params = layout_params(layout, ratio if up_ratio is None else up_ratio)
             if params is not None:
-                study.enqueue_trial(params, skip_if_exists=True)
+                if up_ratio is not None:
+                    params.pop("up_ratio")
+                study.enqueue_trial(params, user_attrs={GIVEN_STEPS_ATTR: list(layout.steps)}, skip_if_exists=True)
         with shared.stop_on_ctrl_c(study):
             study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
     shared.wait_for_running(study, log)
@@ -218,11 +240,12 @@ def search_layout(
         keeping = f" keeping signal >= {min_signal:g} at every transition" if min_signal > 0 else ""
         raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
     best = min(feasible, key=lambda t: (t.value, t.number))
-    steps = tuple(best.params[f"steps_{k + 1}"] for k in range(3))
+    steps = tuple(best.user_attrs["steps"])
     first = round(best.params["end_1"], 2)
     layout = StageLayout(steps, (first, round(first + best.params["gap_2"], 2), 1.0))
     ratio = best.user_attrs["up_ratio"]
-    inner = optimise(NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal), optimizer, seed=seed, effort="full")
+    problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal, shift_ratio=shift_ratio)
+    inner = optimise(problem, optimizer, seed=seed, effort="full")
     history = [
         {"number": t.number, "value": t.value, **t.params, **t.user_attrs}
         for t in study.trials

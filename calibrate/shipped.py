@@ -17,8 +17,11 @@ from ralu.runtime.models import get_model
 from ralu.runtime.schedule import Schedule, save_schedule, schedule_json_schema, write_text_atomic
 
 from .calibration import calibrate
+from .fewer_steps import compare
+from .layout_search import FIRST_END_RANGE, SECOND_END_MAX
 from .plot import plot_schedule
 from .presets import PAPER_H0, PRESETS
+from .progress_model import load_progress_model
 from .search import DEFAULT_TRIALS as MAIN_JOB_TRIALS
 from .search import MIN_SIGNAL, NTDMObjective, StageLayout, default_objective, optimise_paper
 
@@ -41,8 +44,14 @@ def _row(name: str, schedule: Schedule, paper_js: float | None) -> str:
         f"| `{name}` | {'/'.join(str(s.steps) for s in stages)} | {'/'.join(f'{s.end:g}' for s in stages)} | "
         f"{'/'.join(f'{s.start:.3f}' for s in stages)} | {'/'.join(f'{s.shift:.3f}' for s in stages)} | "
         f"{schedule.z:.2f} ({schedule.c:.4f}) | {schedule.up_ratio:g} | {schedule.divergence.js_distance:.6f} | "
-        f"{'' if paper_js is None else f'{paper_js:.6f}'} | {schedule.flops_speedup.linear:.2f}x | {schedule.flops_speedup.total:.2f}x |"
+        f"{'' if paper_js is None else f'{paper_js:.6f}'} | {schedule.flops_speedup.linear:.2f}x | {schedule.flops_speedup.total:.2f}x | {_against_plain(schedule)} |"
     )
+
+
+def _against_plain(schedule: Schedule) -> str:
+    """J of the schedule and of the plain sampler at its budget, and the main job's verdict."""
+    comparison = compare(schedule)
+    return f"{comparison.ralu_error:.3f} vs {comparison.plain_error:.3f} ({comparison.plain.stages[0].steps} steps): {comparison.verdict}"
 
 
 def judgement(reports_dir: Path, preset_names: list[str]) -> str:
@@ -59,7 +68,7 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
     write_text_atomic(schedules_dir / "schema.json", json.dumps(schedule_json_schema(), indent=2) + "\n")
     header = (
         "| schedule | steps | ends | starts (re-noised) | shifts | Z (c) | r | JS distance | paper optimiser, same h0 | "
-        "speed-up linear | speed-up total |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "speed-up linear | speed-up total | J vs plain: RALU or plain |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     def main_job(model: str, target: float) -> Schedule:
         """What ``ralu-calibrate --model MODEL --speedup TARGET`` writes (same trials and seed)."""
@@ -103,8 +112,11 @@ least a = s/e = {MIN_SIGNAL:g} of the signal (`--min-signal`).
 - `NAME`: the paper's stage layout and up-ratio, calibrated with the paper's continuous JS
   objective.
 - `NAME-searched`: the layout the outer Optuna search finds for the same target ({trials}
-  trials, linear FLOPs, speed-up within [target, 1.1 target]) with the progress-aware
-  objective, the default for a searched layout (docs/method.md §4b){main_job}.
+  trials, linear FLOPs, budget-filling layouts: each stage's share of the steps, as many
+  steps as the budget affords) with the progress-aware objective J, the default for a
+  searched layout (docs/method.md §4b), its terms fitted to measured image scores
+  (`calibrate/progress_model.json`, version `{load_progress_model().version}`,
+  [`progress-fit.md`](progress-fit.md)){main_job}.
 
 Why these objectives: on testbed v2 (below, and reports/quality.md; run of 2026-12-01) the continuous
 objective's searched FLUX 7x layout lost to the published preset on FD and fine accuracy,
@@ -112,7 +124,9 @@ while the progress objective's searched layout tied it on FD and accuracy and be
 continuous one on fine accuracy; on the paper's own layouts the continuous objective was
 the better of the two at 4x and 7x.  "paper optimiser, same h0" is the published local
 method (L-BFGS-B from [3, 3, 3, 2]) on the same layout: the global optimiser is never worse
-and usually better.
+and usually better.  The last column is what `ralu-calibrate` prints for the file: J of the
+schedule and of the plain sampler with the steps its budget affords, and the verdict, "cannot
+tell" where the two differ by less than the fitted model's margin (docs/method.md §4b).
 
 {header}
 {chr(10).join(rows)}
@@ -140,8 +154,10 @@ quality.  Two things it rewards deserve a quality check before a schedule is pre
   s_k), so little of the earlier stages' work survives.  Left unbounded (`--min-signal 0`),
   several searched layouts sat at the bound Z = 100; the cap keeps a = s_k / e_k >= {MIN_SIGNAL:g}
   (`ralu-calibrate` prints a note below that).
-- **Long low-resolution stages**: the searched layouts push e1/e2 later than the paper's,
-  which the divergence cannot see as a cost in detail.
+- **Long low-resolution stages**: the JS divergence cannot see them as a cost in detail, and
+  the progress model J, fitted on layouts with e2 <= 0.7, prefers ever later ends beyond
+  them; the layout search keeps e1 <= {FIRST_END_RANGE[1]:g} and e2 <= {SECOND_END_MAX:g}, where the best measured
+  schedules lie (docs/method.md §4).
 
 {judged}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ralu.calibrate.budget import STAGE_WEIGHT
 from ralu.calibrate.calibration import calibrate, published_layouts
 from ralu.calibrate.layout_search import layout_params
 from ralu.calibrate.presets import PRESETS
@@ -13,20 +14,28 @@ from ralu.calibrate.search import StageLayout
 
 def test_published_layouts_are_in_the_searched_space():
     layouts = published_layouts("flux-dev")
-    assert [layout.steps for layout in layouts] == [p.steps for p in PRESETS if p.model == "flux-dev"]
-    for layout in layouts + published_layouts("sd3-medium"):
-        params = layout_params(layout, max_steps=14)
+    assert [(layout.steps, ratio) for layout, ratio in layouts] == [(p.steps, p.up_ratio) for p in PRESETS if p.model == "flux-dev"]
+    for layout, ratio in layouts + published_layouts("sd3-medium"):
+        params = layout_params(layout, ratio)
         assert params is not None, layout
-        assert (params["steps_1"], params["steps_2"], params["steps_3"]) == layout.steps
-        assert params["end_1"] == layout.ends[0] and round(params["end_1"] + params["gap_2"], 2) == layout.ends[1]
+        assert params["up_ratio"] == ratio and params["end_1"] == layout.ends[0] and round(params["end_1"] + params["gap_2"], 2) == layout.ends[1]
+        assert all(STAGE_WEIGHT[0] <= params[f"weight_{k}"] <= STAGE_WEIGHT[1] for k in (1, 2))
 
 
 @pytest.mark.parametrize(
-    "layout",
-    [StageLayout((2, 3, 20), (0.2, 0.3, 1.0)), StageLayout((2, 3, 5), (0.05, 0.3, 1.0)), StageLayout((2, 3, 5), (0.2, 0.9, 1.0)), StageLayout((2, 3, 5), (0.22, 0.3, 1.0))],
+    ("layout", "ratio"),
+    [
+        (StageLayout((2, 3, 5), (0.05, 0.3, 1.0)), 0.1),  # first end below the range
+        (StageLayout((2, 3, 5), (0.4, 0.6, 1.0)), 0.1),  # first end above it
+        (StageLayout((2, 3, 5), (0.2, 0.9, 1.0)), 0.1),  # second stage too long
+        (StageLayout((2, 3, 5), (0.35, 0.65, 1.0)), 0.1),  # second end beyond the fitted range
+        (StageLayout((2, 3, 5), (0.22, 0.3, 1.0)), 0.1),  # off the 0.05 grid
+        (StageLayout((2, 3, 5), (0.2, 0.3, 1.0)), 0.35),  # an up-ratio not searched
+        (StageLayout((2, 5), (0.2, 1.0)), 0.1),  # two stages
+    ],
 )
-def test_layouts_outside_the_space_are_not_enqueued(layout):
-    assert layout_params(layout, max_steps=9) is None
+def test_layouts_outside_the_space_are_not_enqueued(layout, ratio):
+    assert layout_params(layout, ratio) is None
 
 
 def test_search_returns_no_worse_than_the_published_layout():
