@@ -86,18 +86,18 @@ def test_the_main_job_never_discards_a_stages_work(model, speedup, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_min_signal_zero_is_the_unbounded_search_of_before(tmp_path, capsys, monkeypatch):
-    # Recorded from the code before --min-signal existed (same command, no option), which
-    # also did not yet start the layout search from the published layouts, and whose
-    # objective for a searched layout was then the default one, continuous.
+def test_min_signal_zero_leaves_z_unbounded(tmp_path, capsys, monkeypatch):
+    # A = 0 searches the whole of --z-bounds: the continuous objective, nearly flat in Z, then
+    # drifts far above the cap A = 0.1 would set, and the CLI notes every transition that keeps
+    # almost nothing.  (The recorded layout of the search before --min-signal is gone with that
+    # search: the layout search draws budget-filling layouts since issue 28.)
     monkeypatch.setattr("ralu.calibrate.calibration.published_layouts", lambda model: ())
     out = tmp_path / "s.json"
     code, stdout, _ = run(["--model", "flux", "--speedup", 7, "--objective", "continuous", "--min-signal", 0, "--out", out, "--quiet"], capsys)
     assert code == 0
     schedule = load_schedule(out)
-    assert [s.steps for s in schedule.stages] == [2, 2, 5] and [s.end for s in schedule.stages] == [0.4, 0.5, 1.0]
-    assert schedule.z == pytest.approx(100.0, rel=1e-9) and schedule.up_ratio == 0.3  # the upper bound
-    assert schedule.divergence.js_distance == pytest.approx(0.014348419005862152, rel=1e-9)
+    assert schedule.z > 4 * largest_z(schedule.stages[0].end, MIN_SIGNAL)
+    assert all(t.signal_scale < MIN_SIGNAL / 2 for t in schedule.transitions)
     assert stdout.count(NOTE) == 2 and schedule.calibration.min_signal == 0.0
 
 
