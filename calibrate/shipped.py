@@ -103,7 +103,7 @@ def regenerate(schedules_dir: Path, reports_dir: Path, trials: int, seed: int) -
                 else f"; the main job runs {MAIN_JOB_TRIALS} trials, so its output may differ")
     return f"""# Shipped schedules
 
-Regenerate with: `{COMMAND}` (about a minute on 2 CPU cores; seed {seed}, {trials} outer trials).
+Regenerate with: `{COMMAND}` (about 1.5 minutes on 2 CPU cores, one of them busy; seed {seed}, {trials} outer trials).
 
 All at 1024x1024 with the base model's real shift h0 (FLUX.1-dev: exp(mu) = 3.158 at 4096
 image tokens; SD3: 3.0), global inner optimiser, Z capped so that every transition keeps at
