@@ -100,12 +100,57 @@ def test_verdicts_regime_caches_and_sweeps(quick_v2):
     assert all(len(s["points"]) == 2 for s in report["sweeps"])
 
 
+def test_intervals_resample_seeds_and_every_verdict_has_its_halves(quick_v2):
+    """The quick run's two seeds: intervals over seeds (widened for two), every verdict the
+    report makes again on halves [0] and [1] (one seed each: images resampled), and the
+    replication entry counting exactly the claims among them."""
+    from ralu_lab.bench.quality.v2 import replication
+    from ralu_lab.bench.quality.v2.schema import Verdict
+    from ralu_lab.testbed.v2 import metrics
+
+    _, report = quick_v2
+    assert report["intervals"] == {"unit": "seeds", "seeds": 2, "widening": pytest.approx(metrics.few_clusters_scale(2, 0.95)), "resamples": 60, "set_resamples": 12}
+    made = report["verdicts"] + [v for c in report["caches"] for v in c["verdicts"] + c["against_plain"]]
+    for v in made:
+        assert [h["seeds"] for h in v["halves"]] == [[0], [1]] and all(h["low"] <= h["high"] for h in v["halves"]), (v["a"], v["b"], v["metric"])
+    assert all(len(m["halves"]) == 2 for g in report["regime"].values() for m in g["metrics"])
+    r = report["replication"]
+    assert r["halves"] == [[0], [1]] and r["unit"] == "images (a half of one seed)" and r["definition"] == replication.DEFINITION
+    claims = [Verdict(**v) for v in made if v["verdict"] != "not separable"]
+    claims += [v for v in (Verdict(arch=a, budget=g["budget"], metric=m["metric"], question="regime", a="base-steps", b="baseline", a_value=m["fewer_steps"],
+                                   b_value=m["baseline"], difference=m["difference"], low=m["low"], high=m["high"], verdict=m["verdict"], halves=m["halves"])
+                               for a, g in report["regime"].items() for m in g["metrics"]) if v.verdict != "not separable"]
+    assert r["verdicts"] == len(made) + sum(len(g["metrics"]) for g in report["regime"].values())
+    assert r["claimed"] == len(claims) == len(r["claims"]) and r["replicated"] == sum(replication.judge(v)[0] for v in claims)
+    assert r["share"] == (pytest.approx(r["replicated"] / r["claimed"]) if r["claimed"] else None)
+    assert r["strict"] <= r["replicated"] and sum(g["claimed"] for g in r["groups"]) == r["claimed"]
+
+
+def test_heldout_section_meets_the_schedule_row_on_new_seeds(quick_v2):
+    _, report = quick_v2
+    h = report["heldout"]
+    assert h["seeds"] == [900, 901] and h["images_per_seed"] == 4 and h["unit"] == "seeds"
+    # the --schedule row (FLUX 7x) and, at 7x, the plain pipeline with fewer steps, Bottleneck Sampling and the published preset
+    assert {(r["method"], r["budget"]) for r in h["rows"]} == {(m, 7) for m in ("schedule:flux-dev-7x-searched", "base-steps", "bottleneck", "ralu-paper")}
+    assert all(set(r["metrics"]) == {"fd", "spectral_distance", "fine_accuracy", "accuracy", "blocking"} for r in h["rows"])  # no PSNR/SSIM: no baseline there
+    assert {(v["a"], v["b"], v["metric"]) for v in h["verdicts"]} == {
+        ("schedule:flux-dev-7x-searched", b, k) for b in ("base-steps", "bottleneck", "ralu-paper") for k in ("fd", "fine_accuracy")}
+    # other seeds than the table's: other images, so other values than the table's rows
+    table = next(r for r in report["rows"] if r["method"] == "base-steps" and r["budget"] == 7)
+    held = next(r for r in h["rows"] if r["method"] == "base-steps")
+    assert held["metrics"]["fd"]["per_seed"] != table["metrics"]["fd"]["per_seed"][:2]
+
+
 def test_markdown_and_figures_from_the_json(quick_v2):
     out, _ = quick_v2
     text = (out / "quality.json").read_text()
     md = (out / "quality.md").read_text()
     assert v2_report.render_json(text) == md
     assert "### Regime check (7x)" in md and "### Regime check (3x)" in md and "not separable" in md
+    # the replication check right after the set-up, the held-out seeds last
+    headings = [x for x in md.splitlines() if x.startswith("## ")]
+    assert headings[:3] == ["## Set-up", "## Replication", "## FLUX"] and headings[-1] == "## Held-out seeds (reported last)"
+    assert "pairs cluster bootstrap over the seeds" in md and "halves A - B" in md
     assert "`schedule:flux-dev-7x-searched` against every other row (paired bootstrap)" in md
     assert "against the plain pipeline with fewer steps, uncached" in md and "cached RALU - fewer steps" in md
     # metric by metric, the rows that beat it: exactly the verdicts of the JSON
@@ -165,6 +210,77 @@ def test_missing_weights_and_bad_requests_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["quality", "--quick", "--budgets", "5", "--arch", "sd3"]) == 2
     assert "published presets" in capsys.readouterr().err
+
+
+def test_unknown_rows_and_reused_heldout_seeds_are_one_line(tmp_path, capsys):
+    from ralu_lab.bench.cli import main
+
+    assert main(["quality", "--quick", "--arch", "flux", "--rows", "base-steps", "no-such-row", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--rows no-such-row: no such planned row" in err and "Fix: choose from" in err
+    assert "bottleneck" in err and "ralu-paper" in err and "ralu-ours+magcache" in err  # the choices are named
+    assert main(["quality", "--quick", "--seeds", "5", "6", "--heldout-seeds", "6", "7", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--heldout-seeds 6 are also sample seeds" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_and_heldout_seeds_in_the_configuration():
+    """--rows keeps the named rows (the baseline and --schedule rows always); the held-out
+    section meets each --schedule row with base-steps, bottleneck and the published preset
+    of its budget even when --rows leaves them out; --heldout-seeds with no value: none."""
+    import argparse
+
+    from ralu_lab.bench.quality.args import add_arguments
+    from ralu_lab.bench.quality.v2.cost import transformer_cost
+    from ralu_lab.bench.quality.v2.plan import HELDOUT_SEEDS, chosen_rows, heldout_rows, make_config, plan_arch
+    from ralu_lab.testbed.v2 import model as tb
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert make_config(parser.parse_args([])).heldout_seeds == HELDOUT_SEEDS == tuple(range(900, 908))
+    config = make_config(parser.parse_args(["--quick", "--arch", "flux", "--budgets", "7", "--rows", "bottleneck", "--schedule", "flux-dev-7x", "--no-caches"]))
+    planned, _ = plan_arch(config, "flux", transformer_cost("flux", tb.build_transformer("flux").config), log=lambda *_: None)
+    assert [m.key for m in chosen_rows(config, planned)] == ["baseline", "bottleneck", "schedule:flux-dev-7x"]
+    [(row, others)] = heldout_rows(planned)
+    assert row.key == "schedule:flux-dev-7x" and [(m.key, m.budget) for m in others] == [("base-steps", 7), ("bottleneck", 7), ("ralu-paper", 7)]
+    assert make_config(parser.parse_args(["--heldout-seeds"])).heldout_seeds == ()
+    assert make_config(parser.parse_args(["--quick"])).heldout_seeds == (900, 901)
+
+
+def test_replication_bookkeeping_on_hand_made_halves():
+    from ralu_lab.bench.quality.v2 import replication
+    from ralu_lab.bench.quality.v2.schema import Half, Verdict
+
+    def half(seeds, difference, verdict):
+        return Half(seeds=seeds, difference=difference, low=difference - 1.0, high=difference + 1.0, verdict=verdict)
+
+    def made(metric, verdict, difference, halves, question="q"):
+        return Verdict(arch="flux", budget=7, metric=metric, question=question, a="A", b="B", a_value=0.0, b_value=0.0, difference=difference,
+                       low=difference - 1.0, high=difference + 1.0, verdict=verdict, halves=[half([0, 2], *halves[0]), half([1, 3], *halves[1])])
+
+    # fine accuracy: higher is better, so A better means A - B > 0; FD: lower is better, A better means A - B < 0
+    strict = made("fine_accuracy", "A better", 0.2, [(0.3, "A better"), (0.1, "A better")])
+    loose = made("fine_accuracy", "A better", 0.2, [(0.05, "not separable"), (0.3, "A better")])
+    turned = made("fine_accuracy", "A better", 0.2, [(-0.01, "not separable"), (0.3, "A better")])
+    tie = made("fine_accuracy", "A better", 0.2, [(0.0, "not separable"), (0.3, "A better")])
+    fd_b = made("fd", "B better", 30.0, [(10.0, "not separable"), (50.0, "B better")])
+    fd_wrong = made("fd", "A better", -30.0, [(-10.0, "not separable"), (5.0, "not separable")])
+    # a bias-moved interval can name the row the point estimate does not favour: that half contradicts the claim
+    named_other = made("fd", "A better", -30.0, [(-2.0, "B better"), (-40.0, "A better")])
+    unclaimed = made("fd", "not separable", -3.0, [(-10.0, "A better"), (5.0, "B better")])
+    assert replication.judge(strict) == (True, True) and replication.judge(loose) == (True, False)
+    assert replication.judge(turned) == (False, False) and replication.judge(tie) == (False, False)
+    assert replication.judge(fd_b) == (True, False) and replication.judge(fd_wrong) == (False, False) and replication.judge(named_other) == (False, False)
+    with pytest.raises(ValueError, match="names no winner"):
+        replication.judge(unclaimed)
+    r = replication.replication([strict, loose, turned, tie, fd_b, fd_wrong, named_other, unclaimed], ([0, 2], [1, 3]), "seeds")
+    assert (r.verdicts, r.claimed, r.replicated, r.strict) == (8, 7, 3, 1) and r.share == pytest.approx(3 / 7) and r.strict_share == pytest.approx(1 / 7)
+    assert [c.replicated for c in r.claims] == [True, True, False, False, True, False, False] and r.halves == [[0, 2], [1, 3]]
+    by_metric = {g.metric: (g.verdicts, g.claimed, g.replicated, g.strict) for g in r.groups}
+    assert by_metric == {"fine_accuracy": (4, 4, 2, 1), "fd": (4, 3, 1, 0)}
+    empty = replication.replication([unclaimed], ([0], [1]), "images")
+    assert (empty.claimed, empty.share, empty.groups[0].share) == (0, None, None)
 
 
 def test_no_caches_leaves_out_exactly_the_cache_rows():

@@ -11,6 +11,7 @@ import torch
 from ralu.runtime.compat import PaperCompat
 from ralu_lab.bench.quality.v2 import switches
 from ralu_lab.bench.quality.v2.stats import Reference
+from ralu_lab.testbed.v2 import metrics
 
 
 def test_variants_cover_every_switch_alone_all_and_other_draws():
@@ -30,10 +31,7 @@ def test_fd_splits_into_its_mean_term_and_the_rest():
     real = torch.randn(64, 1, 2, 2)
     reference = Reference.__new__(Reference)  # only the feature statistics FD needs
     reference.features = real.flatten(1).double()
-    cov = torch.cov(reference.features.T)
-    values, vectors = torch.linalg.eigh(cov)
-    reference._mean, reference._trace = reference.features.mean(0), cov.trace()
-    reference._root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    reference.frechet = metrics.ReferenceFrechetDistance(reference.features)
     shifted = reference.features + torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=torch.float64)
     mean_term, rest = switches.fd_parts(reference, shifted)
     assert mean_term == pytest.approx(5.0) and rest == pytest.approx(0.0, abs=1e-6)  # a shift moves only the mean

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", action="append", metavar="FILE", help="add a RALU row for this schedule file (or shipped name); repeatable")
     parser.add_argument("--seeds", type=int, nargs="+", help="sample seeds (default 10 ... 25: 16 seeds; docs/testbed-v2.md §5)")
     parser.add_argument("--images", type=int, help="images per seed (default 32)")
+    parser.add_argument("--heldout-seeds", type=int, nargs="*", metavar="SEED",
+                        help="seeds on which the --schedule rows meet base-steps, bottleneck and the published preset, reported last "
+                             "(default 900 ... 907; none: no held-out section)")
     parser.add_argument("--budgets", type=int, nargs="+", help="budgets, named after the published presets (FLUX 4 5 7, SD3 2 3; default all)")
     parser.add_argument("--rows", nargs="+", metavar="ROW",
                         help="only these planned rows (e.g. base-steps bottleneck ralu-paper ralu-paper-crop); the baseline and --schedule rows always run")

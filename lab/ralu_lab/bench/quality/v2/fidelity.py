@@ -23,7 +23,8 @@ where the generator is off (it then moves away from the baseline).  A search sco
 50-step samples looks for the first kind; this report shows which kind each row's edge is.
 
 Every schedule row meets every other row (not the reference) on :data:`FIDELITY_METRICS`,
-with the harness's paired bootstrap: the same resampled images for both rows and the reference.
+with the harness's paired cluster bootstrap: the same resampled seeds for both rows and the
+reference (one seed: images).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from ralu.runtime.schedule import write_bytes_atomic
 from ralu_lab.bench.common import fail, write_report
-from ralu_lab.bench.quality.v2.heldout import HeldoutReport, HeldoutRow, build_parser, check_args, gflops_cell, prepare, row_fields
+from ralu_lab.bench.quality.v2.heldout import HeldoutReport, HeldoutRow, build_parser, check_args, gflops_cell, interval_legend, intervals_unit, prepare, row_fields
 from ralu_lab.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu_lab.bench.quality.v2.schema import Estimate, Verdict
 from ralu_lab.bench.quality.v2.stats import seed_std
@@ -94,9 +95,15 @@ def paired(distance: Callable[[torch.Tensor, torch.Tensor], float]) -> Callable[
     return lambda pairs: distance(pairs[:, 0], pairs[:, 1])
 
 
+def seed_clusters(n: int, seeds: int) -> torch.Tensor:
+    """Which seed each of ``n`` items pooled seed after seed belongs to (the chunks of ``torch.chunk``)."""
+    return torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(torch.arange(n).chunk(seeds))])
+
+
 def distance_to(items: torch.Tensor, reference: torch.Tensor, distance, seeds: int, resamples: int) -> Estimate:
-    """``distance(items, reference)`` with a bootstrap interval over images and its value per seed."""
-    found = metrics.set_interval(torch.stack([items, reference], dim=1), paired(distance), n_resamples=resamples)
+    """``distance(items, reference)`` with a bootstrap interval over seeds (each with its
+    reference images; one seed: over images) and its value per seed."""
+    found = metrics.cluster_set_interval(torch.stack([items, reference], dim=1), seed_clusters(items.shape[0], seeds), paired(distance), n_resamples=resamples)
     per_seed = [distance(a, b) for a, b in zip(items.chunk(seeds), reference.chunk(seeds))]
     return Estimate(value=found.value, low=found.low, high=found.high, seed_std=seed_std(per_seed), per_seed=per_seed)
 
@@ -128,13 +135,14 @@ def run(args, log=print) -> FidelityReport:
             for key, _, items, distance in FIDELITY_METRICS:
                 pair_a = torch.stack([measured[a.method].per_image[items], reference.per_image[items]], dim=1)
                 pair_b = torch.stack([measured[b.method].per_image[items], reference.per_image[items]], dim=1)
-                c = metrics.paired_set_bootstrap(pair_a, pair_b, paired(distance), False, n_resamples=stats.set_resamples, names=(a.method, b.method))
+                c = metrics.paired_cluster_set_bootstrap(pair_a, pair_b, reference.image_seeds, paired(distance), False, n_resamples=stats.set_resamples,
+                                                         names=(a.method, b.method))
                 verdicts.append(Verdict(arch="flux", budget=args.budget, metric=key, question=QUESTION, a=a.method, b=b.method,
                                         a_value=by_key[a.method].metrics[key].value, b_value=by_key[b.method].metrics[key].value,
                                         difference=c.difference, low=c.low, high=c.high, verdict=c.verdict))
     return FidelityReport(command=f"{PROG} {shlex.join(args.argv)}".strip(), created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
                           budget=args.budget, seeds=list(seeds), images_per_seed=prepared.config.images, reference_noise_offset=REFERENCE_NOISE_OFFSET,
-                          threads=torch.get_num_threads(), bands=dict(BANDS), rows=rows, verdicts=verdicts)
+                          threads=torch.get_num_threads(), bands=dict(BANDS), rows=rows, verdicts=verdicts, intervals=intervals_unit(seeds))
 
 
 def render_markdown(report: FidelityReport, figure: str) -> str:
@@ -147,7 +155,7 @@ def render_markdown(report: FidelityReport, figure: str) -> str:
         "",
         f"Seeds {report.seeds}, {report.images_per_seed} images each, sampled as `ralu-bench quality` samples them.  The reference: 50-step "
         f"samples of the same labels from other noise (seed + {report.reference_noise_offset}), as the search scores candidates.  "
-        "`value [95 % bootstrap interval over images] ±spread over seeds`.  Spectral distance: mean over radii 1-32 of "
+        f"{interval_legend(report, spread=True)}.  Spectral distance: mean over radii 1-32 of "
         "`|log10 P_row(r) - log10 P_other(r)|`, P a set's mean radial power spectrum (0.1: 26 % power apart on average).  "
         "Bands: mean signed `log10 P_row / P_other` over their radii (positive: more power than the other).",
         "",

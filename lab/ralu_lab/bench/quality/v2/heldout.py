@@ -8,7 +8,9 @@ same labels, per-image noise, real reference, metrics and paired bootstrap as th
 (:mod:`ralu_lab.bench.quality.v2.run`), the rows planned exactly as it plans them, and
 the images kept in its work folder (a later full run reuses them).  Only the asked rows are
 sampled: no 50-step baseline, so no PSNR/SSIM.  Every schedule meets every other row on
-:data:`~ralu_lab.bench.quality.v2.stats.SCHEDULE_METRICS`.
+:data:`~ralu_lab.bench.quality.v2.stats.SCHEDULE_METRICS`.  Intervals and verdicts resample
+seeds, as the harness's do (one seed: images); the default seeds are the harness's held-out
+seeds (:data:`~ralu_lab.bench.quality.v2.plan.HELDOUT_SEEDS`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from ralu_lab.bench.common import fail, write_report
 from ralu_lab.bench.quality.config import check_row_names
 from ralu_lab.bench.quality.v2.cost import transformer_cost
-from ralu_lab.bench.quality.v2.plan import CACHE_KINDS, PEER_KEYS, RALU_KEYS, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
+from ralu_lab.bench.quality.v2.plan import CACHE_KINDS, DEFAULT_IMAGES, HELDOUT_SEEDS, PEER_KEYS, RALU_KEYS, WORK_DIR_NAME, V2Config, arch_presets, plan_arch, schedule_arch
 from ralu_lab.bench.quality.v2.report import DIGITS, beaters, interval, verdict_cell
 from ralu_lab.bench.quality.v2.run import load_parts, real_reference
 from ralu_lab.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
@@ -62,6 +64,8 @@ class HeldoutReport(BaseModel):
     threads: int
     rows: list[HeldoutRow]
     verdicts: list[Verdict]
+    #: what the intervals resample: "seeds" or "images" (one seed); None in reports made before they resampled seeds (images)
+    intervals: str | None = None
 
 
 @dataclass
@@ -138,7 +142,21 @@ def run(args, log=print) -> HeldoutReport:
                                      a_value=by_key[a.method].metrics[key].value, b_value=by_key[b.method].metrics[key].value,
                                      difference=c.difference, low=c.low, high=c.high, verdict=c.verdict))
     return HeldoutReport(command=f"{PROG} {shlex.join(args.argv)}".strip(), created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-                         budget=args.budget, seeds=list(prepared.config.seeds), images_per_seed=prepared.config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found)
+                         budget=args.budget, seeds=list(prepared.config.seeds), images_per_seed=prepared.config.images, threads=torch.get_num_threads(), rows=rows, verdicts=found,
+                         intervals=intervals_unit(prepared.config.seeds))
+
+
+def intervals_unit(seeds) -> str:
+    """What the intervals of a run on ``seeds`` resample (the harness's statistics: seeds, or images with one seed)."""
+    return "seeds" if len(set(seeds)) > 1 else "images"
+
+
+def interval_legend(report: HeldoutReport, spread: bool = False) -> str:
+    """The legend of the tables' ``value [interval]`` (``spread``: with the spread over seeds);
+    reports made before the intervals resampled seeds say "over images"."""
+    inside = {None: "95 % bootstrap interval over images", "seeds": "95 % interval, a pairs cluster bootstrap over the seeds",
+              "images": "95 % bootstrap interval over the images of one seed"}[report.intervals]
+    return f"`value [{inside}]{' ±spread over seeds' if spread else ''}`"
 
 
 def gflops_cell(row: HeldoutRow) -> str:
@@ -154,7 +172,7 @@ def render_markdown(report: HeldoutReport) -> str:
         "",
         f"Seeds {report.seeds}, {report.images_per_seed} images each: the labels, per-image noise, real reference, metrics and paired bootstrap "
         "of [`ralu-bench quality`](../../../quality.md), its rows planned as it plans them; only these rows are sampled (no 50-step baseline).  "
-        "`value [95 % bootstrap interval over images]`; verdicts at 95 %.",
+        f"{interval_legend(report)}; verdicts at 95 %.",
         "",
         "| row | GFLOPs per image (total) | definition | " + " | ".join(LABELS[k] for k in SCHEDULE_METRICS) + " |",
         "|---|---|---|" + "---|" * len(SCHEDULE_METRICS),
@@ -183,8 +201,9 @@ def build_parser(prog: str, description: str, default_rows: Sequence[str]) -> ar
     parser.add_argument("--caches", action="store_true",
                         help="also each chosen row's step-cache rows, planned as the harness plans them (FLUX: ralu-ours and base-steps with "
                              f"{', '.join(CACHE_KINDS['flux'])})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="held-out seeds (default 0 1, the harness's)")
-    parser.add_argument("--images", type=int, default=256, help="images per seed (default 256)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(HELDOUT_SEEDS),
+                        help=f"held-out seeds (default {HELDOUT_SEEDS[0]} ... {HELDOUT_SEEDS[-1]}, the harness's --heldout-seeds)")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help=f"images per seed (default {DEFAULT_IMAGES})")
     parser.add_argument("--real-images", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=80, help="layout-search trials of the ralu-searched row (default 80, the harness's)")
     parser.add_argument("--batch-size", type=int, default=64)

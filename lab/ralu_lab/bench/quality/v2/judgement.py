@@ -38,6 +38,13 @@ def _shipped_row(rows: list[dict], name: str) -> tuple[dict | None, str]:
     return None, ""
 
 
+def how_intervals(report: dict) -> str:
+    """How the report's intervals and verdicts were made (reports before issue 28: over images)."""
+    if (report.get("intervals") or {}).get("unit") == "seeds":
+        return "95 % intervals of a pairs cluster bootstrap over the seeds; verdicts are paired cluster bootstraps (the same seeds for both rows)"
+    return "95 % bootstrap intervals over the pooled images; verdicts are paired bootstraps over the same images"
+
+
 def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
     """What testbed v2 (``reports/quality.json``) says of each shipped schedule: its FD and
     accuracies with 95 % intervals, and, for ``--schedule`` rows, the paired verdicts against
@@ -52,8 +59,8 @@ def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
     lines = [
         "## What testbed v2 says of them",
         "",
-        f"From [`quality.md`](quality.md) (`{report['command'].split(' --schedule')[0]} --schedule ...`): 95 % bootstrap intervals "
-        "over the pooled images; verdicts are paired bootstraps over the same images (a winner only at 95 % confidence).  "
+        f"From [`quality.md`](quality.md) (`{report['command'].split(' --schedule')[0]} --schedule ...`): {how_intervals(report)} "
+        "(a winner only at 95 % confidence).  "
         "A testbed is not FLUX.1-dev or SD3: these figures rank schedules on a small model with the same pipelines, they do not "
         "predict image quality on the real ones.",
         "",

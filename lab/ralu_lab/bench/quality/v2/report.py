@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from ralu_lab.bench.common import Column, render_from_json, table
 from ralu_lab.bench.quality.v2.plan import ARCH_NAMES, REPORT_NAME
+from ralu_lab.bench.quality.v2.replication import judge, winner
 from ralu_lab.bench.quality.v2.schema import Estimate, V2Report
-from ralu_lab.bench.quality.v2.stats import ATTRIBUTE_METRICS, METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
+from ralu_lab.bench.quality.v2.stats import ATTRIBUTE_METRICS, HELDOUT_ROW_METRICS, METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
 
 #: Digits per metric in the tables.
 DIGITS = {"fd": 2, "spectral_distance": 3, "fine_accuracy": 3, "accuracy": 3, "psnr": 2, "ssim": 3, "blocking": 3,
@@ -61,6 +62,28 @@ VERDICT_COLUMNS = [
     Column("A - B [95 % interval]", lambda v: f"{v.difference:+.{DIGITS[v.metric] + 1}f} [{v.low:+.{DIGITS[v.metric] + 1}f}, {v.high:+.{DIGITS[v.metric] + 1}f}]"),
     Column("verdict", lambda v: f"**{v.verdict}**" if v.verdict != "not separable" else v.verdict),
 ]
+
+
+def replicated_mark(v) -> str:
+    """`` (replicates)`` or `` (not in both halves)`` for a verdict that names a winner and
+    has halves (the replication check); nothing otherwise."""
+    if not v.halves or winner(v) is None:
+        return ""
+    return " (replicates)" if judge(v)[0] else " (not in both halves)"
+
+
+def halves_text(halves: list, metric: str) -> str:
+    """Each half's difference, ``*`` where that half names a winner at 95 %."""
+    d = DIGITS[metric] + 1
+    return " / ".join(f"{h.difference:+.{d}f}{'*' if h.verdict != 'not separable' else ''}" for h in halves)
+
+
+def halves_cell(v) -> str:
+    """:func:`halves_text` and, for a verdict that names a winner, whether it replicates."""
+    return halves_text(v.halves, v.metric) + replicated_mark(v).replace(" (", ": ").replace(")", "")
+
+
+HALVES_COLUMN = Column("halves A - B (* at 95 %)", halves_cell)
 REGIME_COLUMNS = [
     Column("metric", lambda m: m.metric),
     Column("baseline", lambda m: f"{m.baseline:.{DIGITS[m.metric]}f}"),
@@ -70,6 +93,9 @@ REGIME_COLUMNS = [
     Column("seed spread", lambda m: "n/a" if m.seed_spread is None else f"{m.seed_spread:.{DIGITS[m.metric] + 1}f}"),
     Column("worse beyond spread", lambda m: "yes" if m.worse else "no"),
 ]
+
+#: The regime check's differences on each half of the seeds (the replication check).
+REGIME_HALVES = Column("halves (* at 95 %)", lambda m: halves_text(m.halves, m.metric))
 
 
 def _reuse_note(report: V2Report) -> str:
@@ -83,7 +109,7 @@ def _reuse_note(report: V2Report) -> str:
 def verdict_cell(v) -> str:
     d = DIGITS[v.metric] + 1
     said = {"not separable": "n.s.", f"{v.a} better": "**schedule better**"}.get(v.verdict, "**other better**")
-    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {said}"
+    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {said}{replicated_mark(v)}"
 
 
 def _cell_of(cells: dict, key: str):
@@ -152,7 +178,7 @@ def _difference_text(v, key: str, a_word: str, b_word: str) -> str:
     """A paired difference a - b with its interval, and who wins in words (n.s. when neither)."""
     d = DIGITS[key] + 1
     sign = {"not separable": "n.s."}.get(v.verdict, a_word if v.verdict == f"{v.a} better" else b_word)
-    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}"
+    return f"{v.difference:+.{d}f} [{v.low:+.{d}f}, {v.high:+.{d}f}] {sign}{replicated_mark(v)}"
 
 
 def _cache_text(effect, key: str) -> str:
@@ -192,6 +218,72 @@ SWEEP_COLUMNS = [
 ]
 
 
+def verdict_lines(report: V2Report, found: list) -> list[str]:
+    """A budget's verdict table; with the replication check, each half's difference beside it."""
+    if report.intervals is None:
+        return ["Verdicts (paired bootstrap over the same images; a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, found), ""]
+    how = "a paired cluster bootstrap over the seeds" if report.intervals.unit == "seeds" else "a paired bootstrap over the images of one seed"
+    columns = VERDICT_COLUMNS + ([HALVES_COLUMN] if any(v.halves for v in found) else [])
+    return [f"Verdicts ({how}; a winner only at 95 % confidence):", "", *table(columns, found), ""]
+
+
+def intervals_text(report: V2Report) -> str:
+    """How the report's values and intervals are made (reports before issue 28 resampled images)."""
+    found = report.intervals
+    if found is None:
+        return "Values are over the images of all seeds pooled: `value [95 % bootstrap interval over images] ±standard deviation across seeds`."
+    text = "Values are over the images of all seeds pooled: `value [95 % interval] ±standard deviation across seeds`.  "
+    if found.unit == "seeds":
+        return text + ("Every interval and paired verdict is a pairs cluster bootstrap over the seeds: seeds drawn with replacement, each with all "
+                       "its images, the same seeds for both rows of a comparison (images of one seed share `paper_compat`'s noise draw, so they "
+                       f"are not independent), widened by {found.widening:.2f} for {found.seeds} seeds (docs/testbed-v2.md §2d).")
+    return text + ("**One seed: the intervals resample images**, which takes the images of the seed as independent; `paper_compat` rows share one "
+                   "noise draw per seed, so their intervals and verdicts are too narrow.  Give several seeds for intervals over seeds.")
+
+
+def replication_lines(report: V2Report) -> list[str]:
+    """The Replication section: per question and metric, how many verdicts that name a winner
+    hold on both halves of the seeds, and the claims that do not."""
+    r = report.replication
+    if r is None:
+        if report.intervals is None:
+            return []
+        return ["## Replication", "", "One seed: no halves to replicate the verdicts on.", ""]
+    percent = lambda x: "n/a" if x is None else f"{100 * x:.0f} %"  # noqa: E731
+    columns = [Column("question", lambda g: g.question), Column("metric", lambda g: g.metric), Column("verdicts", lambda g: str(g.verdicts)),
+               Column("claimed (a winner named)", lambda g: str(g.claimed)), Column("replicated", lambda g: str(g.replicated)),
+               Column("strictly", lambda g: str(g.strict)), Column("share", lambda g: percent(g.share))]
+    failed = [c for c in r.claims if not c.replicated]
+    claim_columns = [Column("arch", lambda c: ARCH_NAMES[c.arch]), Column("budget", lambda c: f"{c.budget}x"), Column("question", lambda c: c.question),
+                     *VERDICT_COLUMNS[:1], *VERDICT_COLUMNS[2:4], Column("verdict, all seeds", lambda c: c.verdict), HALVES_COLUMN]
+    lines = ["## Replication", "",
+             f"Every verdict of this report was made again on each half of the seeds ({r.halves[0]} and {r.halves[1]}; intervals over {r.unit}).  "
+             f"Definition: {r.definition}.",
+             "",
+             f"**{r.replicated} of {r.claimed} verdicts that name a winner replicate ({percent(r.share)}); strictly, {r.strict} "
+             f"({percent(r.strict_share)}).**  {r.verdicts} verdicts were made in all.",
+             "", *table(columns, r.groups), ""]
+    if failed:
+        lines += ["Verdicts that name a winner on all seeds but do not replicate:", "", *table(claim_columns, failed), ""]
+    return lines
+
+
+def heldout_lines(report: V2Report) -> list[str]:
+    """The last section: the ``--schedule`` rows against the plain pipeline with fewer steps,
+    Bottleneck Sampling and the published preset on the held-out seeds."""
+    h = report.heldout
+    if h is None:
+        return []
+    columns = [Column("method", lambda r: r.method), Column("arch", lambda r: ARCH_NAMES[r.arch]), Column("budget", lambda r: f"{r.budget}x"),
+               *[Column(label, (lambda k: lambda r: interval(r.metrics[k], DIGITS[k]))(key)) for key, label, _, _ in METRICS if key in HELDOUT_ROW_METRICS]]
+    return ["## Held-out seeds (reported last)", "",
+            f"Seeds {h.seeds}, {h.images_per_seed} images each: seeds on which nothing above was chosen or judged.  Only the `--schedule` rows and, "
+            "at their budgets, the plain pipeline with fewer steps, Bottleneck Sampling (FLUX) and the published preset are sampled here, as above; "
+            f"intervals and verdicts resample {h.unit}.  No baseline is sampled on these seeds, so PSNR and SSIM are left out.",
+            "", *table(columns, h.rows), "",
+            "Each `--schedule` row against each of those rows (paired, a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, h.verdicts), ""]
+
+
 def render_markdown(report: V2Report, figures: FigurePaths) -> str:
     cfg = report.config
     lines = [
@@ -211,8 +303,7 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
         "## Set-up",
         "",
         f"- Seeds {cfg['seeds']}, {cfg['images']} images per seed: labels `balanced_labels(n, seed)`, one noise generator per image "
-        "(`image_generators`), the same for every row.  Values are over the images of all seeds pooled: `value [95 % bootstrap interval over images] "
-        "±standard deviation across seeds`.",
+        f"(`image_generators`), the same for every row.  {intervals_text(report)}",
         f"- Weights: {', '.join(f'{k} `{v}`' for k, v in report.weights['folders'].items())} (file hashes in the JSON).",
         "- Metrics: **FD** in the v2 classifier's features against "
         f"{cfg['real_images']} real scenes; **spectral distance** of the mean radial power spectrum to the same real scenes; **fine accuracy**: "
@@ -237,6 +328,7 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
     if "sd3" in report.testbed:
         lines += ["Bottleneck Sampling and naive upsampling run on FLUX only: the harness's staged Euler sampler follows FluxPipeline's conventions "
                   "(packing, rotary positions, guidance input); SD3's patch embedding and classifier-free guidance would need a second sampler.", ""]
+    lines += replication_lines(report)
     for arch in report.testbed:
         rows = [x for x in report.rows if x.arch == arch]
         lines += [f"## {ARCH_NAMES[arch]}", "", "### Methods", "", *table(DEFINITION_COLUMNS, [x for x in rows if x.cache is None]), ""]
@@ -245,7 +337,7 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
             lines += [f"### {'baseline' if budget == 1 else f'{budget}x'}", "", *table(ROW_COLUMNS, group), ""]
             found = [v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question != SCHEDULE_QUESTION]
             if found:
-                lines += ["Verdicts (paired bootstrap over the same images; a winner only at 95 % confidence):", "", *table(VERDICT_COLUMNS, found), ""]
+                lines += verdict_lines(report, found)
             lines += schedule_tables([v for v in report.verdicts if v.arch == arch and v.budget == budget and v.question == SCHEDULE_QUESTION],
                                     [r for r in report.rows if r.arch == arch and r.budget == budget])
             effects = [c for c in report.caches if c.arch == arch and c.budget == budget]
@@ -261,7 +353,8 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
             lines += [f"### Regime check ({g.budget}x)", "",
                       f"The plain pipeline with {g.fewer_steps} steps against the {g.baseline_steps}-step baseline: passed when it is worse on at least one "
                       "metric with 95 % confidence and by more than the spread across seeds.  "
-                      f"**{'Passed' if g.passed else 'Not passed'}.**", "", *table(REGIME_COLUMNS, g.metrics), ""]
+                      f"**{'Passed' if g.passed else 'Not passed'}.**", "",
+                      *table(REGIME_COLUMNS + ([REGIME_HALVES] if any(m.halves for m in g.metrics) else []), g.metrics), ""]
         lines += ["Accuracy per attribute (the first three survive a half-size stage, the last four are fine detail):", "",
                   *table(ATTRIBUTE_COLUMNS, [x for x in rows if x.cache is None]), ""]
         lines += [f"Samples (seed {cfg['seeds'][0]}; one row per method): ![samples {arch}]({figures.grids[arch]})", ""]
@@ -272,6 +365,7 @@ def render_markdown(report: V2Report, figures: FigurePaths) -> str:
     lines += [f"Quality against cost (bars: 95 % intervals): ![trade-off]({figures.tradeoff})", ""]
     if figures.sweep:
         lines += [f"![sweep]({figures.sweep})", ""]
+    lines += heldout_lines(report)
     return "\n".join(lines)
 
 

@@ -15,12 +15,29 @@ from ralu_lab.bench.quality.methods import ralu_method
 from ralu_lab.bench.quality.schedules import ours_schedule
 from ralu_lab.bench.quality.v2.cost import transformer_cost
 from ralu_lab.bench.quality.v2.figures import SampleGrid, write_grid, write_plots
-from ralu_lab.bench.quality.v2.plan import ARCH_NAMES, REAL_SEED, ArchMethod, V2Config, arch_presets, is_ralu, make_config, plan_arch
+from ralu_lab.bench.quality.v2.plan import ARCH_NAMES, REAL_SEED, ArchMethod, V2Config, arch_presets, chosen_rows, heldout_rows, is_ralu, make_config, plan_arch
+from ralu_lab.bench.quality.v2.replication import replication
 from ralu_lab.bench.quality.v2.report import REPORT_NAME, figure_paths, render_markdown
 from ralu_lab.bench.quality.v2.sampler import V2Sampler, WorkStore, file_hashes
-from ralu_lab.bench.quality.v2.schema import ArchTestbed, CacheEffect, Estimate, Regime, RegimeMetric, Row, Sweep, SweepPoint, V2Report, Verdict
-from ralu_lab.bench.quality.v2.stats import CACHED_VS_PLAIN, METRICS, REGIME_METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION, Measured, Reference, Statistics, beyond_spread, measure
-from ralu_lab.testbed.v2 import data
+from ralu_lab.bench.quality.v2.schema import ArchTestbed, CacheEffect, Estimate, Half, HeldoutSeeds, HeldoutSeedsRow, Intervals, Regime, RegimeMetric, Row, Sweep, SweepPoint, V2Report, Verdict
+from ralu_lab.bench.quality.v2.stats import (
+    CACHED_VS_PLAIN,
+    HELDOUT_QUESTION,
+    HELDOUT_ROW_METRICS,
+    HELDOUT_VERDICT_METRICS,
+    METRICS,
+    REGIME_METRICS,
+    SCHEDULE_METRICS,
+    SCHEDULE_QUESTION,
+    Measured,
+    Reference,
+    Statistics,
+    beyond_spread,
+    measure,
+    measure_seeds,
+    split_halves,
+)
+from ralu_lab.testbed.v2 import data, metrics
 from ralu_lab.testbed.v2 import model as tb
 from ralu_lab.testbed.v2.classifier import load_classifier
 from ralu_lab.testbed.v2.conditioning import TEXT_TOKENS
@@ -61,7 +78,9 @@ class ArchRun:
         # the images depend on the autoencoder and this generator only
         own = {part: weights[part] for part in (AUTOENCODER, FLUX if arch == "flux" else SD3)}
         self.sampler = V2Sampler(arch, pipe, config.batch_size, WorkStore(config.work_dir), own, self.cost)
-        self.methods, self.schedules = plan_arch(config, arch, self.cost, log)
+        # every planned row (the held-out section's come from here), and those --rows keeps
+        self.planned, self.schedules = plan_arch(config, arch, self.cost, log)
+        self.methods = chosen_rows(config, self.planned)
         self.baselines: dict[int, torch.Tensor] = {}
         self.grid: dict[str, torch.Tensor] = {}
 
@@ -78,7 +97,7 @@ class ArchRun:
             reused &= from_store
             if method.key == "baseline":
                 self.baselines[seed] = images
-            measured = measured.extend(measure(images, labels, self.reference, self.baselines[seed]))
+            measured = measured.extend(measure(images, labels, self.reference, self.baselines[seed], seed))
             costs.append(cost)
             if seed == self.config.seeds[0]:
                 self.grid[f"{method.key}@{method.budget}"] = images[: self.config.grid_images]
@@ -126,6 +145,30 @@ class ArchRun:
             self.log(f"  sweep {self.arch} Z = {z:6.2f}  FD {points[-1].metrics['fd'].value:8.2f}  ({seconds:.1f} s)")
         return Sweep(arch=self.arch, budget=budget, seeds=list(config.sweep_seeds), images_per_seed=config.images, global_z=preset_schedule.z, points=points)
 
+    def heldout(self) -> tuple[list[HeldoutSeedsRow], list[Verdict]]:
+        """The ``--schedule`` rows and the rows they meet (:func:`~ralu_lab.bench.quality.v2.plan.heldout_rows`)
+        on the held-out seeds: estimates and paired verdicts on :data:`HELDOUT_VERDICT_METRICS`.
+        The images go through the work folder like any other; no baseline is sampled, so
+        PSNR/SSIM (measured against the images themselves) are left out."""
+        seeds, pairs = self.config.heldout_seeds, heldout_rows(self.planned)
+        if not seeds or not pairs:
+            return [], []
+        rows, measured = {}, {}
+        for method in (m for row, others in pairs for m in (*others, row)):
+            name = row_id(method.key, method.budget)
+            if name in measured:
+                continue
+            t0 = time.time()
+            measured[name] = measure_seeds(lambda labels, seed, method=method: self.sampler.run(method, labels, seed)[0], seeds, self.config.images, self.reference)
+            rows[name] = HeldoutSeedsRow(arch=self.arch, method=method.key, label=method.label, budget=method.budget,
+                                         metrics={key: Estimate(**self.stats.estimate(key, measured[name])) for key in HELDOUT_ROW_METRICS})
+            self.log(f"  held-out {self.arch} {method.key:<28} {method.budget:>3}x  {time.time() - t0:6.1f} s  FD {rows[name].metrics['fd'].value:8.2f}  "
+                     f"fine {rows[name].metrics['fine_accuracy'].value:.3f}")
+        found = [verdict(self.stats, self.arch, row.budget, key, HELDOUT_QUESTION, rows[row_id(row.key, row.budget)], rows[row_id(other.key, other.budget)],
+                         measured, halves=False)
+                 for row, others in pairs for other in others for key in HELDOUT_VERDICT_METRICS]
+        return list(rows.values()), found
+
 
 def row_id(method: str, budget) -> str:
     return f"{method}@{budget}"
@@ -135,10 +178,13 @@ def best(rows: list[Row], key: str, higher: bool) -> Row:
     return sorted(rows, key=lambda r: r.metrics[key].value, reverse=higher)[0]
 
 
-def verdict(stats: Statistics, arch: str, budget, key: str, question: str, a: Row, b: Row, measured: dict) -> Verdict:
-    c = stats.compare(key, measured[row_id(a.method, a.budget)], measured[row_id(b.method, b.budget)], (a.method, b.method))
+def verdict(stats: Statistics, arch: str, budget, key: str, question: str, a: Row, b: Row, measured: dict, halves: bool = True) -> Verdict:
+    """``a`` against ``b`` on ``key`` over all seeds and, with ``halves``, on each half of the seeds (the replication check)."""
+    ma, mb, names = measured[row_id(a.method, a.budget)], measured[row_id(b.method, b.budget)], (a.method, b.method)
+    c = stats.compare(key, ma, mb, names)
+    found = [Half(seeds=seeds, difference=h.difference, low=h.low, high=h.high, verdict=h.verdict) for seeds, h in stats.compare_halves(key, ma, mb, names)] if halves else []
     return Verdict(arch=arch, budget=budget, metric=key, question=question, a=a.method, b=b.method, a_value=a.metrics[key].value, b_value=b.metrics[key].value,
-                   difference=c.difference, low=c.low, high=c.high, verdict=c.verdict)
+                   difference=c.difference, low=c.low, high=c.high, verdict=c.verdict, halves=found)
 
 
 def staged(row: Row) -> bool:
@@ -167,19 +213,21 @@ def verdicts(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> l
     return out
 
 
-def regime(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> Regime:
-    """The baseline against the plain pipeline with fewer steps at the largest budget."""
+def regime(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> tuple[Regime, list[Verdict]]:
+    """The baseline against the plain pipeline with fewer steps at the largest budget, and its verdicts (for the replication check)."""
     budget = max(r.budget for r in rows if r.method == "base-steps")
     baseline = next(r for r in rows if r.method == "baseline")
     fewer = next(r for r in rows if r.method == "base-steps" and r.budget == budget)
-    out = []
+    out, made = [], []
     for key in REGIME_METRICS:
         v = verdict(stats, arch, budget, key, "regime", fewer, baseline, measured)
+        made.append(v)
         spread, beyond = beyond_spread(fewer.metrics[key].per_seed, baseline.metrics[key].per_seed)
         worse = v.verdict == "baseline better"
         out.append(RegimeMetric(metric=key, baseline=baseline.metrics[key].value, fewer_steps=fewer.metrics[key].value, difference=v.difference, low=v.low, high=v.high,
-                                verdict=v.verdict, seed_spread=spread, beyond_spread=beyond, worse=worse and beyond))
-    return Regime(arch=arch, budget=budget, baseline_steps=baseline.details["steps"][0], fewer_steps=fewer.details["steps"][0], metrics=out, passed=any(m.worse for m in out))
+                                verdict=v.verdict, seed_spread=spread, beyond_spread=beyond, worse=worse and beyond, halves=v.halves))
+    return Regime(arch=arch, budget=budget, baseline_steps=baseline.details["steps"][0], fewer_steps=fewer.details["steps"][0], metrics=out,
+                  passed=any(m.worse for m in out)), made
 
 
 def cache_effects(stats: Statistics, arch: str, rows: list[Row], measured: dict) -> list[CacheEffect]:
@@ -221,7 +269,7 @@ def estimate_minutes(runs: list[ArchRun], config: V2Config, probe_images: int = 
     """Minutes of sampling for the whole run: per architecture, the seconds per planned FLOP
     of a short plain call and of a short RALU call (RALU's token gathering and SD3's token path
     cost more per FLOP), times every row's planned FLOPs (cache rows counted uncached: an upper
-    bound).  Images already in the work folder and the statistics are not counted."""
+    bound), the held-out section's rows included.  Images already in the work folder and the statistics are not counted."""
     total = 0.0
     for run in runs:
         labels = data.balanced_labels(probe_images, 0)
@@ -234,6 +282,9 @@ def estimate_minutes(runs: list[ArchRun], config: V2Config, probe_images: int = 
             run.sampler._generate(method, labels, 0)
             rate[kind] = (time.time() - t0) / (probe_images * flops(method))
         per_image = sum(rate.get("ralu" if m.kind == "ralu" else "pipeline", rate["pipeline"]) * flops(m) for m in run.methods) * len(config.seeds)
+        # the held-out section: each --schedule row and the rows it meets, once each
+        heldout = {row_id(m.key, m.budget): m for row, others in heldout_rows(run.planned) for m in (row, *others)}
+        per_image += sum(rate.get("ralu" if m.kind == "ralu" else "pipeline", rate["pipeline"]) * flops(m) for m in heldout.values()) * len(config.heldout_seeds)
         sweep_rows = [m for m in run.methods if m.key.startswith("ralu-ours") and m.cache is None and m.budget == config.budgets[run.arch][0]][:1]
         per_image += len(config.z_values) * len(config.sweep_seeds) * sum(rate.get("ralu", rate["pipeline"]) * flops(m) for m in sweep_rows)
         total += per_image * config.images / 60.0
@@ -258,11 +309,13 @@ def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, 
     runs = [ArchRun(config, a, pipes[a], reference, stats, weights, log) for a in config.arches]
     log(f"estimated run time: about {estimate_minutes(runs, config):.0f} min on {torch.get_num_threads()} thread(s) (images already in {config.work_dir} are reused)")
     rows, all_verdicts, regimes, caches, sweeps, grids, testbeds, real_rows = [], [], {}, [], [], {}, {}, {}
+    regime_verdicts, heldout_found, heldout_verdicts = [], [], []
     for run in runs:
         arch_rows, measured = run.rows()
         rows += arch_rows
         all_verdicts += verdicts(stats, run.arch, arch_rows, measured)
-        regimes[run.arch] = regime(stats, run.arch, arch_rows, measured)
+        regimes[run.arch], made = regime(stats, run.arch, arch_rows, measured)
+        regime_verdicts += made
         caches += cache_effects(stats, run.arch, arch_rows, measured)
         sweep = run.sweep(measured)
         if sweep:
@@ -272,7 +325,7 @@ def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, 
         for seed in config.seeds:
             labels = run.labels(seed)
             scenes, _ = data.make_batch(REAL_SEED + 1 + seed, 0, labels=labels)
-            real_m = real_m.extend(measure(scenes, labels, reference, run.baselines[seed]))
+            real_m = real_m.extend(measure(scenes, labels, reference, run.baselines[seed], seed))
             if seed == config.seeds[0]:
                 real_grid = scenes[: config.grid_images]
         if not real_rows:
@@ -280,11 +333,24 @@ def run_benchmark(config: V2Config, command: str, log=print) -> tuple[V2Report, 
         order = [("real", 1, "real scenes, same labels")] + [(m.key, m.budget, m.label) for m in run.methods]
         grids[run.arch] = SampleGrid(order=order, images=[real_grid] + [run.grid[f"{m.key}@{m.budget}"] for m in run.methods])
         log(f"  {run.arch} regime check at {regimes[run.arch].budget}x: {'passed' if regimes[run.arch].passed else 'NOT passed'}")
+        found, made = run.heldout()
+        heldout_found += found
+        heldout_verdicts += made
+    seeds = len(config.seeds)
+    intervals = Intervals(unit="seeds" if seeds > 1 else "images", seeds=seeds, widening=metrics.few_clusters_scale(seeds, 0.95) if seeds > 1 else None,
+                          resamples=config.resamples, set_resamples=config.set_resamples)
+    halves = split_halves(config.seeds)
+    # every verdict the report makes: the questions, the regime check, the caches
+    made = all_verdicts + regime_verdicts + [v for c in caches for v in (*c.verdicts, *c.against_plain)]
+    replicated = replication(made, halves, "seeds" if min(map(len, halves)) > 1 else "images (a half of one seed)") if seeds > 1 else None
+    heldout = HeldoutSeeds(seeds=list(config.heldout_seeds), images_per_seed=config.images, unit="seeds" if len(config.heldout_seeds) > 1 else "images",
+                           rows=heldout_found, verdicts=heldout_verdicts) if heldout_found else None
     report = V2Report(
         command=command, created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), wall_seconds=round(time.time() - started, 1),
         config=json.loads(json.dumps({**asdict(config), "threads_used": torch.get_num_threads()})),  # as the JSON reads back (lists, not tuples)
         weights={"folders": weight_names(config), "sha256": weights},
         testbed=testbeds, reference=real_rows, rows=rows, verdicts=all_verdicts, regime=regimes, caches=caches, sweeps=sweeps,
+        intervals=intervals, replication=replicated, heldout=heldout,
     )
     return report, grids
 

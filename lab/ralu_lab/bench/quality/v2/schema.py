@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 
 class Record(BaseModel):
     """A part of the report: exactly these fields, in this order in the JSON."""
 
     model_config = ConfigDict(extra="forbid")
+    #: Fields added after reports that lack them were written: left out of the JSON while None
+    #: or empty, so that an earlier report reads and writes back byte for byte.
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_later_fields(self, handler):
+        data = handler(self)
+        for name in self.LATER_FIELDS:
+            if data.get(name) in (None, []):
+                data.pop(name, None)
+        return data
 
 
 class Estimate(Record):
-    """A metric over the images of all seeds pooled, its 95 % bootstrap interval over images,
-    its value per seed and their standard deviation (None for one seed)."""
+    """A metric over the images of all seeds pooled, its 95 % interval (a pairs cluster
+    bootstrap over the seeds; over images with one seed), its value per seed and their
+    standard deviation (None for one seed)."""
 
     value: float
     low: float
@@ -48,9 +60,20 @@ class Row(Record):
     details: dict[str, Any]
 
 
+class Half(Record):
+    """A comparison repeated on one half of the seeds (the replication check)."""
+
+    seeds: list[int]
+    difference: float
+    low: float
+    high: float
+    verdict: str
+
+
 class Verdict(Record):
     """Row ``a`` against row ``b`` on one metric, paired over the same images: ``difference`` =
-    metric(a) - metric(b) with its 95 % bootstrap interval."""
+    metric(a) - metric(b) with its 95 % interval (a pairs cluster bootstrap over the seeds),
+    and the same comparison on each half of the seeds (empty where there are no halves)."""
 
     arch: str
     budget: int | float
@@ -64,6 +87,9 @@ class Verdict(Record):
     low: float
     high: float
     verdict: str  # "<a> better", "<b> better" or "not separable"
+    halves: list[Half] = []
+
+    LATER_FIELDS = ("halves",)
 
 
 class RegimeMetric(Record):
@@ -77,6 +103,9 @@ class RegimeMetric(Record):
     seed_spread: float | None
     beyond_spread: bool
     worse: bool  # worse for fewer steps with 95 % confidence and beyond the spread across seeds
+    halves: list[Half] = []
+
+    LATER_FIELDS = ("halves",)
 
 
 class Regime(Record):
@@ -142,6 +171,83 @@ class ArchTestbed(Record):
     staged_peers: bool
 
 
+class Intervals(Record):
+    """What the run's intervals resample."""
+
+    unit: str  # "seeds": a pairs cluster bootstrap over the seeds; "images": one seed, images resampled
+    seeds: int
+    widening: float | None  # the few-clusters factor (metrics.few_clusters_scale); None for images
+    resamples: int
+    set_resamples: int
+
+
+class ReplicatedVerdict(Record):
+    """A verdict that names a winner on all seeds, and what each half of the seeds says."""
+
+    arch: str
+    budget: int | float
+    question: str
+    metric: str
+    a: str
+    b: str
+    verdict: str
+    difference: float
+    low: float
+    high: float
+    halves: list[Half]
+    replicated: bool  # in each half the winner is better by the point estimate and the other row is not named at 95 %
+    strict: bool  # the winner is named at 95 % in both halves
+
+
+class ReplicationGroup(Record):
+    """The replication check's counts for one question and metric."""
+
+    question: str
+    metric: str
+    verdicts: int
+    claimed: int
+    replicated: int
+    strict: int
+    share: float | None  # replicated / claimed; None when nothing was claimed
+
+
+class Replication(Record):
+    """Every verdict recomputed on each half of the seeds: how many of those that name a winner hold in both."""
+
+    definition: str
+    halves: list[list[int]]
+    unit: str  # what the halves' intervals resample ("seeds", or "images" for a half of one seed)
+    verdicts: int
+    claimed: int
+    replicated: int
+    strict: int
+    share: float | None  # replicated / claimed; None when nothing was claimed
+    strict_share: float | None
+    groups: list[ReplicationGroup]
+    claims: list[ReplicatedVerdict]
+
+
+class HeldoutSeedsRow(Record):
+    """A row sampled on the held-out seeds (no PSNR/SSIM: no baseline is sampled there)."""
+
+    arch: str
+    method: str
+    label: str
+    budget: int | float
+    metrics: dict[str, Estimate]
+
+
+class HeldoutSeeds(Record):
+    """``--schedule`` rows against the plain pipeline with fewer steps, Bottleneck Sampling and
+    the published preset on seeds no choice was made on, reported last."""
+
+    seeds: list[int]
+    images_per_seed: int
+    unit: str  # what the intervals resample
+    rows: list[HeldoutSeedsRow]
+    verdicts: list[Verdict]
+
+
 class V2Report(Record):
     """``reports/quality.json``."""
 
@@ -157,3 +263,9 @@ class V2Report(Record):
     regime: dict[str, Regime]
     caches: list[CacheEffect]
     sweeps: list[Sweep]
+    # reports before issue 28 have none of these
+    intervals: Intervals | None = None
+    replication: Replication | None = None
+    heldout: HeldoutSeeds | None = None
+
+    LATER_FIELDS = ("intervals", "replication", "heldout")
