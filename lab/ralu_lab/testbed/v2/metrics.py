@@ -385,7 +385,7 @@ class ReferenceFrechetDistance(SummedSetMetric):
     A group's summary is its count, its sum and sum of squared norms of ``x - mu_r`` and
     ``S_r^1/2 (sum (x - mu_r)(x - mu_r)^T) S_r^1/2``: the rotated covariance of any union of
     groups follows without a d x d product per resample, leaving one symmetric eigenvalue
-    problem (a third of the time of forming the covariance and rotating it).  Features are
+    problem (which then takes most of the time).  Features are
     taken relative to the reference mean so that no large mean cancels in ``M - n mu mu^T``."""
 
     def __init__(self, reference_features: torch.Tensor):
