@@ -250,3 +250,13 @@ def test_paired_cluster_set_bootstrap(scenes):
     assert same.verdict == metrics.NOT_SEPARABLE and same.difference == 0.0
     with pytest.raises(ValueError, match="same number"):
         metrics.paired_cluster_set_bootstrap(spectra, spectra[:5], clusters, spectral, higher_is_better=False)
+
+
+def test_cluster_mean_interval_stays_within_the_values_range():
+    # two seeds widen the interval about 9-fold: an accuracy's interval must still stay in [0, 1]
+    import numpy as np
+
+    right = np.array([1.0] * 7 + [0.0] + [1.0] * 8)
+    interval = metrics.cluster_mean_interval(right, np.repeat([0, 1], 8), n_resamples=200)
+    assert 0.0 <= interval.low <= interval.value <= interval.high <= 1.0
+    assert interval.low < interval.value

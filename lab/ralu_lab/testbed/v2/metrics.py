@@ -490,7 +490,8 @@ def cluster_mean_interval(values, clusters, confidence: float = 0.95, n_resample
     if np.ptp(x) == 0:
         return Interval(mean, mean, mean, confidence)
     low, high = _cluster_limits(mean, _cluster_means(x, groups, cluster_draws(len(groups), n_resamples, seed)), mean, confidence, len(groups))
-    return Interval(mean, low, high, confidence)
+    # the widening can reach past what a mean of these values can be (an accuracy above 1)
+    return Interval(mean, max(low, float(x.min())), min(high, float(x.max())), confidence)
 
 
 def paired_cluster_bootstrap(
