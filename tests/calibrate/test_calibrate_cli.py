@@ -190,9 +190,14 @@ def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     ]
     verdict = {"arch": "flux", "budget": 7, "metric": "fd", "question": "--schedule row vs every other row", "a": "schedule:flux-dev-7x-searched",
                "a_value": 1.0, "b_value": 2.0, "difference": -1.0, "low": -1.5, "high": -0.5}
-    verdicts = [{**verdict, "b": "ralu-paper", "verdict": "schedule:flux-dev-7x-searched better"}, {**verdict, "b": "base-steps", "verdict": "not separable"}]
+    verdicts = [{**verdict, "b": "ralu-paper", "verdict": "schedule:flux-dev-7x-searched better"}, {**verdict, "b": "base-steps", "verdict": "not separable"},
+                {**verdict, "b": "bottleneck", "verdict": "schedule:flux-dev-7x-searched better"}]
+    keys = ("arch", "budget", "question", "metric", "a", "b")
+    claims = [{**{k: verdicts[0][k] for k in keys}, "replicated": True}, {**{k: verdicts[2][k] for k in keys}, "replicated": False}]
+    held = [{**verdict, "question": "--schedule row vs row on held-out seeds", "b": "ralu-paper", "verdict": "not separable", "difference": -0.25}]
     path = tmp_path / "quality.json"
-    path.write_text(json.dumps({"command": "ralu-bench quality --no-caches --schedule x.json", "rows": rows, "verdicts": verdicts}))
+    path.write_text(json.dumps({"command": "ralu-bench quality --no-caches --schedule x.json", "rows": rows, "verdicts": verdicts,
+                                "replication": {"claims": claims}, "heldout": {"verdicts": held}}))
     text = testbed_judgement(path, ["flux-dev-4x", "flux-dev-7x"])
     lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
     assert "ralu-ours` row, which is this calibration" in lines["flux-dev-7x"] and "FD 1.00 [0.50, 1.50]" in lines["flux-dev-7x"]  # the harness report's digits
@@ -200,6 +205,9 @@ def test_schedules_report_quotes_the_testbed_per_shipped_file(tmp_path):
     assert "its `--schedule` row" in lines["flux-dev-7x-searched"]
     assert "Against the published preset: FD this schedule better" in lines["flux-dev-7x-searched"]
     assert "Against the plain pipeline with fewer steps: FD not separable" in lines["flux-dev-7x-searched"]
+    # each winner verdict says whether it held in both halves of the seeds, then what the held-out seeds say
+    assert "FD this schedule better (-1 [-1.5, -0.5]) (holds in both halves of the seeds); on the held-out seeds FD not separable (-0.25" in lines["flux-dev-7x-searched"]
+    assert "Against Bottleneck Sampling: FD this schedule better (-1 [-1.5, -0.5]) (**does not hold in both halves" in lines["flux-dev-7x-searched"]
     assert "not judged" in lines["flux-dev-4x-searched"]  # its row judged another calibration than the file holds now
     assert "has not judged" in testbed_judgement(tmp_path / "missing.json", ["flux-dev-7x"])
 

@@ -52,7 +52,7 @@ def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
     if not quality_json.is_file():
         return "Testbed v2 has not judged these files yet (`ralu-bench quality --schedule NAME`, reports/quality.md)."
     from ralu_lab.bench.quality.v2.report import DIGITS
-    from ralu_lab.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS, SCHEDULE_QUESTION
+    from ralu_lab.bench.quality.v2.stats import METRICS, SCHEDULE_METRICS
 
     labels = {key: label for key, label, _, _ in METRICS}
     report = json.loads(quality_json.read_text())
@@ -74,16 +74,49 @@ def testbed_judgement(quality_json: Path, preset_names: list[str]) -> str:
         m = row["metrics"]
         values = ", ".join(f"{labels[k]} {m[k]['value']:.{DIGITS[k]}f} [{m[k]['low']:.{DIGITS[k]}f}, {m[k]['high']:.{DIGITS[k]}f}]" for k in SCHEDULE_METRICS)
         text = f"- `{name}` ({row['arch'].upper()} {row['budget']}x, {how}): {values}"
-        verdicts = [v for v in report["verdicts"] if v["a"] == row["method"] and v["arch"] == row["arch"] and v["question"] == SCHEDULE_QUESTION]
-        for other, title in (("ralu-paper", "the published preset"), ("base-steps", "the plain pipeline with fewer steps")):
-            mine = [v for v in verdicts if v["b"] in (other, f"{other}-crop")]  # SD3's --schedule rows run with crop
-            if mine:
-                said = "; ".join(f"{labels[v['metric']]} {v['verdict'].replace(v['a'], 'this schedule').replace(v['b'], title)}" for v in mine)
-                text += f".  Against {title}: {said}"
+        text += "".join(f".  {said}" for said in against_peers(report, row, labels))
         lines.append(text + ".")
     return "\n".join(lines)
 
 
+#: The rows a shipped schedule is held against, and how the judgement names them.
+PEERS = (("ralu-paper", "the published preset"), ("base-steps", "the plain pipeline with fewer steps"), ("bottleneck", "Bottleneck Sampling"))
+
+
+def _peer(method: str) -> str | None:
+    """The peer a row name is (SD3's published row runs with crop), or None."""
+    return next((key for key, _ in PEERS if method in (key, f"{key}-crop")), None)
+
+
+def _replicated(report: dict, v: dict) -> str:
+    """Whether a verdict that names a winner holds in both halves of the seeds (the report's replication check)."""
+    for claim in (report.get("replication") or {}).get("claims", []):
+        if all(claim[k] == v[k] for k in ("arch", "budget", "question", "metric", "a", "b")):
+            return " (holds in both halves of the seeds)" if claim["replicated"] else " (**does not hold in both halves of the seeds**)"
+    return ""
+
+
+def against_peers(report: dict, row: dict, labels: dict[str, str]) -> list[str]:
+    """One sentence per peer: the paired verdicts of ``row`` (a ``--schedule`` row) against it on
+    the report's seeds, each marked with whether it replicates, then on the held-out seeds."""
+    from ralu_lab.bench.quality.v2.stats import HELDOUT_QUESTION, SCHEDULE_QUESTION
+
+    held = (report.get("heldout") or {}).get("verdicts", [])
+
+    def said(verdicts: list[dict], title: str, marks: bool) -> str:
+        return "; ".join(f"{labels[v['metric']]} {v['verdict'].replace(v['a'], 'this schedule').replace(v['b'], title)}"
+                         f" ({v['difference']:+.3g} [{v['low']:+.3g}, {v['high']:+.3g}])" + (_replicated(report, v) if marks else "") for v in verdicts)
+
+    def of(verdicts: list[dict], question: str, key: str) -> list[dict]:
+        return [v for v in verdicts if v["a"] == row["method"] and v["arch"] == row["arch"] and v["budget"] == row["budget"]
+                and v["question"] == question and _peer(v["b"]) == key]
+
+    out = []
+    for key, title in PEERS:
+        mine, later = of(report["verdicts"], SCHEDULE_QUESTION, key), of(held, HELDOUT_QUESTION, key)
+        if mine:
+            out.append(f"Against {title}: {said(mine, title, True)}" + (f"; on the held-out seeds {said(later, title, False)}" if later else ""))
+    return out
 
 
 def judge(reports_dir: Path, preset_names: list[str]) -> str:
