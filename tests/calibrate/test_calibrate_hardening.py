@@ -307,11 +307,18 @@ def test_two_workers_share_one_study_without_repeating_a_layout(tmp_path, backen
     assert a.model_dump(exclude={"calibration": {"created"}}) == b.model_dump(exclude={"calibration": {"created"}})
 
 
+def hear_ctrl_c() -> None:
+    """A child's SIGINT as a terminal leaves it: an ignored SIGINT is inherited across exec and
+    Python then keeps ignoring it, so a test runner or CI shell that ignores it (an xdist worker
+    did) would make the child deaf to the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_reports_what_storage_kept_and_a_rerun_resumes(tmp_path):
     storage = tmp_path / "study.log"
     command = calibrate_command(*SEARCH, "--optimizer", "global", "--trials", 200, "--storage", storage, "--study-name", "s", "--out", tmp_path / "s.json")
-    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=hear_ctrl_c)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (storage.exists() and sum(t.state.is_finished() for t in load_study(storage, "s").trials) >= 2):
         time.sleep(0.2)
@@ -571,7 +578,7 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path, after_module):
 
     code = "import sys; from ralu.calibrate.cli import main; sys.exit(main())"
     argv = ["--model", "flux", "--speedup", "7", "--trials", "50", "--out", str(tmp_path / "s.json"), "--quiet"]
-    process = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code, *argv], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code, *argv], stderr=subprocess.PIPE, text=True, preexec_fn=hear_ctrl_c)
     seen = []
     for line in process.stderr:
         seen.append(line)
