@@ -235,10 +235,15 @@ def search_layout(
             study.optimize(run_trial, n_trials=trials - done, show_progress_bar=show_progress, callbacks=callbacks)
     shared.wait_for_running(study, log)
 
-    feasible = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    # The study's first finished trials by number, so that every worker of a shared study
+    # summarises the same ones: a worker still drawing when another's wait ended starts a
+    # trial numbered past all of these (see ralu.calibrate.study).
+    finished = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
+    counted = finished[: max(trials, done)]
+    feasible = [t for t in counted if t.user_attrs.get("feasible")]
     if not feasible:
         keeping = f" keeping signal >= {min_signal:g} at every transition" if min_signal > 0 else ""
-        raise ValueError(f"no layout among {len(study.trials)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
+        raise ValueError(f"no layout among {len(counted)} trials reached {target}x ({convention} FLOPs){keeping}. Fix: raise --trials or lower --speedup{' or --min-signal' if keeping else ''}")
     best = min(feasible, key=lambda t: (t.value, t.number))
     steps = tuple(best.user_attrs["steps"])
     first = round(best.params["end_1"], 2)
@@ -246,9 +251,5 @@ def search_layout(
     ratio = best.user_attrs["up_ratio"]
     problem = NTDMObjective(layout, h0, objective, grid, z_bounds, up_ratio=ratio, gap=resolution_gap, min_signal=min_signal, shift_ratio=shift_ratio)
     inner = optimise(problem, optimizer, seed=seed, effort="full")
-    history = [
-        {"number": t.number, "value": t.value, **t.params, **t.user_attrs}
-        for t in study.trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-    ]
-    return LayoutSearchResult(layout, ratio, inner, speedup_of(spec, height, width, steps, ratio, base_steps), len(study.trials), len(feasible), history)
+    history = [{"number": t.number, "value": t.value, **t.params, **t.user_attrs} for t in counted]
+    return LayoutSearchResult(layout, ratio, inner, speedup_of(spec, height, width, steps, ratio, base_steps), len(counted), len(feasible), history)

@@ -17,8 +17,11 @@ several) work on one study:
   next worker that starts a trial or waits (Optuna's own heartbeat for database storages,
   the same protocol on a trial attribute for journal files).  Clocks of the machines
   sharing a journal file must agree to within the grace period.
-* Before summarising, a worker waits until no trial of the study is running, so every
-  worker reports the same trials and writes the same schedule.
+* Before summarising, a worker waits until no trial of the study is running, then counts
+  the study's first N finished trials by number (N = ``--trials``, or the finished trials it
+  found when it started if that is more).  A worker that was still between two trials when
+  another's wait ended starts one numbered past those, so every worker reports the same
+  trials and writes the same schedule.
 * Each worker's sampler draws trial ``n``'s random numbers from ``(seed, n)``: workers on
   one study explore different layouts, and a single worker is deterministic for a seed.
 """

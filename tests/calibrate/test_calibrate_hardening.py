@@ -301,11 +301,10 @@ def test_two_workers_share_one_study_without_repeating_a_layout(tmp_path, backen
     assert len(evaluated) >= 10
     # One study, one summary: both report the same trials and write the same schedule.
     met = [next(line for line in stderr.splitlines() if "trials met the target" in line) for _, stderr in outputs]
-    # each worker counts the shared study when it ends; the later one may see a trial the other
-    # was still finishing (the budget-filling search's misses make the counts differ then)
-    counts = [tuple(int(x) for x in line.split()[0].split("/")) for line in met]
-    assert all(abs(p - q) <= 1 for p, q in zip(*counts)), met
-    assert summary_lines(outputs[0][0]) [:-1] == summary_lines(outputs[1][0])[:-1]
+    # both count the study's first 20 finished trials, even when one worker started a trial
+    # past the budget after the other had summarised
+    assert met[0] == met[1] and met[0].split()[0].endswith("/20"), met
+    assert summary_lines(outputs[0][0])[:-1] == summary_lines(outputs[1][0])[:-1]  # the last line names its own --out
     a, b = (assert_valid_file(tmp_path / f"w{k}.json") for k in range(2))
     assert a.model_dump(exclude={"calibration": {"created"}}) == b.model_dump(exclude={"calibration": {"created"}})
 
