@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ralu.calibrate import quality_search
 
 from . import data
 
@@ -114,31 +115,22 @@ def blocking_index(images, block: int = 2, eps: float = 1e-12):
 
 def radial_power_spectrum(images: torch.Tensor) -> torch.Tensor:
     """``(n, H // 2)``: every image's luma power (Hann-windowed, mean removed) averaged over
-    the frequency rings of radius 1, 2, ..., H/2 (cycles per image)."""
-    y = luma(images).double()
-    n, h, w = y.shape
+    the frequency rings of radius 1, 2, ..., H/2 (cycles per image): the quality search's
+    spectrum (:func:`ralu.calibrate.quality_search.radial_power_spectrum`) of square images
+    in [-1, 1], so that the search's spectral term and this testbed's metric are one."""
+    n, _, h, w = images.shape
     if h != w:
         raise ValueError(f"radial spectra need square images, got {h}x{w}")
-    y = y - y.mean(dim=(1, 2), keepdim=True)
-    window = torch.hann_window(h, periodic=False, dtype=torch.float64)
-    power = torch.fft.fft2(y * window[:, None] * window[None, :]).abs().pow(2)
-    freq = torch.fft.fftfreq(h, d=1.0 / h, dtype=torch.float64)
-    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).round().long()
-    rings = h // 2
-    keep = (radius >= 1) & (radius <= rings)
-    index = (radius[keep] - 1).expand(n, -1)
-    total = torch.zeros(n, rings, dtype=torch.float64).scatter_add_(1, index, power[:, keep])
-    count = torch.zeros(rings, dtype=torch.float64).scatter_add_(0, radius[keep] - 1, torch.ones_like(power[0, keep]))
-    return total / count
+    return quality_search.radial_power_spectrum(to_unit(images))
 
 
-def spectral_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
+def spectral_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over radii of ``|log10 Pa(r) - log10 Pb(r)|``, ``P`` the set's mean radial power
     spectrum: 0 for identical sets, 1 for a tenfold power difference at every radius.
-    ``a`` and ``b`` are images, or spectra from :func:`radial_power_spectrum`."""
+    ``a`` and ``b`` are images in [-1, 1], or spectra from :func:`radial_power_spectrum`."""
     pa = a if a.ndim == 2 else radial_power_spectrum(a)
     pb = b if b.ndim == 2 else radial_power_spectrum(b)
-    return (torch.log10(pa.mean(0) + eps) - torch.log10(pb.mean(0) + eps)).abs().mean().item()
+    return quality_search.spectral_distance(pa, pb)
 
 
 # ----------------------------------------------------------------------------------------
