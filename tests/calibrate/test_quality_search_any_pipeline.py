@@ -97,7 +97,7 @@ def test_a_bad_spectral_weight_is_one_line_and_a_stored_study_keeps_its_weight(f
 
 
 def test_the_radial_spectrum_sees_lost_detail_on_any_aspect():
-    from ralu.calibrate.quality_search import radial_power_spectrum, spectral_distance
+    from ralu.calibrate.spectra import radial_power_spectrum, spectral_distance
 
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 48)

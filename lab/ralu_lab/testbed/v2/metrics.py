@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ralu.calibrate import quality_search
+
+from ralu.calibrate import spectra
 
 from . import data
 
@@ -116,12 +117,12 @@ def blocking_index(images, block: int = 2, eps: float = 1e-12):
 def radial_power_spectrum(images: torch.Tensor) -> torch.Tensor:
     """``(n, H // 2)``: every image's luma power (Hann-windowed, mean removed) averaged over
     the frequency rings of radius 1, 2, ..., H/2 (cycles per image): the quality search's
-    spectrum (:func:`ralu.calibrate.quality_search.radial_power_spectrum`) of square images
+    spectrum (:func:`ralu.calibrate.spectra.radial_power_spectrum`) of square images
     in [-1, 1], so that the search's spectral term and this testbed's metric are one."""
     n, _, h, w = images.shape
     if h != w:
         raise ValueError(f"radial spectra need square images, got {h}x{w}")
-    return quality_search.radial_power_spectrum(to_unit(images))
+    return spectra.radial_power_spectrum(to_unit(images))
 
 
 def spectral_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,7 +131,7 @@ def spectral_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     ``a`` and ``b`` are images in [-1, 1], or spectra from :func:`radial_power_spectrum`."""
     pa = a if a.ndim == 2 else radial_power_spectrum(a)
     pb = b if b.ndim == 2 else radial_power_spectrum(b)
-    return quality_search.spectral_distance(pa, pb)
+    return spectra.spectral_distance(pa, pb)
 
 
 # ----------------------------------------------------------------------------------------
