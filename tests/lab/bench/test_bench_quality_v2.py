@@ -248,6 +248,29 @@ def test_rows_and_heldout_seeds_in_the_configuration():
     assert make_config(parser.parse_args(["--quick"])).heldout_seeds == (900, 901)
 
 
+def test_a_schedule_row_meets_the_peers_nearest_its_cost(tmp_path):
+    """A --schedule row joins the budget whose published preset costs nearest to it on the
+    generator: the FLUX 4x preset costs 4.70x there, nearer 5 than 4 by the nominal numbers,
+    and is still judged among the 4x rows, which are priced like it."""
+    import argparse
+
+    from ralu.runtime.schedule import save_schedule
+    from ralu_lab.bench.quality.args import add_arguments
+    from ralu_lab.bench.quality.v2.cost import transformer_cost
+    from ralu_lab.bench.quality.v2.plan import make_config, plan_arch, preset_schedule
+    from ralu_lab.testbed.v2 import model as tb
+
+    files = {budget: tmp_path / f"preset-{budget}x.json" for budget in (4, 5, 7)}
+    for budget, path in files.items():
+        save_schedule(preset_schedule("flux", budget), path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--quick", "--arch", "flux", "--budgets", "4", "5", "7", "--rows", "base-steps", "--no-caches", "--heldout-seeds"]
+    config = make_config(parser.parse_args(argv + [arg for path in files.values() for arg in ("--schedule", str(path))]))
+    planned, _ = plan_arch(config, "flux", transformer_cost("flux", tb.build_transformer("flux").config), log=lambda *_: None)
+    assert {m.key: m.budget for m in planned if m.key.startswith("schedule:")} == {f"schedule:preset-{b}x": b for b in (4, 5, 7)}
+
+
 def test_replication_bookkeeping_on_hand_made_halves():
     from ralu_lab.bench.quality.v2 import replication
     from ralu_lab.bench.quality.v2.schema import Half, Verdict

@@ -215,14 +215,17 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
                 methods.append(_as_arch(m, arch, key=name, label=text + ("" if positions is None else f", {positions}"), positions=positions))
         if config.caches:
             methods += cache_rows(arch, methods, budget)
+    # A --schedule row meets the peers nearest its cost.  A budget's rows cost what its
+    # published preset costs on this generator (FLUX 4x: 4.70x), not the nominal number, so a
+    # file priced like the 4x preset is judged among the 4x rows.
+    budget_speed = {b: cost.of([full] * base).total / cost.of(ralu_forwards(schedules[b]["paper"], full)).total for b in config.budgets[arch]}
     for path in config.schedules:
         schedule = tb.testbed_schedule(path)
         if schedule.family != arch:
             continue
         forwards = ralu_forwards(schedule, full)
         speed = cost.of([full] * base).total / cost.of(forwards).total
-        budgets = config.budgets[arch]
-        budget = min(budgets, key=lambda b: abs(math.log(speed / b)))
+        budget = min(budget_speed, key=lambda b: abs(math.log(speed / budget_speed[b])))
         name = schedule_row_name(path)
         m = ralu_method(f"schedule:{name}", budget, schedule, full, False, label=f"schedule {name}", extra={"file": str(path)})
         methods.append(_as_arch(m, arch, positions="crop" if arch == "sd3" else None))
