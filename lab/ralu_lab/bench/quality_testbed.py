@@ -42,10 +42,9 @@ def budget_speedup_v2(arch: str, transformer_config, budget: int) -> float:
     from ralu_lab.testbed.v2 import model as tb
 
     from .quality.v2.cost import transformer_cost
-    from .quality.v2.plan import preset_schedule
+    from .quality.v2.plan import generator_speedup, preset_schedule
 
-    cost = transformer_cost(arch, transformer_config)
-    return cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total / cost.of(ralu_forwards(preset_schedule(arch, budget), tb.FULL_TOKENS)).total
+    return generator_speedup(arch, transformer_cost(arch, transformer_config), ralu_forwards(preset_schedule(arch, budget), tb.FULL_TOKENS))
 
 
 def known_candidates_v2(arch: str, budget: int) -> list[tuple[str, object]]:

@@ -67,6 +67,12 @@ def preset_schedule(arch: str, budget: int):
     return paper_schedule(budget, data.IMAGE_SIZE, preset=arch_presets(arch)[budget], base_steps=tb.BASE_STEPS[tb.check_arch(arch)])
 
 
+def generator_speedup(arch: str, cost: TestbedCost, forwards: list[int]) -> float:
+    """Transformer-FLOPs speed-up of ``forwards`` (image tokens per forward) over the base
+    model's steps on ``arch``'s generator: what prices a budget's rows and a file's row."""
+    return cost.of([tb.FULL_TOKENS] * tb.BASE_STEPS[arch]).total / cost.of(forwards).total
+
+
 @dataclass
 class V2Config:
     quick: bool = False
@@ -218,13 +224,12 @@ def plan_arch(config: V2Config, arch: str, cost: TestbedCost, log=print) -> tupl
     # A --schedule row meets the peers nearest its cost.  A budget's rows cost what its
     # published preset costs on this generator (FLUX 4x: 4.70x), not the nominal number, so a
     # file priced like the 4x preset is judged among the 4x rows.
-    budget_speed = {b: cost.of([full] * base).total / cost.of(ralu_forwards(schedules[b]["paper"], full)).total for b in config.budgets[arch]}
+    budget_speed = {b: generator_speedup(arch, cost, ralu_forwards(schedules[b]["paper"], full)) for b in config.budgets[arch]}
     for path in config.schedules:
         schedule = tb.testbed_schedule(path)
         if schedule.family != arch:
             continue
-        forwards = ralu_forwards(schedule, full)
-        speed = cost.of([full] * base).total / cost.of(forwards).total
+        speed = generator_speedup(arch, cost, ralu_forwards(schedule, full))
         budget = min(budget_speed, key=lambda b: abs(math.log(speed / budget_speed[b])))
         name = schedule_row_name(path)
         m = ralu_method(f"schedule:{name}", budget, schedule, full, False, label=f"schedule {name}", extra={"file": str(path)})
